@@ -1,0 +1,151 @@
+"""Framework-neutral configuration checks shared by ``torch_heads`` and ``jax_heads``.
+
+Pure Python: importing it pulls in neither torch nor JAX. Both head families call these
+functions so that the same bad input gets the same exception type and the same message
+in either framework.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+LM_IGNORE_INDEX = -100
+"""Label value that contributes loss 0 and gradient 0."""
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """A validated split vocabulary: names in concatenation order, sizes and start offsets."""
+
+    order: tuple[str, ...]
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def check_hidden_size(hidden_size: object, name: str = "hidden_size") -> int:
+    """Return ``hidden_size`` if it is a positive int, else raise naming ``name``."""
+    return _check_positive_int(name, hidden_size)
+
+
+def check_dropout(dropout: object) -> float:
+    """Return ``dropout`` as a float in ``[0, 1)``."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float, got {type(dropout).__name__} ({dropout!r})")
+    if not (0.0 <= float(dropout) < 1.0) or math.isnan(dropout):
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+def check_split_config(split_vocab_size: Mapping[str, int], split_order: Sequence[str]) -> SplitLayout:
+    """Validate a split vocabulary and return its layout.
+
+    Raises:
+        TypeError: ``split_vocab_size`` is not a mapping, ``split_order`` is a bare string or
+            not a sequence, or a name/size has the wrong type.
+        ValueError: duplicate names in ``split_order``, a name in one argument but not the other,
+            no splits at all, or a non-positive size.
+    """
+    if not isinstance(split_vocab_size, Mapping):
+        raise TypeError(f"split_vocab_size must be a dict of name -> size, got {type(split_vocab_size).__name__}")
+    if isinstance(split_order, (str, bytes)) or not isinstance(split_order, Sequence):
+        raise TypeError(f"split_order must be a sequence of split names, got {split_order!r}")
+    order = tuple(split_order)
+    for name in order:
+        if not isinstance(name, str):
+            raise TypeError(f"split_order entries must be str, got {name!r}")
+    if not order:
+        raise ValueError("split_order must name at least one split")
+    duplicates = sorted({n for n in order if order.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"split_order has duplicate split names: {duplicates}")
+    missing = [n for n in order if n not in split_vocab_size]
+    if missing:
+        raise ValueError(f"split_order names splits missing from split_vocab_size: {missing}")
+    extra = [n for n in split_vocab_size if n not in order]
+    if extra:
+        raise ValueError(f"split_vocab_size has splits not named in split_order: {extra}")
+    sizes = tuple(_check_positive_int(f"split_vocab_size[{n!r}]", split_vocab_size[n]) for n in order)
+    offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+    return SplitLayout(order=order, sizes=sizes, offsets=offsets)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return ignore_index
+
+
+def check_lce_shapes(hidden_shape: Sequence[int], weight_shape: Sequence[int], labels_shape: Sequence[int]) -> None:
+    """Shape contract of ``linear_cross_entropy``: hidden ``(..., D)``, weight ``(V, D)``, labels ``(...)``."""
+    hidden_shape, weight_shape, labels_shape = tuple(hidden_shape), tuple(weight_shape), tuple(labels_shape)
+    if len(hidden_shape) < 1:
+        raise ValueError("hidden must have at least one dimension (..., D), got a scalar")
+    if len(weight_shape) != 2:
+        raise ValueError(f"weight must have shape (V, D), got {weight_shape}")
+    if weight_shape[0] < 1:
+        raise ValueError(f"weight must have at least one vocabulary row, got shape {weight_shape}")
+    if weight_shape[1] != hidden_shape[-1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has D={hidden_shape[-1]} (shape {hidden_shape}) "
+            f"but weight has D={weight_shape[1]} (shape {weight_shape})"
+        )
+    if labels_shape != hidden_shape[:-1]:
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {hidden_shape[:-1]}, got {labels_shape}")
+
+
+def check_mask_shape(mask_shape: Sequence[int], hidden_shape: Sequence[int], name: str = "pooling_mask") -> None:
+    if tuple(mask_shape) != tuple(hidden_shape)[:-1]:
+        raise ValueError(f"{name} must have shape hidden_states.shape[:-1] = {tuple(hidden_shape)[:-1]}, got {tuple(mask_shape)}")
+
+
+def label_range_message(bad_value: int, position: Sequence[int], vocab_size: int, ignore_index: int) -> str:
+    return (
+        f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+        f"found {bad_value} at index {tuple(position)}"
+    )
+
+
+def token_id_range_message(bad_value: int, position: Sequence[int], vocab_size: int) -> str:
+    return f"input_ids must be in [0, {vocab_size}); found {bad_value} at index {tuple(position)}"
+
+
+def check_filter_eps(filter_eps: object) -> float | str | None:
+    """``"auto"`` (the implementation's default), ``None`` (exact) or a float threshold in (0, 1)."""
+    if filter_eps is None or filter_eps == "auto":
+        return filter_eps
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)):
+        raise TypeError(f"filter_eps must be 'auto', None or a float, got {filter_eps!r}")
+    if not (0.0 < float(filter_eps) < 1.0):
+        raise ValueError(f"filter_eps must be in (0, 1), got {filter_eps}")
+    return float(filter_eps)
+
+
+def no_implementation_message(reasons: Mapping[str, str]) -> str:
+    lines = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    return f"no linear_cross_entropy implementation supports these inputs ({lines})"
+
+
+def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
+    return f"impl must be None or one of {tuple(known)}, got {impl!r}"

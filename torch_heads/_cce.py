@@ -1,0 +1,79 @@
+"""The CUDA path on ``cut_cross_entropy`` (imported lazily), without its 25.1.1 pitfalls.
+
+* Its backward calls ``grad_out.view(-1)``, which raises for a non-contiguous upstream gradient:
+  the loss passes through :class:`_ContiguousGrad`, so CCE always receives a contiguous one.
+* We always ask it for ``reduction="none"`` and reduce ourselves, so ``mean`` means the mean over
+  non-ignored tokens in every implementation.
+* With every label ignored its kernels would see an empty set of rows: we return zeros with zero
+  gradients instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
+    """Why ``cce`` cannot run on these inputs, or None when it can."""
+    if hidden.device.type != "cuda":
+        return f"needs CUDA tensors, got device {hidden.device}"
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        return f"supports {[str(d) for d in SUPPORTED_DTYPES]}, got {hidden.dtype}"
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        return f"cut_cross_entropy is not importable ({exc})"
+    return None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+class _ZeroLoss(torch.autograd.Function):
+    """Zeros of shape ``(N,)`` with zero gradients for hidden and weight (every label ignored)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight = ctx.saved_tensors
+        return torch.zeros_like(hidden), torch.zeros_like(weight)
+
+
+def cce_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, filter_eps: float | str | None
+) -> torch.Tensor:
+    """Per-token loss ``(N,)`` float32 of flat CUDA inputs through ``cut_cross_entropy``.
+
+    ``filter_eps``: ``"auto"`` is CCE's default gradient filter (approximate gradients by
+    design), ``None`` exact gradients, a float a custom threshold.
+    """
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+    # CCE finds the valid rows with a nonzero() (a host sync) itself; this check costs one more.
+    if hidden.shape[0] == 0 or not bool((labels != ignore_index).any()):
+        return _ZeroLoss.apply(hidden, weight)
+    loss = cce_linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        ignore_index=ignore_index,
+        reduction="none",
+        filter_eps=filter_eps,
+        impl="cce",
+    )
+    return _ContiguousGrad.apply(loss.float())
