@@ -1,0 +1,395 @@
+"""Linear cross-entropy on the GPU with our own Pallas kernels (Triton backend).
+
+Read top to bottom: block sizes, the two kernels, the public function under ``jax.custom_vjp``,
+its forward and backward rules.
+
+Forward (``lce_forward``): a grid of (token block × vocabulary split). Each program walks the
+vocabulary tiles of its split, computes a ``(block_n, block_v)`` tile of logits over all of ``D``
+in ``block_d`` steps (float32 accumulation), and keeps an online log-sum-exp (running max and
+sum of exponentials) and the target logit. The partial results of the splits are combined
+stably in XLA. Splitting the vocabulary fills the GPU when there are few token blocks.
+
+Backward: per vocabulary chunk of ``chunk_v`` rows, the ``lce_grad_logits`` kernel recomputes the
+logits tile by tile and writes ``g * (softmax - onehot)`` for that chunk (``(N, chunk_v)`` in the
+input dtype, at most ``chunk_bytes``, 64 MiB by default); two matrix products in XLA then add the
+chunk's share to ``d_hidden`` (a float32 ``(N, D)`` accumulator) and give ``d_weight`` for the
+chunk's rows. 8·N·D·V FLOPs in all (forward + backward), no tokens × vocabulary buffer, no atomics.
+See ``docs/kernel-notes.md`` for why this split and what it measured.
+
+Shapes are padded to whole blocks where needed (tokens with ignored labels, ``D`` with zeros,
+vocabulary rows masked to ``-inf``), so any ``N``, ``V``, ``D`` works; at aligned shapes (e.g. the
+Gemma-2 and Llama-3 heads) nothing is copied. Index arithmetic: kernels index rows and columns,
+never ``N × V`` flat offsets; the largest flat offset is into the ``(V, D)`` weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile shapes and launch options of the two kernels.
+
+    Attributes:
+        block_n: tokens per program (forward and gradient-logits kernels).
+        block_v: vocabulary rows per tile.
+        block_d: hidden-dimension step of the inner product loop (a divisor of the padded ``D``).
+        num_warps, num_stages: Triton launch options.
+        min_programs: the forward splits the vocabulary until the grid has at least this many
+            programs (4 per multiprocessor on a 132-SM Hopper part).
+        chunk_bytes: the most bytes one backward chunk of gradient logits ``(N, chunk_v)`` may take.
+    """
+
+    block_n: int = 128
+    block_v: int = 128
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    bwd_block_n: int = 128
+    bwd_block_v: int = 128
+    bwd_block_d: int = 64
+    bwd_num_warps: int = 8
+    bwd_num_stages: int = 3
+    min_programs: int = 528
+    chunk_bytes: int = 64 * 2**20
+
+
+DEFAULT_BLOCK_SIZES = BlockSizes()
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _precision(dtype) -> lax.Precision | None:
+    # float32 inputs get true float32 products (no tf32), matching the reference to ~1e-6.
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
+    """float32 ``(block_n, block_v)`` logits of rows ``n0:`` against vocabulary rows ``v0:``."""
+    num_d = h_ref.shape[1] // block_d
+
+    def step(k, acc):
+        d0 = pl.multiple_of(k * block_d, block_d)
+        h = h_ref[pl.ds(n0, block_n), pl.ds(d0, block_d)]
+        w = w_ref[pl.ds(v0, block_v), pl.ds(d0, block_d)]
+        return acc + pl.dot(h, w, trans_b=True, precision=precision)
+
+    return lax.fori_loop(0, num_d, step, jnp.zeros((block_n, block_v), jnp.float32))
+
+
+def _forward_kernel(
+    h_ref, w_ref, y_ref, m_ref, s_ref, t_ref, *, block_n, block_v, block_d, tiles_per_split, num_tiles,
+    vocab_size, precision
+):
+    """One (token block, vocabulary split): partial max, sum of exp and target logit per token."""
+    i, split = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(i * block_n, block_n)
+    labels = y_ref[pl.ds(n0, block_n)]
+    first = split * tiles_per_split
+    count = jnp.minimum(tiles_per_split, num_tiles - first)
+
+    def tile(t, carry):
+        m, s, target = carry
+        v0 = pl.multiple_of((first + t) * block_v, block_v)
+        logits = _logits_tile(
+            h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision
+        )
+        cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
+        if vocab_size % block_v:  # padded vocabulary rows never count
+            logits = jnp.where(cols < vocab_size, logits, _NEG_INF)
+        target = target + jnp.sum(jnp.where(cols == labels[:, None], logits, 0.0), axis=1)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+        return m_new, s, target
+
+    init = (
+        jnp.full((block_n,), _NEG_INF, jnp.float32),
+        jnp.zeros((block_n,), jnp.float32),
+        jnp.zeros((block_n,), jnp.float32),
+    )
+    m, s, target = lax.fori_loop(0, count, tile, init)
+    m_ref[split, pl.ds(n0, block_n)] = m
+    s_ref[split, pl.ds(n0, block_n)] = s
+    t_ref[split, pl.ds(n0, block_n)] = target
+
+
+def _grad_logits_kernel(
+    lo_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, out_ref, *, block_n, block_v, block_d, vocab_size, precision
+):
+    """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
+
+    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``start = lo_ref[1]``;
+    columns below ``lo_ref[0]`` (already done by the previous chunk) and at or past the real
+    vocabulary size are written as zeros.
+    """
+    i, j = pl.program_id(0), pl.program_id(1)
+    lo, start = lo_ref[0], lo_ref[1]
+    n0 = pl.multiple_of(i * block_n, block_n)
+    c0 = pl.multiple_of(j * block_v, block_v)
+    v0 = start + c0
+    logits = _logits_tile(h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision)
+    lse = lse_ref[pl.ds(n0, block_n)]
+    g = g_ref[pl.ds(n0, block_n)]
+    labels = y_ref[pl.ds(n0, block_n)]
+    cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
+    probs = jnp.exp(logits - lse[:, None])
+    grad = (probs - jnp.where(cols == labels[:, None], 1.0, 0.0)) * g[:, None]
+    grad = jnp.where((cols >= lo) & (cols < vocab_size), grad, 0.0)
+    out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad.astype(out_ref.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _pick_block_d(d: int, block_d: int) -> int:
+    """The largest power of two <= block_d (>= 16) dividing ``d``; ``d`` is padded to 16 first."""
+    b = block_d
+    while b > 16 and d % b:
+        b //= 2
+    return b
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static padded geometry of one call."""
+
+    n: int
+    v: int
+    d: int
+    n_pad: int
+    v_pad: int
+    d_pad: int
+    block_n: int
+    block_v: int
+    block_d: int
+    bwd_block_d: int
+
+
+def _plan(n: int, v: int, d: int, bs: BlockSizes) -> _Plan:
+    block_n = max(bs.block_n, bs.bwd_block_n)
+    block_v = max(bs.block_v, bs.bwd_block_v)
+    d_pad = _round_up(d, 16)
+    return _Plan(
+        n=n,
+        v=v,
+        d=d,
+        n_pad=_round_up(n, block_n),
+        v_pad=_round_up(v, block_v),
+        d_pad=d_pad,
+        block_n=block_n,
+        block_v=block_v,
+        block_d=_pick_block_d(d_pad, bs.block_d),
+        bwd_block_d=_pick_block_d(d_pad, bs.bwd_block_d),
+    )
+
+
+def _pad(hidden, weight, labels, plan: _Plan):
+    if plan.n_pad != plan.n or plan.d_pad != plan.d:
+        hidden = jnp.pad(hidden, ((0, plan.n_pad - plan.n), (0, plan.d_pad - plan.d)))
+    if plan.v_pad != plan.v or plan.d_pad != plan.d:
+        weight = jnp.pad(weight, ((0, plan.v_pad - plan.v), (0, plan.d_pad - plan.d)))
+    if plan.n_pad != plan.n:
+        labels = jnp.pad(labels, (0, plan.n_pad - plan.n), constant_values=-1)
+    return hidden, weight, labels
+
+
+def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool):
+    """Per-token log-sum-exp and target logit of padded inputs, each ``(n_pad,)`` float32."""
+    bs = block_sizes
+    n_blocks = plan.n_pad // bs.block_n
+    num_tiles = plan.v_pad // bs.block_v
+    splits = max(1, min(num_tiles, -(-bs.min_programs // n_blocks)))
+    tiles_per_split = -(-num_tiles // splits)
+    splits = -(-num_tiles // tiles_per_split)  # no empty split
+    kernel = functools.partial(
+        _forward_kernel,
+        block_n=bs.block_n,
+        block_v=bs.block_v,
+        block_d=plan.block_d,
+        tiles_per_split=tiles_per_split,
+        num_tiles=num_tiles,
+        vocab_size=plan.v,
+        precision=_precision(hidden.dtype),
+    )
+    part = jax.ShapeDtypeStruct((splits, plan.n_pad), jnp.float32)
+    m, s, t = pl.pallas_call(
+        kernel,
+        out_shape=(part, part, part),
+        grid=(n_blocks, splits),
+        compiler_params=_compiler_params(bs.num_warps, bs.num_stages),
+        interpret=interpret,
+        name="lce_forward",
+    )(hidden, weight, labels)
+    m_max = jnp.max(m, axis=0)
+    lse = m_max + jnp.log(jnp.sum(s * jnp.exp(m - m_max[None, :]), axis=0))
+    return lse, jnp.sum(t, axis=0)
+
+
+def _chunk_v(plan: _Plan, bs: BlockSizes, itemsize: int) -> int:
+    rows = (bs.chunk_bytes // (plan.n_pad * itemsize)) // plan.block_v * plan.block_v
+    return int(min(plan.v_pad, max(plan.block_v, rows)))
+
+
+def lce_backward(hidden, weight, labels, lse, g, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool):
+    """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored)."""
+    bs = block_sizes
+    dtype = hidden.dtype
+    precision = _precision(dtype)
+    chunk_v = _chunk_v(plan, bs, jnp.dtype(dtype).itemsize)
+    num_chunks = -(-plan.v_pad // chunk_v)
+    kernel = functools.partial(
+        _grad_logits_kernel,
+        block_n=bs.bwd_block_n,
+        block_v=bs.bwd_block_v,
+        block_d=plan.bwd_block_d,
+        vocab_size=plan.v,
+        precision=precision,
+    )
+    grad_logits = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
+        grid=(plan.n_pad // bs.bwd_block_n, chunk_v // bs.bwd_block_v),
+        compiler_params=_compiler_params(bs.bwd_num_warps, bs.bwd_num_stages),
+        interpret=interpret,
+        name="lce_grad_logits",
+    )
+
+    def body(k, carry):
+        d_hidden, d_weight = carry
+        lo = k * chunk_v
+        start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
+        gl = grad_logits(jnp.stack([lo, start]).astype(jnp.int32), hidden, weight, labels, lse, g)
+        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
+        d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
+        dw_chunk = lax.dot_general(
+            gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+        )
+        rows = start + lax.broadcasted_iota(jnp.int32, (chunk_v, 1), 0)
+        old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
+        new = jnp.where(rows >= lo, dw_chunk.astype(d_weight.dtype), old)
+        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, new, start, axis=0)
+
+    init = (
+        jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
+        jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
+    )
+    d_hidden, d_weight = lax.fori_loop(0, num_chunks, body, init)
+    return d_hidden.astype(dtype), d_weight
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Public function under custom_vjp
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    ignore_index: int
+    block_sizes: BlockSizes
+    interpret: bool
+    plan: _Plan
+
+
+def _forward(hidden, weight, labels, options: _Options):
+    plan = options.plan
+    hp, wp, yp = _pad(hidden, weight, labels.astype(jnp.int32), plan)
+    lse, target = lce_forward(hp, wp, yp, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret)
+    valid = labels != options.ignore_index
+    loss = jnp.where(valid, lse[: plan.n] - target[: plan.n], 0.0)
+    return loss, (hp, wp, yp, lse, valid)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lce(hidden, weight, labels, options: _Options):
+    return _forward(hidden, weight, labels, options)[0]
+
+
+def _lce_fwd(hidden, weight, labels, options: _Options):
+    return _forward(hidden, weight, labels, options)
+
+
+def _lce_bwd(options: _Options, residuals, grad_loss):
+    hp, wp, yp, lse, valid = residuals
+    plan = options.plan
+    # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
+    g = jnp.where(valid, grad_loss.astype(jnp.float32), 0.0)
+    g = jnp.pad(g, (0, plan.n_pad - plan.n))
+    d_hidden, d_weight = lce_backward(
+        hp, wp, yp, lse, g, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret
+    )
+    return d_hidden[: plan.n, : plan.d], d_weight[: plan.v, : plan.d], None
+
+
+_lce.defvjp(_lce_fwd, _lce_bwd)
+
+
+def pallas_loss(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    ignore_index: int,
+    *,
+    interpret: bool = False,
+    block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
+) -> jax.Array:
+    """Per-token linear cross-entropy of flat inputs on our Pallas kernels.
+
+    Args:
+        hidden: ``(N, D)`` float16/bfloat16/float32.
+        weight: ``(V, D)``, same dtype.
+        labels: ``(N,)`` integer; in ``[0, V)`` or ``ignore_index`` (others give loss ``lse``:
+            the caller validates).
+        ignore_index: label value with loss 0 and gradient 0.
+        interpret: run the kernels in Pallas interpret mode (CPU tests).
+        block_sizes: tile shapes and launch options.
+
+    Returns:
+        ``(N,)`` float32 loss, differentiable in ``hidden`` and ``weight`` (gradients in their dtype).
+    """
+    plan = _plan(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
+    return _lce(hidden, weight, labels, _Options(int(ignore_index), block_sizes, bool(interpret), plan))
+
+
+def unsupported_reason(hidden: jax.Array, *, interpret: bool = False) -> str | None:
+    """Why the Pallas kernel cannot run on ``hidden``'s platform and dtype, or None."""
+    dtype = jnp.dtype(hidden.dtype)
+    if dtype not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return f"supports float16/bfloat16/float32, got {dtype}"
+    if interpret:
+        return None
+    platforms = {dev.platform for dev in _devices_of(hidden)}
+    if platforms != {"gpu"}:
+        return f"needs a GPU (got platform {sorted(platforms)}); pass interpret=True to run in Pallas interpret mode"
+    return None
+
+
+def _devices_of(x) -> set:
+    try:
+        return set(x.devices())
+    except (AttributeError, jax.errors.ConcretizationTypeError):
+        # A tracer: judge by the default backend the computation will run on.
+        return set(jax.devices()[:1])
