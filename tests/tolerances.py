@@ -29,8 +29,13 @@ TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(1e-10),
     "float32": Tolerance(1e-5),
     "float32-tf32": Tolerance(2e-3),
-    "bfloat16": Tolerance(1e-4, baseline_relative=True),
-    "float16": Tolerance(1e-5, baseline_relative=True),
+    # Slack: one unit in the last place of the dtype at 1.0 (2**-8 for bf16, 2**-11 for fp16).
+    # Kernels that feed the tensor cores round the gradient logits to the input dtype, as the
+    # naive path does, but in another order; at tiny shapes a single element's rounding moves
+    # the relative error by up to about one ulp. A real bug (a wrong or unmasked row) moves it
+    # by percents.
+    "bfloat16": Tolerance(2**-8, baseline_relative=True),
+    "float16": Tolerance(2**-11, baseline_relative=True),
 }
 
 # Cross-framework parity on the same float32 inputs: both sides accumulate in float32.

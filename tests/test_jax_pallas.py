@@ -1,0 +1,100 @@
+"""Our Pallas kernel against the float64 ground truth: interpret mode on CPU, compiled on a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_heads.pallas_lce import BlockSizes, pallas_loss, unsupported_reason
+from tests.ground_truth import lce_ground_truth
+from tests.tolerances import assert_close
+
+# Small tiles so that tiny CPU shapes still have several token blocks, vocabulary splits,
+# backward chunks (the last one overlapping its neighbour) and ragged edges everywhere.
+TINY = BlockSizes(
+    block_n=16, block_v=16, block_d=16, bwd_block_n=16, bwd_block_v=16, bwd_block_d=16, min_programs=8,
+    chunk_bytes=32 * 48 * 4,
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _inputs(n, d, v, dtype, seed, ignore_frac=0.2):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    w = jnp.asarray(rng.standard_normal((v, d)) * d**-0.5 * 2.0, dtype)
+    y = rng.integers(0, v, n)
+    y[rng.random(n) < ignore_frac] = -100
+    return h, w, jnp.asarray(y, jnp.int32), rng.standard_normal(n)
+
+
+def _naive(h, w, y, upstream):
+    """Materialised logits in the input dtype: the baseline for half-precision bounds."""
+
+    def loss_fn(h, w):
+        logits = (h @ w.T).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
+        return jnp.where(y != -100, lse - tgt, 0.0)
+
+    loss, vjp = jax.vjp(loss_fn, h, w)
+    return (loss, *vjp(jnp.asarray(upstream, jnp.float32)))
+
+
+def _check(h, w, y, upstream, dtype_name, **kw):
+    loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, **kw), h, w)
+    dh, dw = vjp(jnp.asarray(upstream, jnp.float32))
+    assert loss.dtype == jnp.float32 and dh.dtype == h.dtype and dw.dtype == w.dtype
+    truth = lce_ground_truth(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream)
+    naive = _naive(h, w, y, upstream) if dtype_name != "float32" else (None, None, None)
+    for name, value, t, nv in zip(("loss", "d_hidden", "d_weight"), (loss, dh, dw), truth, naive):
+        assert_close(name, np.asarray(value, np.float64), t, dtype_name, None if nv is None else np.asarray(nv, np.float64))
+
+
+CPU_CASES = [(37, 24, 101), (16, 16, 16), (5, 3, 7), (1, 1, 1), (50, 40, 257)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", CPU_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_interpret_matches_ground_truth(shape, dtype):
+    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape))
+    _check(h, w, y, up, dtype, interpret=True, block_sizes=TINY)
+
+
+def test_interpret_all_ignored_gives_zeros():
+    h, w, y, up = _inputs(20, 8, 30, jnp.float32, seed=1, ignore_frac=1.0)
+    loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, interpret=True, block_sizes=TINY), h, w)
+    dh, dw = vjp(jnp.full((20,), jnp.nan, jnp.float32))  # ignored rows drop even a NaN upstream
+    assert not np.any(loss) and not np.any(dh) and not np.any(dw)
+
+
+def test_interpret_default_blocks_under_jit():
+    h, w, y, up = _inputs(130, 70, 300, jnp.float32, seed=3)
+    f = jax.jit(lambda a, b: jnp.sum(pallas_loss(a, b, y, -100, interpret=True) * up.astype(np.float32)))
+    value, (dh, dw) = jax.value_and_grad(f, (0, 1))(h, w)
+    loss, gdh, gdw = lce_ground_truth(np.asarray(h), np.asarray(w), np.asarray(y), up)
+    assert_close("loss", value, np.sum(loss * up), "float32")
+    assert_close("d_hidden", dh, gdh, "float32")
+    assert_close("d_weight", dw, gdw, "float32")
+
+
+def test_unsupported_reason():
+    x = jnp.zeros((2, 3), jnp.float32)
+    if jax.default_backend() != "gpu":
+        assert "GPU" in unsupported_reason(x)
+    assert unsupported_reason(x, interpret=True) is None
+    assert "float" in unsupported_reason(jnp.zeros((2, 3), jnp.int32), interpret=True)
+
+
+GPU_CASES = [(1, 1, 1), (300, 200, 1000), (257, 3, 50_258), (1000, 256, 32_007), (8, 4096, 128_256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_matches_ground_truth(shape, dtype):
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape))
+    _check(h, w, y, up, dtype)
