@@ -88,7 +88,9 @@ def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
         d0 = pl.multiple_of(k * block_d, block_d)
         h = h_ref[pl.ds(n0, block_n), pl.ds(d0, block_d)]
         w = w_ref[pl.ds(v0, block_v), pl.ds(d0, block_d)]
-        return acc + pl.dot(h, w, trans_b=True, precision=precision)
+        return acc + lax.dot_general(
+            h, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
 
     return lax.fori_loop(0, num_d, step, jnp.zeros((block_n, block_v), jnp.float32))
 
