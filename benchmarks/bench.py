@@ -175,26 +175,25 @@ def torch_impls(h, w, y):
 
 def jax_impls(h, w, y):
     jh, jw, jy = (jax.dlpack.from_dlpack(t.detach()) for t in (h, w, y.int()))
-    impls = {}
-    for name in ("reference", "chunked", "pallas"):
+    return {f"jax-{name}": _jax_impl(name, jh, jw, jy) for name in ("reference", "chunked", "pallas")}
 
-        def loss_fn(a, b, name=name):
-            return jax_lce.linear_cross_entropy(a, b, jy, impl=name)
 
-        fwd_j = jax.jit(loss_fn)
-        fwdbwd_j = jax.jit(lambda a, b, f=loss_fn: jax.value_and_grad(lambda a, b: jnp.sum(f(a, b)), (0, 1))(a, b))
+def _jax_impl(name, jh, jw, jy):
+    def loss_fn(a, b):
+        return jax_lce.linear_cross_entropy(a, b, jy, impl=name)
 
-        def fwd(f=fwd_j):
-            return f(jh, jw).block_until_ready()
+    fwd_j = jax.jit(loss_fn)
+    fwdbwd_j = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(loss_fn(a, b)), (0, 1)))
 
-        def fwdbwd(f=fwdbwd_j, loss_fn=loss_fn):
-            # The loss itself is returned by a second (forward) call only when errors are computed.
-            _, (dh, dw) = f(jh, jw)
-            dh.block_until_ready()
-            return dh, dw
+    def fwd():
+        return fwd_j(jh, jw).block_until_ready()
 
-        impls[f"jax-{name}"] = (fwd, fwdbwd, fwd_j, fwdbwd_j, (jh, jw))
-    return impls
+    def fwdbwd():
+        _, (dh, dw) = fwdbwd_j(jh, jw)
+        dw.block_until_ready()
+        return dh, dw
+
+    return fwd, fwdbwd, fwdbwd_j, (jh, jw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def bench_workload(workload, n, d, v, regime, args, names=None):
         torch.cuda.empty_cache()
         rows.append(_finish(row, flops_f, flops_fb))
 
-    for name, (fwd, fwdbwd, fwd_j, fwdbwd_j, jargs) in jax_impls(h, w, y).items():
+    for name, (fwd, fwdbwd, fwdbwd_j, jargs) in jax_impls(h, w, y).items():
         if names and name not in names:
             continue
         if name == "jax-chunked" and n * v > 2**31 // 2 and args.quick:
@@ -419,23 +418,25 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     env = environment()
     print(env, flush=True)
-    rows = []
-    for wl in workloads:
-        for regime in args.regimes.split(","):
-            rows += bench_workload(wl, *WORKLOADS[wl], regime, args, names)
+    runs = [(wl, *WORKLOADS[wl], regime, names) for wl in workloads for regime in args.regimes.split(",")]
     if args.sweep:
-        for v in SWEEP_VOCABS:
-            rows += bench_workload(
-                "sweep", 8192, 2304, v, "uniform", args, names or {"cce", "cce-exact", "liger-none", "jax-pallas", "torch-materialised"}
-            )
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        sweep_names = names or {"cce", "cce-exact", "liger-none", "jax-pallas", "torch-materialised"}
+        runs += [("sweep", 8192, 2304, v, "uniform", sweep_names) for v in SWEEP_VOCABS]
+    rows = []
+    for wl, n, d, v, regime, run_names in runs:
+        rows += bench_workload(wl, n, d, v, regime, args, run_names)
+        write_report(env, rows, args.out)  # after every workload, so a cut-off run keeps its figures
+    print(markdown(env, rows))
+
+
+def write_report(env, rows, out):
+    with open(os.path.join(out, "bench.json"), "w") as f:
         json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     md = markdown(env, rows)
-    if plot(rows, os.path.join(args.out, "sweep.png")):
+    if plot(rows, os.path.join(out, "sweep.png")):
         md += "\n![time and memory against vocabulary size](sweep.png)\n"
-    with open(os.path.join(args.out, "benchmarks.md"), "w") as f:
+    with open(os.path.join(out, "benchmarks.md"), "w") as f:
         f.write(md)
-    print(md)
 
 
 if __name__ == "__main__":

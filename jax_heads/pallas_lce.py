@@ -50,12 +50,12 @@ class BlockSizes:
     """
 
     block_n: int = 128
-    block_v: int = 128
+    block_v: int = 256
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 3
     bwd_block_n: int = 128
-    bwd_block_v: int = 128
+    bwd_block_v: int = 256
     bwd_block_d: int = 64
     bwd_num_warps: int = 8
     bwd_num_stages: int = 3
