@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jax_heads.pallas_lce import BlockSizes, pallas_loss, unsupported_reason
-from tests.ground_truth import lce_ground_truth
-from tests.tolerances import assert_close
+from ground_truth import lce_ground_truth
+from tolerances import assert_close
 
 # Small tiles so that tiny CPU shapes still have several token blocks, vocabulary splits,
 # backward chunks (the last one overlapping its neighbour) and ragged edges everywhere.

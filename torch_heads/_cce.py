@@ -6,11 +6,17 @@
   non-ignored tokens in every implementation.
 * With every label ignored its kernels would see an empty set of rows: we return zeros with zero
   gradients instead.
+* Its backward accepts only float16/bfloat16 (an ``assert`` in 25.1.1). For float32 inputs that
+  need gradients, the forward runs on CCE and the backward on our chunked recompute
+  (:func:`torch_heads.chunked.chunked_backward`), from the log-sum-exp that CCE's loss implies
+  (``lse = loss + target logit``). The gradients are exact (no filter exists in that backward).
 """
 
 from __future__ import annotations
 
 import torch
+
+from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -54,6 +60,27 @@ class _ZeroLoss(torch.autograd.Function):
         return torch.zeros_like(hidden), torch.zeros_like(weight)
 
 
+class _Float32Backward(torch.autograd.Function):
+    """float32: CCE's loss (computed by the caller), our chunked backward from ``lse = loss + target``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, loss, ignore_index: int):
+        valid = labels != ignore_index
+        safe_labels = torch.where(valid, labels, 0).long()
+        target = torch.einsum("nd,nd->n", hidden, weight[safe_labels])
+        ctx.save_for_backward(hidden, weight, safe_labels, valid, loss + target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, safe_labels, valid, lse = ctx.saved_tensors
+        rows = chunk_rows_for(weight.shape[0], 4, DEFAULT_CHUNK_BUDGET_BYTES)
+        d_hidden, d_weight = chunked_backward(
+            hidden, weight, safe_labels, valid, lse, grad_loss, ctx.needs_input_grad[:2], rows
+        )
+        return d_hidden, d_weight, None, None, None
+
+
 def cce_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, filter_eps: float | str | None
 ) -> torch.Tensor:
@@ -67,6 +94,12 @@ def cce_loss(
     # CCE finds the valid rows with a nonzero() (a host sync) itself; this check costs one more.
     if hidden.shape[0] == 0 or not bool((labels != ignore_index).any()):
         return _ZeroLoss.apply(hidden, weight)
+    if hidden.dtype == torch.float32:
+        with torch.no_grad():
+            loss = cce_linear_cross_entropy(
+                hidden, weight, labels, ignore_index=ignore_index, reduction="none", filter_eps=None, impl="cce"
+            )
+        return _Float32Backward.apply(hidden, weight, labels, loss.float(), ignore_index)
     loss = cce_linear_cross_entropy(
         hidden,
         weight,

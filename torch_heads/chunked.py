@@ -46,33 +46,54 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, safe_labels, valid, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc = lse.dtype
-        w = weight.to(acc)
-        n = hidden.shape[0]
-        # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
-        g = torch.where(valid, grad_loss.to(acc), 0.0)
-        d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-        d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for start in range(0, n, ctx.chunk_rows):
-            rows = slice(start, min(start + ctx.chunk_rows, n))
-            h = hidden[rows].to(acc)
-            # d loss / d logits = g * (softmax - onehot(label)), built in place in the logits buffer.
-            grad_logits = (h @ w.T).sub_(lse[rows, None]).exp_()
-            idx = torch.arange(grad_logits.shape[0], device=h.device)
-            grad_logits[idx, safe_labels[rows]] -= valid[rows].to(acc)
-            grad_logits.mul_(g[rows, None])
-            if need_h:
-                d_hidden[rows] = grad_logits @ w
-            if need_w:
-                d_weight.addmm_(grad_logits.T, h)
-        return (
-            d_hidden.to(hidden.dtype) if need_h else None,
-            d_weight.to(weight.dtype) if need_w else None,
-            None,
-            None,
-            None,
+        d_hidden, d_weight = chunked_backward(
+            hidden, weight, safe_labels, valid, lse, grad_loss, ctx.needs_input_grad[:2], ctx.chunk_rows
         )
+        return d_hidden, d_weight, None, None, None
+
+
+def chunked_backward(hidden, weight, safe_labels, valid, lse, grad_loss, needs_grad, chunk_rows):
+    """Gradients of ``sum(grad_loss * loss)`` w.r.t. hidden and weight, one chunk of logits at a time.
+
+    Args:
+        hidden ``(N, D)``, weight ``(V, D)``: the forward's inputs.
+        safe_labels ``(N,)`` int64: labels with ignored positions replaced by 0.
+        valid ``(N,)`` bool: positions that count.
+        lse ``(N,)``: per-token log-sum-exp in the accumulation dtype (its value at ignored
+            positions is not used).
+        grad_loss ``(N,)``: upstream gradient (any layout, any values at ignored positions).
+        needs_grad: (hidden, weight) flags; a gradient not needed is returned as None.
+        chunk_rows: tokens per chunk.
+
+    Returns:
+        ``(d_hidden, d_weight)`` in the inputs' dtypes (or None where not needed).
+    """
+    need_h, need_w = needs_grad
+    acc = lse.dtype
+    w = weight.to(acc)
+    n = hidden.shape[0]
+    # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN), and an
+    # infinite lse so that their recomputed softmax is exactly 0 (never inf * 0).
+    g = torch.where(valid, grad_loss.to(acc), 0.0)
+    lse = torch.where(valid, lse, float("inf"))
+    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    for start in range(0, n, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n))
+        h = hidden[rows].to(acc)
+        # d loss / d logits = g * (softmax - onehot(label)), built in place in the logits buffer.
+        grad_logits = (h @ w.T).sub_(lse[rows, None]).exp_()
+        idx = torch.arange(grad_logits.shape[0], device=h.device)
+        grad_logits[idx, safe_labels[rows]] -= valid[rows].to(acc)
+        grad_logits.mul_(g[rows, None])
+        if need_h:
+            d_hidden[rows] = grad_logits @ w
+        if need_w:
+            d_weight.addmm_(grad_logits.T, h)
+    return (
+        d_hidden.to(hidden.dtype) if need_h else None,
+        d_weight.to(weight.dtype) if need_w else None,
+    )
 
 
 def chunked_loss(
