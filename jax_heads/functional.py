@@ -1,0 +1,226 @@
+"""``linear_cross_entropy`` for JAX: one entry point, a registry of implementations.
+
+Implementations (``impl=``):
+
+* ``"pallas"`` — GPU, our Pallas kernels (``jax_heads/pallas_lce.py``, imported on first use);
+  on CPU only in Pallas interpret mode (``interpret=True``, for tests).
+* ``"chunked"`` — any backend, ``lax.scan`` over token chunks under ``jax.custom_vjp``.
+* ``"reference"`` — materialised logits, float32 math; the test oracle.
+
+``impl=None`` picks the first of ``AUTO_ORDER`` that supports the inputs (``"pallas"`` on GPU,
+``"chunked"`` elsewhere); a named implementation that cannot run raises ``ValueError`` saying why,
+never falling back silently.
+
+Labels out of range: concrete labels are checked on the host (``ValueError``, the message
+``torch_heads`` gives). Under ``jit``/``vmap`` the labels are tracers and cannot raise: the loss
+at each such position is NaN instead (so ``sum``/``mean`` are NaN too), and no implementation
+ever reads out of bounds for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from heads_common import (
+    LM_IGNORE_INDEX,
+    check_ignore_index,
+    check_lce_shapes,
+    check_reduction,
+    label_range_message,
+    no_implementation_message,
+    unknown_impl_message,
+)
+from jax_heads.chunked import chunked_loss
+from jax_heads.reference import reference_loss
+
+FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
+
+Reduction = Literal["none", "sum", "mean"]
+
+
+def _runs_anywhere(hidden: jax.Array, interpret: bool) -> str | None:
+    return None
+
+
+def _pallas_unsupported(hidden: jax.Array, interpret: bool) -> str | None:
+    try:
+        from jax_heads.pallas_lce import unsupported_reason
+    except ImportError as exc:  # pragma: no cover - depends on the checkout
+        return f"jax_heads.pallas_lce is not importable ({exc})"
+    return unsupported_reason(hidden, interpret=interpret)
+
+
+def _pallas_loss(hidden, weight, labels, ignore_index: int, interpret: bool) -> jax.Array:
+    from jax_heads.pallas_lce import pallas_loss
+
+    # Labels reach here in [0, V) or equal to ignore_index (see linear_cross_entropy), so int32 is exact.
+    return pallas_loss(hidden, weight, labels.astype(jnp.int32), ignore_index, interpret=interpret)
+
+
+# name -> (why it cannot run on these inputs or None, flat per-token loss function)
+_IMPLEMENTATIONS: dict[str, tuple[Callable[..., str | None], Callable[..., jax.Array]]] = {
+    "pallas": (_pallas_unsupported, _pallas_loss),
+    "chunked": (_runs_anywhere, lambda h, w, y, ignore_index, interpret: chunked_loss(h, w, y, ignore_index)),
+    "reference": (_runs_anywhere, lambda h, w, y, ignore_index, interpret: reference_loss(h, w, y, ignore_index)),
+}
+AUTO_ORDER = ("pallas", "chunked")
+IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
+
+
+def _check_arrays(hidden: object, weight: object, labels: object) -> None:
+    # Unlike torch_heads there is no device check: JAX itself refuses arrays committed to different devices.
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, jax.Array):
+            raise TypeError(f"{name} must be a jax.Array, got {type(value).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be a floating array of {[str(d) for d in FLOAT_DTYPES]}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be an integer array, got {labels.dtype}")
+
+
+def widen_labels(labels: jax.Array) -> jax.Array:
+    """Labels as a signed integer of at least 32 bits.
+
+    JAX wraps a Python int that does not fit a narrow dtype (``int8`` labels are compared with
+    507 as if it were -5), so narrow and unsigned labels are widened first. uint32/uint64 values past
+    the signed range become negative, hence out of range, never a plausible label.
+    """
+    dtype = jnp.dtype(labels.dtype)
+    if dtype.itemsize < 4 or jnp.issubdtype(dtype, jnp.unsignedinteger):
+        return labels.astype(jnp.int64 if dtype.itemsize == 8 else jnp.int32)
+    return labels
+
+
+def check_label_range(labels: jax.Array, vocab_size: int, ignore_index: int) -> jax.Array | None:
+    """Labels must lie in ``[0, vocab_size)`` or equal ``ignore_index``.
+
+    Concrete labels are checked on the host (one device-to-host copy) and raise ``ValueError`` at
+    once. Traced labels (under ``jit``/``vmap``) cannot raise: the boolean mask of out-of-range
+    positions is returned instead, for the caller to turn into NaN losses.
+
+    Returns:
+        None for concrete labels (all in range), else the ``labels.shape`` mask of bad positions.
+    """
+    if isinstance(labels, jax.core.Tracer):
+        return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    values = np.asarray(labels)
+    bad = (values != ignore_index) & ((values < 0) | (values >= vocab_size))
+    if bad.any():
+        position = [int(i) for i in np.argwhere(bad)[0]]
+        raise ValueError(label_range_message(int(values[tuple(position)]), position, vocab_size, ignore_index))
+    return None
+
+
+def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool = False) -> str:
+    """The implementation that will run for ``hidden`` (and a weight of its dtype and device).
+
+    Args:
+        hidden: the hidden states (concrete or traced; a tracer is judged by the default backend).
+        impl: a name of ``IMPLEMENTATIONS`` or None for the best available.
+        interpret: run ``"pallas"`` in Pallas interpret mode; only with ``impl="pallas"``.
+
+    Raises:
+        ValueError: ``impl`` is unknown, ``interpret=True`` with another ``impl``, or it (or, with
+            ``impl=None``, every candidate) cannot run.
+    """
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be a bool, got {interpret!r}")
+    if impl is not None and impl not in _IMPLEMENTATIONS:
+        raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
+    if interpret and impl != "pallas":
+        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    if impl is None:
+        reasons = {}
+        for name in AUTO_ORDER:
+            reason = _IMPLEMENTATIONS[name][0](hidden, False)
+            if reason is None:
+                return name
+            reasons[name] = reason
+        raise ValueError(no_implementation_message(reasons))
+    reason = _IMPLEMENTATIONS[impl][0](hidden, interpret)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
+    return impl
+
+
+def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
+    """Apply ``reduction`` to a per-token loss; ``mean`` divides by the non-ignored count (0 if none)."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    return total / jnp.maximum(valid.sum(), 1).astype(total.dtype)
+
+
+def linear_cross_entropy(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = LM_IGNORE_INDEX,
+    reduction: Reduction = "none",
+    impl: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the logits.
+
+    Works eagerly and under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (``reduction``, ``impl``,
+    ``ignore_index`` and ``interpret`` are static).
+
+    Args:
+        hidden: ``(..., D)`` float16/bfloat16/float32/float64 array.
+        weight: ``(V, D)`` array, same dtype as ``hidden``.
+        labels: ``(...)`` integer array (``hidden.shape[:-1]``), values in ``[0, V)`` or ``ignore_index``.
+        ignore_index: label value that contributes loss 0 and gradient 0.
+        reduction: ``"none"`` (per-token loss, shape of ``labels``), ``"sum"`` or ``"mean"``
+            (mean over non-ignored tokens; 0 when every label is ignored).
+        impl: ``"pallas"``, ``"chunked"``, ``"reference"`` or None for the best available.
+        interpret: run the ``"pallas"`` kernels in Pallas interpret mode (any backend, slow; for
+            tests). Only valid with ``impl="pallas"``.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
+        Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. Under a
+        transformation, the loss at an out-of-range label is NaN (see the module docstring).
+
+    Raises:
+        TypeError: non-array inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
+        ValueError: shape mismatch, concrete labels out of range, bad ``reduction``, an ``impl``
+            that is unknown or cannot run on these inputs.
+
+    Example:
+        >>> h = jax.random.normal(jax.random.key(0), (2, 5, 16))
+        >>> w = jax.random.normal(jax.random.key(1), (100, 16))
+        >>> y = jax.random.randint(jax.random.key(2), (2, 5), 0, 100)
+        >>> loss, (dh, dw) = jax.value_and_grad(
+        ...     lambda h, w: linear_cross_entropy(h, w, y, reduction="mean"), argnums=(0, 1))(h, w)
+    """
+    _check_arrays(hidden, weight, labels)
+    check_lce_shapes(hidden.shape, weight.shape, labels.shape)
+    check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    name = select_implementation(hidden, impl, interpret)
+    vocab = weight.shape[0]
+    labels = widen_labels(labels)
+    bad = check_label_range(labels, vocab, ignore_index)
+
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    if bad is not None:
+        # Out-of-range labels reach the implementation as ignored rows (nothing read out of bounds,
+        # zero gradient) and come back as NaN.
+        bad = bad.reshape(-1)
+        flat_labels = jnp.where(bad, ignore_index, flat_labels)
+    loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, interpret)
+    if bad is not None:
+        loss = jnp.where(bad, jnp.nan, loss)
+    loss = reduce_loss(loss, labels.reshape(-1) != ignore_index, reduction)
+    return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -1,0 +1,242 @@
+"""interop.porting: torch_heads <-> jax_heads weight porting.
+
+Round trips give bit-identical weights, ported heads compute the same outputs within
+``PARITY_FLOAT32``, and any configuration mismatch raises before anything is copied.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from tolerances import PARITY_FLOAT32, assert_close, rel_err
+
+import jax_heads
+import torch_heads
+from interop.porting import port_flax_to_torch, port_torch_to_flax
+
+H = 12
+SPLITS = {"text": 61, "special": 3}
+ORDER = ["text", "special"]
+
+CONFIGS = {
+    "ClassificationHead": (H, 5, 0.1),
+    "EmbeddingHead": (H, 7, True),
+    "EmbeddingHead-no-projection": (H, None, True),
+    "SplitLanguageModellingHead": (SPLITS, ORDER, H),
+    "SplitTokenEmbeddings": (SPLITS, ORDER, H),
+}
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_pair(name: str, dtype: str = "float32", seed: int = 0):
+    cls = name.split("-")[0]
+    args = CONFIGS[name]
+    torch.manual_seed(seed)
+    torch_head = getattr(torch_heads, cls)(*args).to(TORCH_DTYPES[dtype])
+    flax_head = getattr(jax_heads, cls)(*args, rngs=nnx.Rngs(seed + 1), param_dtype=jnp.dtype(dtype))
+    return torch_head, flax_head
+
+
+def torch_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def to_jax(t: torch.Tensor) -> jax.Array:
+    return jnp.asarray(t.detach().float().numpy())
+
+
+def to_torch(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_round_trip_is_identical(name, dtype):
+    torch_head, flax_head = make_pair(name, dtype)
+    before = torch_weights(torch_head)
+    assert port_torch_to_flax(torch_head, flax_head) is flax_head
+    fresh, _ = make_pair(name, dtype, seed=7)
+    if before:
+        assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    assert port_flax_to_torch(flax_head, fresh) is fresh
+    after = torch_weights(fresh)
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype
+        assert torch.equal(after[key], value), key
+    # The flax side holds the torch values, transposed for nnx.Linear kernels, in its own dtype.
+    for leaf in jax.tree.leaves(nnx.state(flax_head, nnx.Param)):
+        assert leaf.dtype == jnp.dtype(dtype)
+
+
+def test_dtype_is_cast_to_the_destination():
+    torch_head, _ = make_pair("SplitLanguageModellingHead", "float32")
+    _, flax_bf16 = make_pair("SplitLanguageModellingHead", "bfloat16")
+    port_torch_to_flax(torch_head, flax_bf16)
+    kernel = flax_bf16.lm_head["text"].kernel[...]
+    assert kernel.dtype == jnp.bfloat16
+    want = torch_head.lm_head["text"].weight.detach().to(torch.bfloat16).float().numpy().T
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32), want)
+    torch_f32 = port_flax_to_torch(flax_bf16, make_pair("SplitLanguageModellingHead", "float32", seed=3)[0])
+    assert torch_f32.lm_head["text"].weight.dtype == torch.float32
+    np.testing.assert_array_equal(torch_f32.lm_head["text"].weight.detach().numpy(), want.T)
+
+
+def test_ported_weights_do_not_share_memory():
+    torch_head, flax_head = make_pair("ClassificationHead")
+    port_torch_to_flax(torch_head, flax_head)
+    kept = np.array(flax_head.score.kernel[...])
+    with torch.no_grad():
+        torch_head.score.weight.add_(1.0)
+    np.testing.assert_array_equal(flax_head.score.kernel[...], kept)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_flax", "flax_to_torch"])
+def test_ported_heads_agree(direction):
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((2, 9, H)).astype(np.float32)
+    mask = (rng.random((2, 9)) < 0.5).astype(np.int64)
+    labels = rng.integers(0, 64, (2, 9))
+    labels[0, :3] = -100
+    ids = rng.integers(0, 64, (3, 4))
+
+    def pair(name):
+        torch_head, flax_head = make_pair(name)
+        if direction == "torch_to_flax":
+            port_torch_to_flax(torch_head, flax_head)
+        else:
+            port_flax_to_torch(flax_head, torch_head)
+        return torch_head.eval(), flax_head
+
+    torch_head, flax_head = pair("ClassificationHead")
+    flax_head.eval()
+    for args in ((hidden,), (hidden, mask)):
+        want = torch_head(*map(torch.from_numpy, args)).detach().numpy()
+        assert rel_err(flax_head(*map(jnp.asarray, args)), want) <= PARITY_FLOAT32
+
+    for name in ("EmbeddingHead", "EmbeddingHead-no-projection"):
+        torch_head, flax_head = pair(name)
+        want = torch_head(torch.from_numpy(hidden), torch.from_numpy(mask)).detach().numpy()
+        assert rel_err(flax_head(jnp.asarray(hidden), jnp.asarray(mask)), want) <= PARITY_FLOAT32
+
+    torch_head, flax_head = pair("SplitTokenEmbeddings")
+    np.testing.assert_array_equal(flax_head(jnp.asarray(ids)), torch_head(torch.from_numpy(ids)).detach().numpy())
+
+    # LM head: the per-token loss and the gradient with respect to the hidden states.
+    torch_head, flax_head = pair("SplitLanguageModellingHead")
+    torch_hidden = torch.from_numpy(hidden).requires_grad_(True)
+    torch_loss = torch_head(torch_hidden, torch.from_numpy(labels))
+    torch_loss.sum().backward()
+    flax_loss, flax_grad = jax.value_and_grad(lambda h: flax_head(h, jnp.asarray(labels)).sum())(jnp.asarray(hidden))
+    assert rel_err(flax_head(jnp.asarray(hidden), jnp.asarray(labels)), torch_loss.detach().numpy()) <= PARITY_FLOAT32
+    assert rel_err(flax_loss, torch_loss.sum().item()) <= PARITY_FLOAT32
+    assert rel_err(flax_grad, torch_hidden.grad.numpy()) <= PARITY_FLOAT32
+
+
+def test_ported_bfloat16_lm_heads_agree_with_ground_truth():
+    from ground_truth import lce_ground_truth
+
+    torch_head, flax_head = make_pair("SplitLanguageModellingHead", "bfloat16")
+    port_torch_to_flax(torch_head, flax_head)
+    rng = np.random.default_rng(1)
+    hidden = torch.from_numpy(rng.standard_normal((15, H)).astype(np.float32)).to(torch.bfloat16)
+    labels = rng.integers(0, 64, 15)
+    labels[[2, 9]] = -100
+    weight = torch_head.weight().detach()
+    want = lce_ground_truth(hidden.float().numpy(), weight.float().numpy(), labels, np.ones(15))[0]
+    torch_loss = torch_head(hidden, torch.from_numpy(labels)).detach().numpy()
+    flax_loss = flax_head(jnp.asarray(hidden.float().numpy(), jnp.bfloat16), jnp.asarray(labels))
+    # Naive baseline: bfloat16 logits.
+    logits = (hidden @ weight.T).float()
+    naive = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels), reduction="none").numpy()
+    assert_close("torch", torch_loss, want, "bfloat16", naive=naive)
+    assert_close("flax", flax_loss, want, "bfloat16", naive=naive)
+
+
+def _mismatch_cases():
+    def t(cls, *args):
+        return getattr(torch_heads, cls)(*args)
+
+    def f(cls, *args):
+        return getattr(jax_heads, cls)(*args, rngs=nnx.Rngs(0))
+
+    return [
+        ("head-type", t("ClassificationHead", H, 5, 0.1), f("EmbeddingHead", H, 5, False), "head type mismatch"),
+        (
+            "hidden-size",
+            t("ClassificationHead", H, 5, 0.1),
+            f("ClassificationHead", H + 1, 5, 0.1),
+            "hidden_size mismatch: torch has 12, flax has 13",
+        ),
+        (
+            "num-labels",
+            t("ClassificationHead", H, 5, 0.1),
+            f("ClassificationHead", H, 4, 0.1),
+            "num_labels mismatch: torch has 5, flax has 4",
+        ),
+        (
+            "embedding-dim-presence",
+            t("EmbeddingHead", H, 7, True),
+            f("EmbeddingHead", H, None, True),
+            "embedding_dim mismatch: torch has 7, flax has None",
+        ),
+        (
+            "embedding-dim",
+            t("EmbeddingHead", H, 7, True),
+            f("EmbeddingHead", H, 6, True),
+            "embedding_dim mismatch: torch has 7, flax has 6",
+        ),
+        ("normalize", t("EmbeddingHead", H, 7, True), f("EmbeddingHead", H, 7, False), "normalize mismatch"),
+        (
+            "split-names",
+            t("SplitLanguageModellingHead", SPLITS, ORDER, H),
+            f("SplitLanguageModellingHead", {"text": 61, "extra": 3}, ["text", "extra"], H),
+            "split names mismatch",
+        ),
+        (
+            "split-order",
+            t("SplitTokenEmbeddings", SPLITS, ORDER, H),
+            f("SplitTokenEmbeddings", SPLITS, ORDER[::-1], H),
+            "split_order mismatch",
+        ),
+        (
+            "split-sizes",
+            t("SplitTokenEmbeddings", SPLITS, ORDER, H),
+            f("SplitTokenEmbeddings", {"text": 61, "special": 4}, ORDER, H),
+            r"split sizes mismatch: torch has \{'text': 61, 'special': 3\}, flax has \{'text': 61, 'special': 4\}",
+        ),
+        (
+            "lm-hidden-size",
+            t("SplitLanguageModellingHead", SPLITS, ORDER, H),
+            f("SplitLanguageModellingHead", SPLITS, ORDER, 2 * H),
+            "hidden_size mismatch",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _mismatch_cases(), ids=lambda case: case[0])
+def test_mismatch_raises_before_copying(case):
+    _, torch_head, flax_head, message = case
+    torch_before = torch_weights(torch_head)
+    flax_before = [np.array(x) for x in jax.tree.leaves(nnx.state(flax_head, nnx.Param))]
+    with pytest.raises(ValueError, match=message):
+        port_torch_to_flax(torch_head, flax_head)
+    with pytest.raises(ValueError, match=message):
+        port_flax_to_torch(flax_head, torch_head)
+    for key, value in torch_before.items():
+        assert torch.equal(torch_head.state_dict()[key], value)
+    for old, new in zip(flax_before, jax.tree.leaves(nnx.state(flax_head, nnx.Param))):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_non_heads_are_type_errors():
+    torch_head, flax_head = make_pair("ClassificationHead")
+    with pytest.raises(TypeError, match="torch_module must be a torch_heads head"):
+        port_torch_to_flax(torch.nn.Linear(H, 5), flax_head)
+    with pytest.raises(TypeError, match="flax_module must be a jax_heads head .* got Linear"):
+        port_flax_to_torch(nnx.Linear(H, 5, rngs=nnx.Rngs(0)), torch_head)
