@@ -150,9 +150,9 @@ def _np(x) -> np.ndarray:
 
 
 def _ground_truth(torch_head, hidden, labels, upstream):
-    """float64 results on the CPU through the torch reference, and the naive same-dtype baseline."""
-    truth_head = _copy_head(torch_head, torch.float64, "cpu")
-    truth = _torch_run(truth_head, hidden.double().cpu(), labels.cpu(), upstream.double().cpu(), "reference")
+    """float64 results through the torch reference (on the harness's device), and the naive same-dtype baseline."""
+    truth_head = _copy_head(torch_head, torch.float64, hidden.device)
+    truth = _torch_run(truth_head, hidden.double(), labels, upstream.double(), "reference")
 
     def naive(h, w, y):  # materialised logits in the input dtype, as a plain user would write it
         return torch.nn.functional.cross_entropy((h @ w.T).float(), y, ignore_index=LM_IGNORE_INDEX, reduction="none")
