@@ -4,8 +4,8 @@
 ``jax_heads.SplitLanguageModellingHead``, feeds both the same hidden states and labels (with
 ignored positions) and the same upstream gradient, and compares for every pair of chosen
 implementations the loss and the gradients with respect to the hidden states and every split
-weight. Each side is also judged against a float64 ground truth (the torch reference on the CPU in
-float64). Verdicts use the project's one tolerance table (:mod:`heads_common.tolerances`):
+weight. Each side is also judged against a float64 ground truth (the torch reference in float64,
+on the harness device). Verdicts use the project's one tolerance table (:mod:`heads_common.tolerances`):
 
 * float32: torch vs JAX within ``PARITY_FLOAT32`` relative error (in norm), and each side within
   the float32 bound of the ground truth (``float32-tf32`` for ``cce``, whose float32 products use
