@@ -1,5 +1,5 @@
 """``python -m interop`` is ``python -m interop.parity``."""
 
-from interop.parity_cli import main
+from interop.parity.cli import main
 
 raise SystemExit(main())

@@ -19,7 +19,6 @@ Run ``python -m interop.parity --help`` for the command line.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -258,9 +257,3 @@ def _jax_dtype(name: str):
 
 
 __all__ = ["Check", "ParityConfig", "ParityReport", "run_parity"]
-
-
-if __name__ == "__main__":
-    from interop.parity_cli import main
-
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command line of the parity harness: ``python -m interop.parity``."""
+"""Command line of the parity harness: ``python -m interop.parity`` (and ``python -m interop``)."""
 
 from __future__ import annotations
 
