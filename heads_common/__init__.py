@@ -8,7 +8,7 @@ in either framework.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 LM_IGNORE_INDEX = -100
@@ -149,3 +149,34 @@ def no_implementation_message(reasons: Mapping[str, str]) -> str:
 
 def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
     return f"impl must be None or one of {tuple(known)}, got {impl!r}"
+
+
+def choose_implementation(
+    impl: str | None, known: Sequence[str], auto_order: Sequence[str], reason_for: Callable[[str], str | None]
+) -> str:
+    """The registry dispatch both frameworks share.
+
+    Args:
+        impl: the caller's choice, or None for the first of ``auto_order`` that can run.
+        known: every registered implementation name.
+        auto_order: candidates for ``impl=None``, best first.
+        reason_for: ``name -> None`` if that implementation can run on the inputs, else why not.
+
+    Raises:
+        ValueError: an unknown ``impl``; a named ``impl`` that cannot run (saying why); with
+            ``impl=None``, no candidate that can run (listing each one's reason).
+    """
+    if impl is None:
+        reasons = {}
+        for name in auto_order:
+            reason = reason_for(name)
+            if reason is None:
+                return name
+            reasons[name] = reason
+        raise ValueError(no_implementation_message(reasons))
+    if impl not in known:
+        raise ValueError(unknown_impl_message(impl, known))
+    reason = reason_for(impl)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
+    return impl

@@ -31,8 +31,8 @@ from heads_common import (
     check_ignore_index,
     check_lce_shapes,
     check_reduction,
+    choose_implementation,
     label_range_message,
-    no_implementation_message,
     unknown_impl_message,
 )
 from jax_heads.chunked import chunked_loss
@@ -132,22 +132,13 @@ def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool =
     """
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {interpret!r}")
-    if impl is not None and impl not in _IMPLEMENTATIONS:
-        raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
     if interpret and impl != "pallas":
+        if impl is not None and impl not in _IMPLEMENTATIONS:
+            raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
-    if impl is None:
-        reasons = {}
-        for name in AUTO_ORDER:
-            reason = _IMPLEMENTATIONS[name][0](hidden, False)
-            if reason is None:
-                return name
-            reasons[name] = reason
-        raise ValueError(no_implementation_message(reasons))
-    reason = _IMPLEMENTATIONS[impl][0](hidden, interpret)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
-    return impl
+    return choose_implementation(
+        impl, IMPLEMENTATIONS, AUTO_ORDER, lambda name: _IMPLEMENTATIONS[name][0](hidden, interpret)
+    )
 
 
 def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:

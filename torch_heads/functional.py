@@ -23,9 +23,8 @@ from heads_common import (
     check_ignore_index,
     check_lce_shapes,
     check_reduction,
+    choose_implementation,
     label_range_message,
-    no_implementation_message,
-    unknown_impl_message,
 )
 from torch_heads import _cce
 from torch_heads.chunked import chunked_loss
@@ -93,20 +92,9 @@ def select_implementation(hidden: torch.Tensor, impl: str | None, filter_eps: ob
     Raises:
         ValueError: ``impl`` is unknown, or it (or, with ``impl=None``, every candidate) cannot run.
     """
-    if impl is None:
-        reasons = {}
-        for name in AUTO_ORDER:
-            reason = _IMPLEMENTATIONS[name][0](hidden, filter_eps)
-            if reason is None:
-                return name
-            reasons[name] = reason
-        raise ValueError(no_implementation_message(reasons))
-    if impl not in _IMPLEMENTATIONS:
-        raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
-    reason = _IMPLEMENTATIONS[impl][0](hidden, filter_eps)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
-    return impl
+    return choose_implementation(
+        impl, IMPLEMENTATIONS, AUTO_ORDER, lambda name: _IMPLEMENTATIONS[name][0](hidden, filter_eps)
+    )
 
 
 def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
