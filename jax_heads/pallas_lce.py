@@ -185,7 +185,7 @@ class _Plan:
     bwd_block_d: int
 
 
-def _plan(n: int, v: int, d: int, bs: BlockSizes) -> _Plan:
+def plan_for(n: int, v: int, d: int, bs: BlockSizes) -> _Plan:
     block_n = max(bs.block_n, bs.bwd_block_n)
     block_v = max(bs.block_v, bs.bwd_block_v)
     d_pad = _round_up(d, 16)
@@ -203,7 +203,7 @@ def _plan(n: int, v: int, d: int, bs: BlockSizes) -> _Plan:
     )
 
 
-def _pad(hidden, weight, labels, plan: _Plan):
+def pad_inputs(hidden, weight, labels, plan: _Plan):
     if plan.n_pad != plan.n or plan.d_pad != plan.d:
         hidden = jnp.pad(hidden, ((0, plan.n_pad - plan.n), (0, plan.d_pad - plan.d)))
     if plan.v_pad != plan.v or plan.d_pad != plan.d:
@@ -318,7 +318,7 @@ class _Options:
 
 def _forward(hidden, weight, labels, options: _Options):
     plan = options.plan
-    hp, wp, yp = _pad(hidden, weight, labels.astype(jnp.int32), plan)
+    hp, wp, yp = pad_inputs(hidden, weight, labels.astype(jnp.int32), plan)
     lse, target = lce_forward(hp, wp, yp, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret)
     valid = labels != options.ignore_index
     loss = jnp.where(valid, lse[: plan.n] - target[: plan.n], 0.0)
@@ -372,7 +372,7 @@ def pallas_loss(
     Returns:
         ``(N,)`` float32 loss, differentiable in ``hidden`` and ``weight`` (gradients in their dtype).
     """
-    plan = _plan(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
+    plan = plan_for(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
     return _lce(hidden, weight, labels, _Options(int(ignore_index), block_sizes, bool(interpret), plan))
 
 
