@@ -1,0 +1,240 @@
+"""Vocabulary-parallel linear cross-entropy on a JAX mesh (``shard_map`` + collectives).
+
+The weight ``(V, D)`` is split along the vocabulary over one mesh axis (``vocab_axis``); hidden
+states and labels may be split along the tokens over another (``batch_axis``, data parallel) and
+are replicated over the vocabulary axis. Each device works on its own weight shard only:
+
+* forward: the shard's per-token partial log-sum-exp ``lse_k`` and target logit (0 where the label
+  lies in another shard), then ``lse = m + log(psum(exp(lse_k - m)))`` with ``m = pmax(lse_k)``
+  and ``target = psum(target_k)`` over ``vocab_axis``;
+* backward: the shard's gradient logits ``g·(exp(logits − lse) − onehot)`` against the *global*
+  ``lse``, giving the shard's own ``d_weight`` (summed over ``batch_axis``) and a partial
+  ``d_hidden`` summed over ``vocab_axis``.
+
+The per-shard work runs on the same building blocks as the single-device implementations: the
+Pallas kernels (``impl="pallas"``, GPU; ``interpret=True`` on CPU) or materialised shard logits
+(``impl="reference"``). No ``(tokens × V)`` array exists on any device with ``"pallas"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction
+from jax_heads import pallas_lce
+from jax_heads.functional import reduce_loss
+from jax_heads.reference import PRECISION
+
+PARALLEL_IMPLEMENTATIONS = ("pallas", "reference")
+
+
+# ------------------------------------------------------------------------------------------
+# Per-shard building blocks: labels are shard-local (outside [0, V_shard): no target in this shard)
+# ------------------------------------------------------------------------------------------
+
+
+def _reference_parts(h, w, local_labels):
+    logits = jnp.dot(h, w.T, preferred_element_type=jnp.float32, precision=PRECISION)
+    in_shard = (local_labels >= 0) & (local_labels < w.shape[0])
+    idx = jnp.clip(local_labels, 0, w.shape[0] - 1)
+    target = jnp.where(in_shard, jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0], 0.0)
+    return jax.nn.logsumexp(logits, axis=-1), target
+
+
+def _reference_grads(h, w, local_labels, lse, g):
+    logits = jnp.dot(h, w.T, preferred_element_type=jnp.float32, precision=PRECISION)
+    onehot = local_labels[:, None] == jnp.arange(w.shape[0])[None, :]
+    grad_logits = (jnp.exp(logits - lse[:, None]) - onehot) * g[:, None]
+    d_h = jnp.dot(grad_logits, w.astype(jnp.float32), precision=PRECISION)
+    d_w = jnp.dot(grad_logits.T, h.astype(jnp.float32), precision=PRECISION)
+    return d_h.astype(h.dtype), d_w.astype(w.dtype)
+
+
+def _pallas_parts(h, w, local_labels, *, interpret):
+    plan = pallas_lce.plan_for(h.shape[0], w.shape[0], h.shape[1], pallas_lce.DEFAULT_BLOCK_SIZES)
+    hp, wp, yp = pallas_lce.pad_inputs(h, w, _outside_to_minus_one(local_labels, w.shape[0]), plan)
+    lse, target = pallas_lce.lce_forward(
+        hp, wp, yp, block_sizes=pallas_lce.DEFAULT_BLOCK_SIZES, plan=plan, interpret=interpret
+    )
+    return lse[: plan.n], target[: plan.n]
+
+
+def _pallas_grads(h, w, local_labels, lse, g, *, interpret):
+    plan = pallas_lce.plan_for(h.shape[0], w.shape[0], h.shape[1], pallas_lce.DEFAULT_BLOCK_SIZES)
+    hp, wp, yp = pallas_lce.pad_inputs(h, w, _outside_to_minus_one(local_labels, w.shape[0]), plan)
+    pad = plan.n_pad - plan.n
+    d_h, d_w = pallas_lce.lce_backward(
+        hp, wp, yp, jnp.pad(lse, (0, pad)), jnp.pad(g, (0, pad)),
+        block_sizes=pallas_lce.DEFAULT_BLOCK_SIZES, plan=plan, interpret=interpret,
+    )
+    return d_h[: plan.n, : plan.d], d_w[: plan.v, : plan.d]
+
+
+def _outside_to_minus_one(local_labels, v_shard):
+    return jnp.where((local_labels >= 0) & (local_labels < v_shard), local_labels, -1).astype(jnp.int32)
+
+
+def _parts(impl: str, interpret: bool):
+    if impl == "pallas":
+        return (
+            functools.partial(_pallas_parts, interpret=interpret),
+            functools.partial(_pallas_grads, interpret=interpret),
+        )
+    return _reference_parts, _reference_grads
+
+
+# ------------------------------------------------------------------------------------------
+# The sharded op
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    mesh: Mesh
+    vocab_axis: str
+    batch_axis: str | None
+    ignore_index: int
+    impl: str
+    interpret: bool
+
+
+def _specs(o: _Options):
+    tokens = P(o.batch_axis)
+    return tokens, P(o.batch_axis, None), P(o.vocab_axis, None)
+
+
+def _local_labels(labels, v_shard, o: _Options):
+    offset = lax.axis_index(o.vocab_axis) * v_shard
+    valid = labels != o.ignore_index
+    return jnp.where(valid, labels - offset, -1), valid
+
+
+def _sharded_forward(hidden, weight, labels, o: _Options):
+    tokens, rows, vocab = _specs(o)
+    parts, _ = _parts(o.impl, o.interpret)
+
+    def local(h, w, y):
+        local_y, valid = _local_labels(y, w.shape[0], o)
+        lse_k, target_k = parts(h, w, local_y)
+        m = lax.pmax(lse_k, o.vocab_axis)
+        lse = m + jnp.log(lax.psum(jnp.exp(lse_k - m), o.vocab_axis))
+        target = lax.psum(target_k, o.vocab_axis)
+        return jnp.where(valid, lse - target, 0.0), lse
+
+    return jax.shard_map(
+        local, mesh=o.mesh, in_specs=(rows, vocab, tokens), out_specs=(tokens, tokens), check_vma=False
+    )(hidden, weight, labels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _vocab_parallel(hidden, weight, labels, o: _Options):
+    return _sharded_forward(hidden, weight, labels, o)[0]
+
+
+def _fwd(hidden, weight, labels, o: _Options):
+    loss, lse = _sharded_forward(hidden, weight, labels, o)
+    return loss, (hidden, weight, labels, lse)
+
+
+def _bwd(o: _Options, residuals, grad_loss):
+    hidden, weight, labels, lse = residuals
+    tokens, rows, vocab = _specs(o)
+    _, grads = _parts(o.impl, o.interpret)
+
+    def local(h, w, y, lse, g):
+        local_y, valid = _local_labels(y, w.shape[0], o)
+        # Ignored rows get zero gradient whatever the upstream holds, even NaN.
+        g = jnp.where(valid, g.astype(jnp.float32), 0.0)
+        d_h, d_w = grads(h, w, local_y, lse, g)
+        d_h = lax.psum(d_h.astype(jnp.float32), o.vocab_axis).astype(h.dtype)
+        if o.batch_axis is not None:
+            d_w = lax.psum(d_w.astype(jnp.float32), o.batch_axis).astype(w.dtype)
+        return d_h, d_w
+
+    d_hidden, d_weight = jax.shard_map(
+        local, mesh=o.mesh, in_specs=(rows, vocab, tokens, tokens, tokens), out_specs=(rows, vocab), check_vma=False
+    )(hidden, weight, labels, lse, grad_loss)
+    return d_hidden, d_weight, None
+
+
+_vocab_parallel.defvjp(_fwd, _bwd)
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    mesh: Mesh,
+    vocab_axis: str,
+    batch_axis: str | None = None,
+    ignore_index: int = LM_IGNORE_INDEX,
+    reduction: str = "none",
+    impl: str = "reference",
+    interpret: bool = False,
+) -> jax.Array:
+    """Linear cross-entropy with the weight split along the vocabulary over ``mesh[vocab_axis]``.
+
+    Args:
+        hidden: ``(N, D)`` float array; split over ``batch_axis`` (if given), replicated over
+            ``vocab_axis``.
+        weight: ``(V, D)``, same dtype; split over ``vocab_axis`` in equal contiguous shards (device
+            ``k`` of the axis holds rows ``k·V/n : (k+1)·V/n``). ``V`` must divide evenly.
+        labels: ``(N,)`` integer global ids in ``[0, V)`` or ``ignore_index``.
+        mesh: the device mesh.
+        vocab_axis: mesh axis the vocabulary is split over.
+        batch_axis: mesh axis the tokens are split over (data parallel), or None.
+        ignore_index: label value with loss 0 and gradient 0.
+        reduction: ``"none"`` (``(N,)``), ``"sum"`` or ``"mean"`` (over non-ignored tokens).
+        impl: per-shard computation: ``"pallas"`` (our kernels; GPU, or ``interpret=True``) or
+            ``"reference"`` (materialises the shard's logits).
+        interpret: run the Pallas kernels in interpret mode (CPU tests).
+
+    Returns:
+        float32 loss with the tokens' sharding. Gradients: ``d_weight`` keeps the weight's
+        sharding (each device gets its own shard's gradient); ``d_hidden`` is complete on every
+        device of the vocabulary axis.
+
+    Works under ``jax.jit``. Labels are not range-checked here (they may be traced): validate them
+    beforehand, e.g. with :func:`jax_heads.functional.check_label_range`.
+    """
+    check_lce_shapes(hidden.shape, weight.shape, labels.shape)
+    check_reduction(reduction)
+    ignore_index = check_ignore_index(ignore_index)
+    if hidden.ndim != 2:
+        raise ValueError(f"hidden must be (N, D) for the vocabulary-parallel op, got shape {hidden.shape}")
+    if impl not in PARALLEL_IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {PARALLEL_IMPLEMENTATIONS}, got {impl!r}")
+    if interpret and impl != "pallas":
+        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    for name, axis in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
+        if axis is not None and axis not in mesh.axis_names:
+            raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")
+    if batch_axis == vocab_axis:
+        raise ValueError("batch_axis and vocab_axis must be different mesh axes")
+    shards = mesh.shape[vocab_axis]
+    if weight.shape[0] % shards:
+        raise ValueError(f"vocabulary size {weight.shape[0]} must divide evenly over {shards} devices of {vocab_axis!r}")
+    if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
+        raise ValueError(
+            f"token count {hidden.shape[0]} must divide evenly over {mesh.shape[batch_axis]} devices of {batch_axis!r}"
+        )
+    if impl == "pallas":
+        reason = pallas_lce.unsupported_reason(hidden, interpret=interpret)
+        if reason is not None:
+            raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
+    options = _Options(mesh, vocab_axis, batch_axis, ignore_index, impl, bool(interpret))
+    loss = _vocab_parallel(hidden, weight, labels.astype(jnp.int32), options)
+    return reduce_loss(loss, labels != ignore_index, reduction)
+
+
+def shard_weight(weight: jax.Array, mesh: Mesh, vocab_axis: str) -> jax.Array:
+    """Place a ``(V, D)`` weight on ``mesh`` split along the vocabulary over ``vocab_axis``."""
+    return jax.device_put(weight, NamedSharding(mesh, P(vocab_axis, None)))

@@ -1,0 +1,83 @@
+"""Run in a fresh process with 4 fake CPU devices (tests/test_jax_parallel.py starts it).
+
+Checks the vocabulary-parallel op against the unsharded reference: loss and both gradients,
+vocabulary-parallel alone (1 x 4) and data x vocabulary parallel (2 x 2), under jit, and that
+each device holds only its weight shard's gradient. Prints one line per case; exits 1 on a failure.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ground_truth import lce_ground_truth  # noqa: E402
+from tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
+
+from jax_heads import linear_cross_entropy  # noqa: E402
+from jax_heads.parallel import vocab_parallel_linear_cross_entropy  # noqa: E402
+
+assert len(jax.devices()) == 4, jax.devices()
+failures = 0
+
+
+def check(name, impl, mesh_shape, n, d, v, reduction, interpret=False):
+    global failures
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    h = rng.standard_normal((n, d)).astype(np.float32)
+    w = (rng.standard_normal((v, d)) * d**-0.5 * 3).astype(np.float32)
+    y = rng.integers(0, v, n).astype(np.int32)
+    y[rng.random(n) < 0.2] = -100
+    up = rng.standard_normal(n).astype(np.float32) if reduction == "none" else None
+    mesh = Mesh(np.array(jax.devices()).reshape(mesh_shape), ("data", "vocab"))
+    batch_axis = "data" if mesh_shape[0] > 1 else None
+    hs = jax.device_put(h, NamedSharding(mesh, P(batch_axis, None)))
+    ws = jax.device_put(w, NamedSharding(mesh, P("vocab", None)))
+    ys = jax.device_put(y, NamedSharding(mesh, P(batch_axis)))
+
+    def objective(a, b, fn):
+        loss = fn(a, b)
+        return jnp.sum(loss * up) if up is not None else loss, loss
+
+    par = lambda a, b: vocab_parallel_linear_cross_entropy(  # noqa: E731
+        a, b, ys, mesh=mesh, vocab_axis="vocab", batch_axis=batch_axis, reduction=reduction, impl=impl,
+        interpret=interpret,
+    )
+    ref = lambda a, b: linear_cross_entropy(a, b, jnp.asarray(y), reduction=reduction, impl="reference")  # noqa: E731
+    f_par = jax.jit(jax.value_and_grad(lambda a, b: objective(a, b, par), (0, 1), has_aux=True))
+    f_ref = jax.value_and_grad(lambda a, b: objective(a, b, ref), (0, 1), has_aux=True)
+    (_, loss_p), (dh_p, dw_p) = f_par(hs, ws)
+    (_, loss_r), (dh_r, dw_r) = f_ref(jnp.asarray(h), jnp.asarray(w))
+    errs = [rel_err(loss_p, loss_r), rel_err(dh_p, dh_r), rel_err(dw_p, dw_r)]
+    # and against the float64 ground truth
+    g = up if up is not None else (np.ones(n) if reduction == "sum" else np.full(n, 1 / max((y != -100).sum(), 1)))
+    truth = lce_ground_truth(h, w, y, g)
+    errs.append(rel_err(dw_p, truth[2]))
+    shard_rows = {s.data.shape[0] for s in dw_p.addressable_shards}
+    ok = all(e <= PARITY_FLOAT32 for e in errs) and shard_rows == {v // mesh_shape[1]}
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e} "
+          f"(vs float64 {errs[3]:.1e}); d_weight shard rows {sorted(shard_rows)}", flush=True)
+
+
+for impl, interpret in (("reference", False), ("pallas", True)):
+    check(f"{impl}-1x4-none", impl, (1, 4), 37, 24, 4 * 53, "none", interpret)
+    check(f"{impl}-2x2-none", impl, (2, 2), 38, 24, 2 * 61, "none", interpret)
+check("reference-2x2-mean", "reference", (2, 2), 40, 16, 2 * 50, "mean")
+check("reference-1x4-sum", "reference", (1, 4), 21, 8, 4 * 7, "sum")
+
+# A bad configuration is a clear error.
+mesh = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "vocab"))
+try:
+    vocab_parallel_linear_cross_entropy(jnp.ones((4, 8)), jnp.ones((30, 8)), jnp.zeros(4, jnp.int32), mesh=mesh, vocab_axis="vocab")
+    print("FAIL uneven vocabulary did not raise"); failures += 1
+except ValueError as exc:
+    print(f"ok   uneven vocabulary: {exc}")
+sys.exit(1 if failures else 0)
