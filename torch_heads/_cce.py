@@ -76,7 +76,7 @@ class _Float32Backward(torch.autograd.Function):
         hidden, weight, safe_labels, valid, lse = ctx.saved_tensors
         rows = chunk_rows_for(weight.shape[0], 4, DEFAULT_CHUNK_BUDGET_BYTES)
         d_hidden, d_weight = chunked_backward(
-            hidden, weight, safe_labels, valid, lse, grad_loss, ctx.needs_input_grad[:2], rows
+            hidden, weight, safe_labels, valid, valid, lse, grad_loss, ctx.needs_input_grad[:2], rows
         )
         return d_hidden, d_weight, None, None, None
 
