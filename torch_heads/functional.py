@@ -55,6 +55,12 @@ def _check_tensors(hidden: object, weight: object, labels: object) -> None:
     for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if is_dtensor(value):
+            raise TypeError(
+                f"{name} is a DTensor ({value.placements}): pass a plain tensor, e.g. `.full_tensor()`, or use "
+                "torch_heads.parallel.vocab_parallel_linear_cross_entropy with the weight's local vocabulary shard"
+            )
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be a floating tensor of {[str(d) for d in FLOAT_DTYPES]}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
@@ -66,6 +72,15 @@ def _check_tensors(hidden: object, weight: object, labels: object) -> None:
         raise ValueError(
             f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device}, {labels.device}"
         )
+
+
+def is_dtensor(value: torch.Tensor) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (FSDP2/tensor-parallel parameters)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(value, DTensor)
 
 
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
