@@ -7,6 +7,7 @@ each device holds only its weight shard's gradient. Prints one line per case; ex
 
 import os
 import sys
+import zlib
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -30,7 +31,7 @@ failures = 0
 
 def check(name, impl, mesh_shape, n, d, v, reduction, interpret=False):
     global failures
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
     h = rng.standard_normal((n, d)).astype(np.float32)
     w = (rng.standard_normal((v, d)) * d**-0.5 * 3).astype(np.float32)
     y = rng.integers(0, v, n).astype(np.int32)
@@ -72,6 +73,23 @@ for impl, interpret in (("reference", False), ("pallas", True)):
     check(f"{impl}-2x2-none", impl, (2, 2), 38, 24, 2 * 61, "none", interpret)
 check("reference-2x2-mean", "reference", (2, 2), 40, 16, 2 * 50, "mean")
 check("reference-1x4-sum", "reference", (1, 4), 21, 8, 4 * 7, "sum")
+
+# torch-sharded (2 gloo ranks, saved by torch_vocab_parallel.py) equals JAX-sharded (4 devices).
+if os.environ.get("SHARDED_PARITY_FILE"):
+    saved = np.load(os.environ["SHARDED_PARITY_FILE"])
+    h, w, y, up = (saved[k] for k in ("h", "w", "y", "up"))
+    d = h.shape[-1]
+    mesh = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "vocab"))
+    ws = jax.device_put(w, NamedSharding(mesh, P("vocab", None)))
+    fn = lambda a, b: jnp.sum(vocab_parallel_linear_cross_entropy(  # noqa: E731
+        a, b, jnp.asarray(y.reshape(-1)), mesh=mesh, vocab_axis="vocab") * up.reshape(-1))
+    loss = vocab_parallel_linear_cross_entropy(jnp.asarray(h.reshape(-1, d)), ws, jnp.asarray(y.reshape(-1)), mesh=mesh, vocab_axis="vocab")
+    dh, dw = jax.jit(jax.grad(fn, (0, 1)))(jnp.asarray(h.reshape(-1, d)), ws)
+    errs = [rel_err(loss, saved["loss"].reshape(-1)), rel_err(dh, saved["d_hidden"].reshape(-1, d)), rel_err(dw, saved["d_weight"])]
+    ok = all(e <= PARITY_FLOAT32 for e in errs)
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} torch-sharded (2 ranks) vs JAX-sharded (4 devices): loss {errs[0]:.1e} "
+          f"d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e}", flush=True)
 
 # A bad configuration is a clear error.
 mesh = Mesh(np.array(jax.devices()).reshape(1, 4), ("data", "vocab"))

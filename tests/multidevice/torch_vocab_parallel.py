@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -75,11 +76,28 @@ def _dtensor_case(rank, world):
     return False, "a DTensor weight was not refused"
 
 
+def _save_for_jax(rank, world, path):
+    """World 2: the sharded torch results on inputs the JAX script re-runs on 4 devices."""
+    h, w, y, up = _inputs(21, v=100)
+    start, stop = shard_range(w.shape[0], rank, world)
+    hh, ws = h.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(hh, ws, y, vocab_start=start, vocab_size=w.shape[0])
+    (loss * up).sum().backward()
+    shards = [torch.empty_like(ws.grad) for _ in range(world)]
+    dist.all_gather(shards, ws.grad)
+    if rank == 0:
+        arrays = dict(h=h, w=w, y=y, up=up, loss=loss.detach(), d_hidden=hh.grad, d_weight=torch.cat(shards))
+        np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
+    return True, f"saved sharded results for the JAX comparison to {os.path.basename(path)}"
+
+
 def _worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cases = [(f"vocab-parallel {r}", lambda r=r: _vocab_parallel_case(rank, world, r)) for r in ("none", "sum", "mean")]
         cases += [("DDP split head", lambda: _ddp_case(rank, world)), ("DTensor weight", lambda: _dtensor_case(rank, world))]
+        if world == 2 and os.environ.get("SHARDED_PARITY_FILE"):
+            cases.append(("save", lambda: _save_for_jax(rank, world, os.environ["SHARDED_PARITY_FILE"])))
         for name, case in cases:
             ok, detail = case()
             results.put((ok, f"{'ok  ' if ok else 'FAIL'} world {world} rank {rank} {name}: {detail}"))
