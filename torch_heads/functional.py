@@ -5,9 +5,14 @@ Implementations (``impl=``):
 * ``"cce"`` — CUDA, through ``cut_cross_entropy`` (float16/bfloat16/float32).
 * ``"chunked"`` — any device, our own chunked ``autograd.Function`` (all float dtypes).
 * ``"reference"`` — materialised logits, float32 math; the test oracle.
+* ``"pallas"`` — CUDA (float16/bfloat16/float32, exact gradients), our JAX Pallas kernels called
+  through ``interop`` zero-copy (``torch_heads/_pallas.py``; JAX is imported on first use).
 
 ``impl=None`` picks the first of ``AUTO_ORDER`` that supports the inputs; a named implementation
-that cannot run raises ``ValueError`` saying why, never falling back silently.
+that cannot run raises ``ValueError`` saying why, never falling back silently. ``"pallas"`` is
+not in ``AUTO_ORDER``: on CUDA ``impl=None`` stays ``"cce"`` until the benchmark
+(``benchmarks/bench.py``, rows ``torch_heads-pallas`` against ``cce`` and ``jax-pallas``) shows
+otherwise, and choosing it would start JAX in a PyTorch process.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from heads_common import (
     choose_implementation,
     label_range_message,
 )
-from torch_heads import _cce
+from torch_heads import _cce, _pallas
 from torch_heads.chunked import chunked_loss
 from torch_heads.reference import reference_loss
 
@@ -46,6 +51,10 @@ _IMPLEMENTATIONS: dict[str, tuple[Callable[..., str | None], Callable[..., torch
     "cce": (_cce.unsupported_reason, _cce.cce_loss),
     "chunked": (_exact_only, lambda h, w, y, ignore_index, filter_eps: chunked_loss(h, w, y, ignore_index)),
     "reference": (_exact_only, lambda h, w, y, ignore_index, filter_eps: reference_loss(h, w, y, ignore_index)),
+    "pallas": (
+        _pallas.unsupported_reason,
+        lambda h, w, y, ignore_index, filter_eps: _pallas.pallas_loss(h, w, y, ignore_index),
+    ),
 }
 AUTO_ORDER = ("cce", "chunked")
 IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
@@ -141,7 +150,8 @@ def linear_cross_entropy(
         ignore_index: label value that contributes loss 0 and gradient 0.
         reduction: ``"none"`` (per-token loss, shape of ``labels``), ``"sum"`` or ``"mean"``
             (mean over non-ignored tokens; 0 when every label is ignored).
-        impl: ``"cce"``, ``"chunked"``, ``"reference"`` or None for the best available.
+        impl: ``"cce"``, ``"chunked"``, ``"reference"``, ``"pallas"`` or None for the best
+            available (``"cce"`` on CUDA, ``"chunked"`` elsewhere; ``"pallas"`` only when named).
         filter_eps: gradient filtering. ``"auto"``: the implementation's default (CCE filters
             gradient tiles below about ``eps(dtype)/32``; the others are exact); ``None``: exact
             gradients everywhere; a float: CCE's threshold (only ``cce`` supports it).

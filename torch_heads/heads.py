@@ -144,7 +144,8 @@ class SplitLanguageModellingHead(nn.Module):
         split_vocab_size: split name -> vocabulary size.
         split_order: concatenation order; global label ids index the concatenation.
         hidden_size: input size ``H``.
-        impl: ``linear_cross_entropy`` implementation (None: best available).
+        impl: ``linear_cross_entropy`` implementation (None: best available, ``"cce"`` on CUDA;
+            ``"pallas"`` runs our JAX Pallas kernels on CUDA tensors, zero-copy, exact gradients).
         filter_eps: gradient filtering, as in :func:`linear_cross_entropy` (``None`` for exact).
 
     ``state_dict`` keys: ``lm_head.<split>.weight`` ``(V_split, H)``.
