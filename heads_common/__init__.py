@@ -97,6 +97,17 @@ def check_ignore_index(ignore_index: object) -> int:
     return ignore_index
 
 
+def check_ignore_index_fits(ignore_index: int, labels_dtype: str, low: int, high: int) -> None:
+    """``ignore_index`` must be representable in the labels' (widened) integer dtype ``[low, high]``.
+
+    A value outside it could never equal a label; comparing it with the labels would wrap or overflow.
+    """
+    if not low <= ignore_index <= high:
+        raise ValueError(
+            f"ignore_index={ignore_index} does not fit the labels' integer dtype {labels_dtype} ([{low}, {high}])"
+        )
+
+
 def check_lce_shapes(hidden_shape: Sequence[int], weight_shape: Sequence[int], labels_shape: Sequence[int]) -> None:
     """Shape contract of ``linear_cross_entropy``: hidden ``(..., D)``, weight ``(V, D)``, labels ``(...)``."""
     hidden_shape, weight_shape, labels_shape = tuple(hidden_shape), tuple(weight_shape), tuple(labels_shape)
@@ -111,6 +122,8 @@ def check_lce_shapes(hidden_shape: Sequence[int], weight_shape: Sequence[int], l
             f"hidden size mismatch: hidden has D={hidden_shape[-1]} (shape {hidden_shape}) "
             f"but weight has D={weight_shape[1]} (shape {weight_shape})"
         )
+    if hidden_shape[-1] < 1:
+        raise ValueError(f"hidden must have a hidden size D >= 1 in its last dimension, got shape {hidden_shape}")
     if labels_shape != hidden_shape[:-1]:
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {hidden_shape[:-1]}, got {labels_shape}")
 

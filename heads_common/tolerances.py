@@ -10,6 +10,13 @@ computed from the *same* input values in float64 (the reference on upcast inputs
   more than the dtype can give (gradients are rounded to the input dtype).
 * ``float32-tf32``: float32 inputs on a GPU whose matrix units round operands to tf32 (Triton's
   default for a float32 dot, used by cut-cross-entropy).
+
+``scale``: a relative error needs a well-conditioned result. A near-certain token's loss is the
+small difference of two large logit-scale numbers (``lse - target``), so its float32 rounding is
+tiny in absolute terms yet large relative to the loss. Randomly drawn problems (the property
+tests) produce such cases; there the error is taken relative to the magnitude of the terms
+(``tests/ground_truth.py::lce_condition_scales``), the textbook forward-error bound of a sum,
+instead of relative to the result. Fixed-case tests keep the stricter default.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(1e-10),
     "float32": Tolerance(1e-5),
     "float32-tf32": Tolerance(2e-3),
+    # float32 inputs at extreme magnitudes (|logits| ~ 1e4), gradients only: the fused
+    # implementations save a float32 log-sum-exp, rounded by |lse|·2⁻²⁴ (6e-4 at 1e4), which scales
+    # every softmax probability of its row by as much; materialised logits subtract the row max
+    # first. Judged relative to materialised float32 logits (naive), with twice the float32 bound.
+    "float32-extreme": Tolerance(2e-5, baseline_relative=True),
     # Slack: one unit in the last place of the dtype at 1.0 (2**-8 for bf16, 2**-11 for fp16).
     # Kernels that feed the tensor cores round the gradient logits to the input dtype, as the
     # naive path does, but in another order; at tiny shapes a single element's rounding moves
@@ -42,8 +54,9 @@ TOLERANCES: dict[str, Tolerance] = {
 PARITY_FLOAT32 = 1e-5
 
 
-def rel_err(value, truth) -> float:
-    """``||value - truth|| / ||truth||`` in float64 (``||value||`` when the truth is all zeros). NaN never passes."""
+def rel_err(value, truth, scale=None) -> float:
+    """``||value - truth|| / ||scale||`` in float64; ``scale`` defaults to the truth (``||value - truth||``
+    alone when it is all zeros). NaN never passes."""
     value = np.asarray(value, dtype=np.float64)
     truth = np.asarray(truth, dtype=np.float64)
     if value.shape != truth.shape:
@@ -51,8 +64,8 @@ def rel_err(value, truth) -> float:
     if not np.all(np.isfinite(value)):
         return float("inf")
     diff = np.linalg.norm((value - truth).ravel())
-    scale = np.linalg.norm(truth.ravel())
-    return float(diff / scale) if scale > 0 else float(diff)
+    norm = np.linalg.norm(np.asarray(truth if scale is None else scale, dtype=np.float64).ravel())
+    return float(diff / norm) if norm > 0 else float(diff)
 
 
 def worst_place(value, truth) -> str:
@@ -64,14 +77,17 @@ def worst_place(value, truth) -> str:
     return f"largest |diff| at {tuple(int(i) for i in idx)}: {value[idx]!r} vs {truth[idx]!r}"
 
 
-def assert_close(name: str, value, truth, dtype: str, naive=None) -> float:
-    """Assert ``value`` is within the table's bound of ``truth`` for inputs of ``dtype``; return the error."""
+def assert_close(name: str, value, truth, dtype: str, naive=None, scale=None) -> float:
+    """Assert ``value`` is within the table's bound of ``truth`` for inputs of ``dtype``; return the error.
+
+    ``scale``: the magnitude errors are relative to (default: the truth); see the module docstring.
+    """
     tol = TOLERANCES[dtype]
-    err = rel_err(value, truth)
+    err = rel_err(value, truth, scale)
     if tol.baseline_relative:
         if naive is None:
             raise ValueError(f"{dtype} comparisons are baseline-relative: pass the naive same-dtype result")
-        bound = rel_err(naive, truth) + tol.bound
+        bound = rel_err(naive, truth, scale) + tol.bound
     else:
         bound = tol.bound
     if not err <= bound:

@@ -13,8 +13,9 @@ never falling back silently.
 
 Labels out of range: concrete labels are checked on the host (``ValueError``, the message
 ``torch_heads`` gives). Under ``jit``/``vmap`` the labels are tracers and cannot raise: the loss
-at each such position is NaN instead (so ``sum``/``mean`` are NaN too), and no implementation
-ever reads out of bounds for it.
+at each such position is NaN instead (so ``sum``/``mean`` are NaN too), its gradients are NaN as
+well (never the gradient of another label, never a silent zero), and no implementation ever reads
+out of bounds for it. ``docs/robustness.md`` lists every bad input and edge case and its answer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from heads_common import (
     LM_IGNORE_INDEX,
     check_ignore_index,
+    check_ignore_index_fits,
     check_lce_shapes,
     check_reduction,
     choose_implementation,
@@ -180,7 +182,9 @@ def linear_cross_entropy(
     Returns:
         float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
         Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. Under a
-        transformation, the loss at an out-of-range label is NaN (see the module docstring).
+        transformation, the loss at an out-of-range label is NaN (see the module docstring). A
+        token whose hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the other
+        tokens' losses and ``hidden`` gradients are unaffected.
 
     Raises:
         TypeError: non-array inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
@@ -201,17 +205,22 @@ def linear_cross_entropy(
     name = select_implementation(hidden, impl, interpret)
     vocab = weight.shape[0]
     labels = widen_labels(labels)
+    info = jnp.iinfo(labels.dtype)
+    check_ignore_index_fits(ignore_index, str(labels.dtype), int(info.min), int(info.max))
     bad = check_label_range(labels, vocab, ignore_index)
 
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if bad is not None:
-        # Out-of-range labels reach the implementation as ignored rows (nothing read out of bounds,
-        # zero gradient) and come back as NaN.
+        # Out-of-range labels reach the implementation as an in-range label (nothing is read out of
+        # bounds); the NaN factor below then makes both their loss and their gradients NaN.
         bad = bad.reshape(-1)
-        flat_labels = jnp.where(bad, ignore_index, flat_labels)
+        flat_labels = jnp.where(bad, 0 if ignore_index != 0 else vocab - 1, flat_labels)
     loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, interpret)
     if bad is not None:
-        loss = jnp.where(bad, jnp.nan, loss)
+        loss = loss * jnp.where(bad, jnp.nan, 1.0)
+    # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
+    # (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged.
+    loss = loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
     loss = reduce_loss(loss, labels.reshape(-1) != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss

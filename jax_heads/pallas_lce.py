@@ -372,6 +372,10 @@ def pallas_loss(
     Returns:
         ``(N,)`` float32 loss, differentiable in ``hidden`` and ``weight`` (gradients in their dtype).
     """
+    if hidden.shape[0] == 0:
+        # No tokens: no grid to launch (and no block count to divide by). The gradients of an
+        # empty loss are zeros of the inputs' shapes and dtypes.
+        return jnp.zeros((0,), jnp.float32)
     plan = plan_for(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
     return _lce(hidden, weight, labels, _Options(int(ignore_index), block_sizes, bool(interpret), plan))
 

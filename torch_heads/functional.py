@@ -26,6 +26,7 @@ from heads_common import (
     LM_IGNORE_INDEX,
     check_filter_eps,
     check_ignore_index,
+    check_ignore_index_fits,
     check_lce_shapes,
     check_reduction,
     choose_implementation,
@@ -158,7 +159,9 @@ def linear_cross_entropy(
 
     Returns:
         float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
-        Gradients with respect to ``hidden`` and ``weight`` come back in their dtype.
+        Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. A token whose
+        hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the other tokens' losses
+        and ``hidden`` gradients are unaffected. See ``docs/robustness.md``.
 
     Raises:
         TypeError: non-tensor inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
@@ -178,10 +181,17 @@ def linear_cross_entropy(
     ignore_index = check_ignore_index(ignore_index)
     filter_eps = check_filter_eps(filter_eps)
     name = select_implementation(hidden, impl, filter_eps)
+    # Comparisons with a Python int wrap in narrow and unsigned dtypes (a uint8 label 156 equals
+    # -100; an int8 label 50 is >= 300), so labels are widened to int64 before any check.
+    labels = labels.long()
+    check_ignore_index_fits(ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
     check_label_range(labels, weight.shape[0], ignore_index)
 
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, filter_eps)
+    # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
+    # (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged.
+    loss = loss + torch.where(torch.isinf(loss), float("nan"), 0.0)
     loss = reduce_loss(loss, flat_labels != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -255,6 +255,7 @@ class SplitTokenEmbeddings(nn.Module):
         if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         vocab = self.vocab_size
+        input_ids = input_ids.long()  # a narrow or unsigned dtype would wrap in the comparison with vocab
         bad = (input_ids < 0) | (input_ids >= vocab)
         if input_ids.device.type == "cuda":
             torch._assert_async(~bad.any(), f"input_ids must be in [0, {vocab})")
@@ -262,7 +263,7 @@ class SplitTokenEmbeddings(nn.Module):
             position = [int(i) for i in bad.nonzero()[0]]
             raise ValueError(token_id_range_message(int(input_ids[tuple(position)]), position, vocab))
         table = torch.cat([self.token_embedding[name].weight for name in self._split_order], dim=0)
-        return F.embedding(input_ids.long(), table)
+        return F.embedding(input_ids, table)
 
     def reset_parameters(self) -> None:
         """Re-initialise every split as ``nn.Embedding`` does."""
