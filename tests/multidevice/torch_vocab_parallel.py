@@ -102,6 +102,9 @@ def _worker(rank, world, init_file, results):
             ok, detail = case()
             results.put((ok, f"{'ok  ' if ok else 'FAIL'} world {world} rank {rank} {name}: {detail}"))
     finally:
+        # Every rank reaches the teardown together: a rank that destroys its group while another
+        # still has gloo work in flight can abort ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,0 +1,46 @@
+"""Vocabulary parallelism in both frameworks, and torch-sharded against JAX-sharded.
+
+Each framework runs in its own process (the JAX device count is fixed when JAX starts; torch
+spawns gloo ranks): ``tests/multidevice/torch_vocab_parallel.py`` with 2 and 3 gloo ranks (the
+vocabulary-parallel op, DDP, DTensor refusal; it also saves its 2-rank results), then
+``tests/multidevice/jax_vocab_parallel.py`` on 4 fake CPU devices (1 x 4 and 2 x 2 meshes, and the
+same problem as the saved torch results).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.join(os.path.dirname(__file__), "multidevice")
+
+
+def _run(script, env):
+    return subprocess.run([sys.executable, os.path.join(HERE, script)], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def sharded_env(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel") / "torch_sharded.npz"
+    return dict(os.environ, SHARDED_PARITY_FILE=str(path), JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture(scope="module")
+def torch_result(sharded_env):
+    return _run("torch_vocab_parallel.py", sharded_env)
+
+
+def test_torch_vocab_parallel_ddp_and_dtensor_on_gloo(torch_result):
+    out = torch_result.stdout + torch_result.stderr
+    assert torch_result.returncode == 0, out
+    # 5 cases on each of 2 + 3 ranks, and the 2-rank save for the JAX comparison
+    assert torch_result.stdout.count("ok  ") == 27, out
+
+
+def test_jax_vocab_parallel_and_torch_sharded_parity(torch_result, sharded_env):
+    assert torch_result.returncode == 0, torch_result.stdout + torch_result.stderr
+    result = _run("jax_vocab_parallel.py", sharded_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok  ") == 8, result.stdout
+    assert "ok   torch-sharded (2 ranks) vs JAX-sharded (4 devices)" in result.stdout
