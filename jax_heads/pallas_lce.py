@@ -309,41 +309,66 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Options:
+class Options:
+    """Static (hashable) options of one call: ignore index, tiles, interpret mode and padded geometry."""
+
     ignore_index: int
     block_sizes: BlockSizes
     interpret: bool
     plan: _Plan
 
 
-def _forward(hidden, weight, labels, options: _Options):
+def options_for(
+    hidden_shape, weight_shape, ignore_index: int, *, interpret: bool = False,
+    block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
+) -> Options:
+    """The :class:`Options` for hidden ``(N, D)`` and weight ``(V, D)`` shapes."""
+    plan = plan_for(hidden_shape[0], weight_shape[0], hidden_shape[1], block_sizes)
+    return Options(int(ignore_index), block_sizes, bool(interpret), plan)
+
+
+def forward_with_lse(hidden, weight, labels, options: Options):
+    """Per-token loss ``(N,)`` and the padded per-token log-sum-exp ``(N_pad,)`` (float32 both).
+
+    The log-sum-exp is all :func:`backward_from_lse` needs besides the inputs.
+    """
     plan = options.plan
     hp, wp, yp = pad_inputs(hidden, weight, labels.astype(jnp.int32), plan)
     lse, target = lce_forward(hp, wp, yp, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret)
-    valid = labels != options.ignore_index
-    loss = jnp.where(valid, lse[: plan.n] - target[: plan.n], 0.0)
-    return loss, (hp, wp, yp, lse, valid)
+    loss = jnp.where(labels != options.ignore_index, lse[: plan.n] - target[: plan.n], 0.0)
+    return loss, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _lce(hidden, weight, labels, options: _Options):
-    return _forward(hidden, weight, labels, options)[0]
+def backward_from_lse(hidden, weight, labels, lse, grad_loss, options: Options):
+    """``(d_hidden, d_weight)`` of ``sum(grad_loss * loss)``, from the forward's log-sum-exp.
 
-
-def _lce_fwd(hidden, weight, labels, options: _Options):
-    return _forward(hidden, weight, labels, options)
-
-
-def _lce_bwd(options: _Options, residuals, grad_loss):
-    hp, wp, yp, lse, valid = residuals
+    The inputs are padded again (a no-op at aligned shapes) rather than kept padded from the
+    forward, so no padded copy lives between the two passes.
+    """
     plan = options.plan
+    hp, wp, yp = pad_inputs(hidden, weight, labels.astype(jnp.int32), plan)
     # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
-    g = jnp.where(valid, grad_loss.astype(jnp.float32), 0.0)
+    g = jnp.where(labels != options.ignore_index, grad_loss.astype(jnp.float32), 0.0)
     g = jnp.pad(g, (0, plan.n_pad - plan.n))
     d_hidden, d_weight = lce_backward(
         hp, wp, yp, lse, g, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret
     )
-    return d_hidden[: plan.n, : plan.d], d_weight[: plan.v, : plan.d], None
+    return d_hidden[: plan.n, : plan.d], d_weight[: plan.v, : plan.d]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lce(hidden, weight, labels, options: Options):
+    return forward_with_lse(hidden, weight, labels, options)[0]
+
+
+def _lce_fwd(hidden, weight, labels, options: Options):
+    loss, lse = forward_with_lse(hidden, weight, labels, options)
+    return loss, (hidden, weight, labels, lse)
+
+
+def _lce_bwd(options: Options, residuals, grad_loss):
+    hidden, weight, labels, lse = residuals
+    return (*backward_from_lse(hidden, weight, labels, lse, grad_loss, options), None)
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)
@@ -376,8 +401,8 @@ def pallas_loss(
         # No tokens: no grid to launch (and no block count to divide by). The gradients of an
         # empty loss are zeros of the inputs' shapes and dtypes.
         return jnp.zeros((0,), jnp.float32)
-    plan = plan_for(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
-    return _lce(hidden, weight, labels, _Options(int(ignore_index), block_sizes, bool(interpret), plan))
+    options = options_for(hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes)
+    return _lce(hidden, weight, labels, options)
 
 
 def unsupported_reason(hidden: jax.Array, *, interpret: bool = False) -> str | None:

@@ -116,21 +116,17 @@ def _programs(ignore_index: int, interpret: bool, block_sizes):
     from jax_heads import pallas_lce
 
     def options(hidden, weight):
-        plan = pallas_lce.plan_for(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
-        return pallas_lce._Options(ignore_index, block_sizes, interpret, plan)
+        return pallas_lce.options_for(
+            hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes
+        )
 
     @jax.jit
     def forward(hidden, weight, labels):
-        loss, (_, _, _, lse, _) = pallas_lce._forward(hidden, weight, labels, options(hidden, weight))
-        return loss, lse
+        return pallas_lce.forward_with_lse(hidden, weight, labels, options(hidden, weight))
 
     @jax.jit
     def backward(hidden, weight, labels, grad, lse):
-        opts = options(hidden, weight)
-        # The residuals of pallas_lce's forward rule, rebuilt: padding is a no-op at aligned shapes.
-        padded = pallas_lce.pad_inputs(hidden, weight, labels, opts.plan)
-        d_hidden, d_weight, _ = pallas_lce._lce_bwd(opts, (*padded, lse, labels != ignore_index), grad)
-        return d_hidden, d_weight
+        return pallas_lce.backward_from_lse(hidden, weight, labels, lse, grad, options(hidden, weight))
 
     return forward, backward
 
