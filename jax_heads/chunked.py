@@ -51,10 +51,23 @@ def _logits(h: jax.Array, weight: jax.Array, acc: jnp.dtype) -> jax.Array:
     return jnp.dot(h, weight.T, preferred_element_type=acc, precision=PRECISION)
 
 
-def _forward(hidden, weight, labels, options: _Options):
+def chunked_lse_target(hidden, weight, local_labels, chunk_rows: int):
+    """Per-token log-sum-exp over the rows of ``weight`` and the target logit, one chunk at a time.
+
+    Args:
+        hidden ``(N, D)``, weight ``(V, D)``.
+        local_labels ``(N,)`` int: the target's row of ``weight``; any value outside ``[0, V)``
+            means no target here (ignored, or in another vocabulary shard).
+        chunk_rows: tokens per chunk.
+
+    Returns:
+        ``(lse, target)``, each ``(N,)`` in the accumulation dtype; ``target`` is 0 where there is
+        no target.
+    """
     acc = math_dtype(hidden.dtype)
-    n = hidden.shape[0]
-    valid, index = safe_labels(labels, weight.shape[0], options.ignore_index)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    has_target = (local_labels >= 0) & (local_labels < vocab)
+    index = jnp.where(has_target, local_labels, 0)
 
     def chunk(_, xs):
         h, idx = xs
@@ -62,11 +75,50 @@ def _forward(hidden, weight, labels, options: _Options):
         target = jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
         return None, (jax.nn.logsumexp(logits, axis=-1), target)
 
-    xs = (_split_rows(hidden, options.chunk_rows), _split_rows(index, options.chunk_rows))
+    xs = (_split_rows(hidden, chunk_rows), _split_rows(index, chunk_rows))
     _, (lse, target) = lax.scan(chunk, None, xs)
-    lse, target = lse.reshape(-1)[:n], target.reshape(-1)[:n]
-    loss = jnp.where(valid, lse - target, 0.0)
-    return loss, (hidden, weight, index, valid, lse)
+    return lse.reshape(-1)[:n], jnp.where(has_target, target.reshape(-1)[:n], 0.0)
+
+
+def chunked_grads(hidden, weight, local_labels, lse, g, chunk_rows: int):
+    """Gradients of ``sum(g * loss)`` w.r.t. hidden and weight, one chunk of logits at a time.
+
+    ``d loss / d logits = g · (exp(logits − lse) − onehot(label))``, the one-hot term only where the
+    label is a row of ``weight``. With a vocabulary shard, ``lse`` is the global log-sum-exp.
+
+    Args:
+        hidden ``(N, D)``, weight ``(V, D)``.
+        local_labels ``(N,)`` int, as in :func:`chunked_lse_target`.
+        lse ``(N,)``: per-token log-sum-exp in the accumulation dtype.
+        g ``(N,)``: upstream gradient, already 0 at ignored rows.
+        chunk_rows: tokens per chunk.
+
+    Returns:
+        ``(d_hidden, d_weight)`` in the inputs' dtypes.
+    """
+    acc = lse.dtype
+    n, vocab = hidden.shape[0], weight.shape[0]
+    w = weight.astype(acc)
+    columns = jnp.arange(vocab, dtype=local_labels.dtype)
+
+    def chunk(d_weight, xs):
+        h, idx, lse_c, g_c = xs
+        probs = jnp.exp(_logits(h, weight, acc) - lse_c[:, None])
+        grad_logits = (probs - (columns[None, :] == idx[:, None])) * g_c[:, None]
+        d_h = jnp.dot(grad_logits, w, precision=PRECISION).astype(hidden.dtype)
+        d_weight = d_weight + jnp.dot(grad_logits.T, h.astype(acc), precision=PRECISION)
+        return d_weight, d_h
+
+    xs = tuple(_split_rows(x, chunk_rows) for x in (hidden, local_labels, lse, g.astype(acc)))
+    d_weight, d_hidden = lax.scan(chunk, jnp.zeros(weight.shape, acc), xs)
+    return d_hidden.reshape(-1, hidden.shape[1])[:n], d_weight.astype(weight.dtype)
+
+
+def _forward(hidden, weight, labels, options: _Options):
+    valid, index = safe_labels(labels, weight.shape[0], options.ignore_index)
+    local_labels = jnp.where(valid, index, -1)
+    lse, target = chunked_lse_target(hidden, weight, local_labels, options.chunk_rows)
+    return jnp.where(valid, lse - target, 0.0), (hidden, weight, local_labels, valid, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -75,28 +127,10 @@ def _chunked(hidden, weight, labels, options: _Options):
 
 
 def _chunked_bwd(options: _Options, residuals, grad_loss):
-    hidden, weight, index, valid, lse = residuals
-    acc = lse.dtype
-    n, vocab = hidden.shape[0], weight.shape[0]
-    w = weight.astype(acc)
+    hidden, weight, local_labels, valid, lse = residuals
     # Ignored rows (and the padding rows) get zero gradient whatever the upstream holds, even NaN.
-    g = jnp.where(valid, grad_loss.astype(acc), 0.0)
-    columns = jnp.arange(vocab, dtype=index.dtype)
-
-    def chunk(d_weight, xs):
-        h, idx, lse_c, g_c = xs
-        # d loss / d logits = g * (softmax - onehot(label)).
-        probs = jnp.exp(_logits(h, weight, acc) - lse_c[:, None])
-        grad_logits = (probs - (columns[None, :] == idx[:, None])) * g_c[:, None]
-        d_h = jnp.dot(grad_logits, w, precision=PRECISION).astype(hidden.dtype)
-        d_weight = d_weight + jnp.dot(grad_logits.T, h.astype(acc), precision=PRECISION)
-        return d_weight, d_h
-
-    rows = options.chunk_rows
-    xs = tuple(_split_rows(x, rows) for x in (hidden, index, lse, g))
-    d_weight, d_hidden = lax.scan(chunk, jnp.zeros(weight.shape, acc), xs)
-    d_hidden = d_hidden.reshape(-1, hidden.shape[1])[:n]
-    return d_hidden, d_weight.astype(weight.dtype), None
+    g = jnp.where(valid, grad_loss.astype(lse.dtype), 0.0)
+    return (*chunked_grads(hidden, weight, local_labels, lse, g, options.chunk_rows), None)
 
 
 _chunked.defvjp(_forward, _chunked_bwd)

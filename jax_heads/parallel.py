@@ -12,8 +12,9 @@ are replicated over the vocabulary axis. Each device works on its own weight sha
   ``d_hidden`` summed over ``vocab_axis``.
 
 The per-shard work runs on the same building blocks as the single-device implementations: the
-Pallas kernels (``impl="pallas"``, GPU; ``interpret=True`` on CPU) or materialised shard logits
-(``impl="reference"``). No ``(tokens × V)`` array exists on any device with ``"pallas"``.
+Pallas kernels (``impl="pallas"``, GPU; ``interpret=True`` on CPU), the chunked XLA loop
+(``impl="chunked"``, any backend) or materialised shard logits (``impl="reference"``). No
+``(tokens × V_shard)`` array exists on any device with ``"pallas"`` or ``"chunked"``.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from jax.sharding import PartitionSpec as P
 
 from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction
 from jax_heads import pallas_lce
+from jax_heads.chunked import chunk_rows_for, chunked_grads, chunked_lse_target
 from jax_heads.functional import reduce_loss
-from jax_heads.reference import PRECISION
+from jax_heads.reference import PRECISION, math_dtype
 
-PARALLEL_IMPLEMENTATIONS = ("pallas", "reference")
+PARALLEL_IMPLEMENTATIONS = ("pallas", "chunked", "reference")
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,6 +79,18 @@ def _pallas_grads(h, w, local_labels, lse, g, *, interpret):
     return d_h[: plan.n, : plan.d], d_w[: plan.v, : plan.d]
 
 
+def _chunk_rows(h, w):
+    return max(1, min(chunk_rows_for(w.shape[0], math_dtype(h.dtype).itemsize), h.shape[0]))
+
+
+def _chunked_parts(h, w, local_labels):
+    return chunked_lse_target(h, w, _outside_to_minus_one(local_labels, w.shape[0]), _chunk_rows(h, w))
+
+
+def _chunked_grads(h, w, local_labels, lse, g):
+    return chunked_grads(h, w, _outside_to_minus_one(local_labels, w.shape[0]), lse, g, _chunk_rows(h, w))
+
+
 def _outside_to_minus_one(local_labels, v_shard):
     return jnp.where((local_labels >= 0) & (local_labels < v_shard), local_labels, -1).astype(jnp.int32)
 
@@ -87,6 +101,8 @@ def _parts(impl: str, interpret: bool):
             functools.partial(_pallas_parts, interpret=interpret),
             functools.partial(_pallas_grads, interpret=interpret),
         )
+    if impl == "chunked":
+        return _chunked_parts, _chunked_grads
     return _reference_parts, _reference_grads
 
 
@@ -177,7 +193,7 @@ def vocab_parallel_linear_cross_entropy(
     batch_axis: str | None = None,
     ignore_index: int = LM_IGNORE_INDEX,
     reduction: str = "none",
-    impl: str = "reference",
+    impl: str | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Linear cross-entropy with the weight split along the vocabulary over ``mesh[vocab_axis]``.
@@ -193,8 +209,9 @@ def vocab_parallel_linear_cross_entropy(
         batch_axis: mesh axis the tokens are split over (data parallel), or None.
         ignore_index: label value with loss 0 and gradient 0.
         reduction: ``"none"`` (``(N,)``), ``"sum"`` or ``"mean"`` (over non-ignored tokens).
-        impl: per-shard computation: ``"pallas"`` (our kernels; GPU, or ``interpret=True``) or
-            ``"reference"`` (materialises the shard's logits).
+        impl: per-shard computation: ``"pallas"`` (our kernels; GPU, or ``interpret=True``),
+            ``"chunked"`` (XLA loop over token chunks, any backend) or ``"reference"``
+            (materialises the shard's logits); None: ``"pallas"`` where it runs, else ``"chunked"``.
         interpret: run the Pallas kernels in interpret mode (CPU tests).
 
     Returns:
@@ -210,10 +227,12 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index = check_ignore_index(ignore_index)
     if hidden.ndim != 2:
         raise ValueError(f"hidden must be (N, D) for the vocabulary-parallel op, got shape {hidden.shape}")
-    if impl not in PARALLEL_IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {PARALLEL_IMPLEMENTATIONS}, got {impl!r}")
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    if impl is None:
+        impl = "chunked" if pallas_lce.unsupported_reason(hidden) else "pallas"
+    if impl not in PARALLEL_IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {PARALLEL_IMPLEMENTATIONS} or None, got {impl!r}")
     for name, axis in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
         if axis is not None and axis not in mesh.axis_names:
             raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")

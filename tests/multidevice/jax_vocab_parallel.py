@@ -68,11 +68,12 @@ def check(name, impl, mesh_shape, n, d, v, reduction, interpret=False):
           f"(vs float64 {errs[3]:.1e}); d_weight shard rows {sorted(shard_rows)}", flush=True)
 
 
-for impl, interpret in (("reference", False), ("pallas", True)):
+for impl, interpret in (("reference", False), ("chunked", False), ("pallas", True)):
     check(f"{impl}-1x4-none", impl, (1, 4), 37, 24, 4 * 53, "none", interpret)
     check(f"{impl}-2x2-none", impl, (2, 2), 38, 24, 2 * 61, "none", interpret)
 check("reference-2x2-mean", "reference", (2, 2), 40, 16, 2 * 50, "mean")
 check("reference-1x4-sum", "reference", (1, 4), 21, 8, 4 * 7, "sum")
+check("default-2x2-mean", None, (2, 2), 30, 8, 2 * 9, "mean")  # impl=None: chunked on CPU
 
 # torch-sharded (2 gloo ranks, saved by torch_vocab_parallel.py) equals JAX-sharded (4 devices).
 if os.environ.get("SHARDED_PARITY_FILE"):
