@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_reduction
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward, chunked_lse_target
-from torch_heads.functional import FLOAT_DTYPES, is_dtensor, reduce_loss
+from torch_heads.functional import FLOAT_DTYPES, check_label_range, is_dtensor, reduce_loss
 from torch_heads.reference import math_dtype
 
 
@@ -113,11 +113,9 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index = check_ignore_index(ignore_index)
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group first")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if labels.device.type == "cuda":
-        torch._assert_async(~bad.any(), f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
-    elif labels.numel() and bool(bad.any()):
-        raise ValueError(f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+    # Widened first, as in linear_cross_entropy: comparisons wrap in narrow and unsigned dtypes.
+    labels = labels.long()
+    check_label_range(labels, vocab_size, ignore_index)
     flat_labels = labels.reshape(-1)
     loss = _VocabParallel.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, flat_labels, int(vocab_start), ignore_index, group
