@@ -47,6 +47,9 @@ class BlockSizes:
         min_programs: the forward splits the vocabulary until the grid has at least this many
             programs (4 per multiprocessor on a 132-SM Hopper part).
         chunk_bytes: the most bytes one backward chunk of gradient logits ``(N, chunk_v)`` may take.
+        mm_block_d, mm_block_rows, mm_num_warps, mm_num_stages: tiles and launch options of the two
+            block-sparse products of the filtered backward (``d_hidden``: ``bwd_block_n × mm_block_d``
+            per program; ``d_weight``: ``mm_block_rows × mm_block_d``).
     """
 
     block_n: int = 128
@@ -61,6 +64,10 @@ class BlockSizes:
     bwd_num_stages: int = 3
     min_programs: int = 528
     chunk_bytes: int = 64 * 2**20
+    mm_block_d: int = 128
+    mm_block_rows: int = 128
+    mm_num_warps: int = 8
+    mm_num_stages: int = 3
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
@@ -132,16 +139,21 @@ def _forward_kernel(
 
 
 def _grad_logits_kernel(
-    lo_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, out_ref, *, block_n, block_v, block_d, vocab_size, precision
+    start_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *out_refs, block_n, block_v, block_d, vocab_size, precision,
+    filter_eps,
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
-    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``start = lo_ref[1]``;
-    columns below ``lo_ref[0]`` (already done by the previous chunk) and at or past the real
-    vocabulary size are written as zeros.
+    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``start = start_ref[0]``;
+    columns at or past the real vocabulary size are written as zeros.
+
+    With ``filter_eps`` (gradient filtering) a second output flags the tiles that matter: a tile
+    whose ``|softmax - onehot|`` is below ``filter_eps`` everywhere on counted rows (``g != 0``) —
+    so it holds no target of a counted row — gets flag 0 and is not written at all; the two
+    filtered products read only flagged tiles.
     """
     i, j = pl.program_id(0), pl.program_id(1)
-    lo, start = lo_ref[0], lo_ref[1]
+    start = start_ref[0]
     n0 = pl.multiple_of(i * block_n, block_n)
     c0 = pl.multiple_of(j * block_v, block_v)
     v0 = start + c0
@@ -150,10 +162,68 @@ def _grad_logits_kernel(
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
     cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
-    probs = jnp.exp(logits - lse[:, None])
-    grad = (probs - jnp.where(cols == labels[:, None], 1.0, 0.0)) * g[:, None]
-    grad = jnp.where((cols >= lo) & (cols < vocab_size), grad, 0.0)
-    out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad.astype(out_ref.dtype)
+    diff = jnp.exp(logits - lse[:, None]) - jnp.where(cols == labels[:, None], 1.0, 0.0)
+    in_vocab = cols < vocab_size
+    grad = jnp.where(in_vocab, diff * g[:, None], 0.0).astype(out_refs[0].dtype)
+    if filter_eps is None:
+        out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
+        return
+    out_ref, flag_ref = out_refs
+    counted = in_vocab & (g != 0.0)[:, None]
+    keep = jnp.max(jnp.where(counted, jnp.abs(diff), 0.0)) >= filter_eps
+    flag_ref[i, j] = keep.astype(jnp.int32)
+
+    @pl.when(keep)
+    def _():
+        out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
+
+
+def _filtered_dh_kernel(
+    start_ref, flag_ref, gl_ref, w_ref, acc_ref, out_ref, *, block_n, block_v, block_dd, num_tiles, precision
+):
+    """``d_hidden[n-block, d-block] += Σ_tiles G[n-block, tile] @ W[tile, d-block]`` over flagged tiles."""
+    i, k = pl.program_id(0), pl.program_id(1)
+    start = start_ref[0]
+    n0 = pl.multiple_of(i * block_n, block_n)
+    d0 = pl.multiple_of(k * block_dd, block_dd)
+
+    def tile(t, acc):
+        def add(acc):
+            c0 = pl.multiple_of(t * block_v, block_v)
+            gt = gl_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)]
+            wt = w_ref[pl.ds(pl.multiple_of(start + c0, block_v), block_v), pl.ds(d0, block_dd)]
+            return acc + lax.dot_general(
+                gt, wt, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+            )
+
+        return lax.cond(flag_ref[i, t] != 0, add, lambda acc: acc, acc)
+
+    acc = acc_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)]
+    out_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)] = lax.fori_loop(0, num_tiles, tile, acc)
+
+
+def _filtered_dw_kernel(
+    flag_ref, gl_ref, h_ref, out_ref, *, block_n, block_rows, block_v, block_dd, num_blocks, precision
+):
+    """``d_weight[rows, d-block] = Σ_token-blocks G[block, rows]ᵀ @ H[block, d-block]`` over flagged tiles."""
+    r, k = pl.program_id(0), pl.program_id(1)
+    c0 = pl.multiple_of(r * block_rows, block_rows)
+    d0 = pl.multiple_of(k * block_dd, block_dd)
+    t = c0 // block_v
+
+    def block(i, acc):
+        def add(acc):
+            n0 = pl.multiple_of(i * block_n, block_n)
+            gt = gl_ref[pl.ds(n0, block_n), pl.ds(c0, block_rows)]
+            ht = h_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)]
+            return acc + lax.dot_general(
+                gt, ht, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+            )
+
+        return lax.cond(flag_ref[i, t] != 0, add, lambda acc: acc, acc)
+
+    acc = lax.fori_loop(0, num_blocks, block, jnp.zeros((block_rows, block_dd), jnp.float32))
+    out_ref[pl.ds(c0, block_rows), pl.ds(d0, block_dd)] = acc.astype(out_ref.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,50 +320,100 @@ def _chunk_v(plan: _Plan, bs: BlockSizes, itemsize: int) -> int:
     return int(min(plan.v_pad, max(plan.block_v, rows)))
 
 
-def lce_backward(hidden, weight, labels, lse, g, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool):
-    """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored)."""
+def lce_backward(
+    hidden, weight, labels, lse, g, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool,
+    filter_eps: float | None = None,
+):
+    """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored).
+
+    The vocabulary is walked in chunks of ``chunk_v`` rows (``v_pad // chunk_v`` whole chunks in a
+    loop, then one shorter chunk for the remainder, if any): per chunk, the gradient logits
+    ``G_c`` ``(N_pad, chunk_v)`` in the input dtype, ``d_hidden += G_c @ W_c`` into a float32
+    accumulator and ``d_weight[c] = G_cᵀ @ H`` written in the weight dtype (the product accumulates
+    in float32 and is complete for its rows: every token is in it).
+
+    Exact (``filter_eps`` None): the two products are XLA (cuBLAS) matrix products. Filtered: the
+    gradient-logits kernel also flags the tiles that hold a value ≥ ``filter_eps``, and two Pallas
+    kernels form the products from flagged tiles only (block-sparse), skipping the rest.
+    """
     bs = block_sizes
     dtype = hidden.dtype
     precision = _precision(dtype)
     chunk_v = _chunk_v(plan, bs, jnp.dtype(dtype).itemsize)
-    num_chunks = -(-plan.v_pad // chunk_v)
-    kernel = functools.partial(
-        _grad_logits_kernel,
-        block_n=bs.bwd_block_n,
-        block_v=bs.bwd_block_v,
-        block_d=plan.bwd_block_d,
-        vocab_size=plan.v,
-        precision=precision,
-    )
-    grad_logits = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
-        grid=(plan.n_pad // bs.bwd_block_n, chunk_v // bs.bwd_block_v),
-        compiler_params=_compiler_params(bs.bwd_num_warps, bs.bwd_num_stages),
-        interpret=interpret,
-        name="lce_grad_logits",
-    )
+    num_full, tail = divmod(plan.v_pad, chunk_v)
+    block_dd = _pick_block_d(plan.d_pad, bs.mm_block_d)
+    block_rows = min(bs.mm_block_rows, bs.bwd_block_v)
+    n_blocks = plan.n_pad // bs.bwd_block_n
 
-    def body(k, carry):
-        d_hidden, d_weight = carry
-        lo = k * chunk_v
-        start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
-        gl = grad_logits(jnp.stack([lo, start]).astype(jnp.int32), hidden, weight, labels, lse, g)
-        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
-        d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
-        dw_chunk = lax.dot_general(
-            gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+    @functools.cache
+    def launchers(size: int):
+        """The pallas_calls of one chunk of ``size`` vocabulary rows (traced once per size)."""
+        tiles = size // bs.bwd_block_v
+        grad_logits = pl.pallas_call(
+            functools.partial(
+                _grad_logits_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_d=plan.bwd_block_d,
+                vocab_size=plan.v, precision=precision, filter_eps=filter_eps,
+            ),
+            out_shape=(
+                jax.ShapeDtypeStruct((plan.n_pad, size), dtype),
+                *(() if filter_eps is None else (jax.ShapeDtypeStruct((n_blocks, tiles), jnp.int32),)),
+            ),
+            grid=(n_blocks, tiles),
+            compiler_params=_compiler_params(bs.bwd_num_warps, bs.bwd_num_stages),
+            interpret=interpret,
+            name="lce_grad_logits" if filter_eps is None else "lce_grad_logits_filtered",
         )
-        rows = start + lax.broadcasted_iota(jnp.int32, (chunk_v, 1), 0)
-        old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
-        new = jnp.where(rows >= lo, dw_chunk.astype(d_weight.dtype), old)
-        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, new, start, axis=0)
+        if filter_eps is None:
+            return grad_logits, None, None
+        d_hidden_product = pl.pallas_call(
+            functools.partial(
+                _filtered_dh_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_dd=block_dd,
+                num_tiles=tiles, precision=precision,
+            ),
+            out_shape=jax.ShapeDtypeStruct((plan.n_pad, plan.d_pad), jnp.float32),
+            grid=(n_blocks, plan.d_pad // block_dd),
+            input_output_aliases={4: 0},
+            compiler_params=_compiler_params(bs.mm_num_warps, bs.mm_num_stages),
+            interpret=interpret,
+            name="lce_filtered_d_hidden",
+        )
+        d_weight_product = pl.pallas_call(
+            functools.partial(
+                _filtered_dw_kernel, block_n=bs.bwd_block_n, block_rows=block_rows, block_v=bs.bwd_block_v,
+                block_dd=block_dd, num_blocks=n_blocks, precision=precision,
+            ),
+            out_shape=jax.ShapeDtypeStruct((size, plan.d_pad), weight.dtype),
+            grid=(size // block_rows, plan.d_pad // block_dd),
+            compiler_params=_compiler_params(bs.mm_num_warps, bs.mm_num_stages),
+            interpret=interpret,
+            name="lce_filtered_d_weight",
+        )
+        return grad_logits, d_hidden_product, d_weight_product
 
-    init = (
-        jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
-        jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
-    )
-    d_hidden, d_weight = lax.fori_loop(0, num_chunks, body, init)
+    def chunk(start, size, d_hidden, d_weight):
+        grad_logits, d_hidden_product, d_weight_product = launchers(size)
+        start_arr = jnp.reshape(start, (1,)).astype(jnp.int32)
+        if filter_eps is None:
+            (gl,) = grad_logits(start_arr, hidden, weight, labels, lse, g)
+            w_chunk = lax.dynamic_slice_in_dim(weight, start, size, axis=0)
+            d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
+            dw_chunk = lax.dot_general(
+                gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
+            )
+        else:
+            gl, flags = grad_logits(start_arr, hidden, weight, labels, lse, g)
+            d_hidden = d_hidden_product(start_arr, flags, gl, weight, d_hidden)
+            dw_chunk = d_weight_product(flags, gl, hidden)
+        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, dw_chunk, start, axis=0)
+
+    d_hidden = jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32)
+    d_weight = jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype)
+    if num_full:
+        d_hidden, d_weight = lax.fori_loop(
+            0, num_full, lambda k, carry: chunk(k * chunk_v, chunk_v, *carry), (d_hidden, d_weight)
+        )
+    if tail:
+        d_hidden, d_weight = chunk(num_full * chunk_v, tail, d_hidden, d_weight)
     return d_hidden.astype(dtype), d_weight
 
 
@@ -316,15 +436,17 @@ class Options:
     block_sizes: BlockSizes
     interpret: bool
     plan: _Plan
+    filter_eps: float | None = None
 
 
 def options_for(
     hidden_shape, weight_shape, ignore_index: int, *, interpret: bool = False,
-    block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
+    block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES, filter_eps: float | None = None,
 ) -> Options:
     """The :class:`Options` for hidden ``(N, D)`` and weight ``(V, D)`` shapes."""
     plan = plan_for(hidden_shape[0], weight_shape[0], hidden_shape[1], block_sizes)
-    return Options(int(ignore_index), block_sizes, bool(interpret), plan)
+    eps = None if filter_eps is None else float(filter_eps)
+    return Options(int(ignore_index), block_sizes, bool(interpret), plan, eps)
 
 
 def forward_with_lse(hidden, weight, labels, options: Options):
@@ -351,7 +473,8 @@ def backward_from_lse(hidden, weight, labels, lse, grad_loss, options: Options):
     g = jnp.where(labels != options.ignore_index, grad_loss.astype(jnp.float32), 0.0)
     g = jnp.pad(g, (0, plan.n_pad - plan.n))
     d_hidden, d_weight = lce_backward(
-        hp, wp, yp, lse, g, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret
+        hp, wp, yp, lse, g, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret,
+        filter_eps=options.filter_eps,
     )
     return d_hidden[: plan.n, : plan.d], d_weight[: plan.v, : plan.d]
 
@@ -382,6 +505,7 @@ def pallas_loss(
     *,
     interpret: bool = False,
     block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
+    filter_eps: float | None = None,
 ) -> jax.Array:
     """Per-token linear cross-entropy of flat inputs on our Pallas kernels.
 
@@ -393,6 +517,11 @@ def pallas_loss(
         ignore_index: label value with loss 0 and gradient 0.
         interpret: run the kernels in Pallas interpret mode (CPU tests).
         block_sizes: tile shapes and launch options.
+        filter_eps: None for exact gradients (default). A float in (0, 1) turns on gradient
+            filtering: backward tiles whose ``|softmax - onehot|`` is below it everywhere (no
+            target of a counted token in them) are skipped, as cut-cross-entropy's filter does
+            (its default is ``finfo(dtype).eps / 32``: 2⁻¹² for bfloat16). The loss is unchanged;
+            the gradients drop those contributions.
 
     Returns:
         ``(N,)`` float32 loss, differentiable in ``hidden`` and ``weight`` (gradients in their dtype).
@@ -401,7 +530,9 @@ def pallas_loss(
         # No tokens: no grid to launch (and no block count to divide by). The gradients of an
         # empty loss are zeros of the inputs' shapes and dtypes.
         return jnp.zeros((0,), jnp.float32)
-    options = options_for(hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes)
+    options = options_for(
+        hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes, filter_eps=filter_eps
+    )
     return _lce(hidden, weight, labels, options)
 
 

@@ -74,3 +74,55 @@ def upstream_for(loss_shape, reduction: str, labels, rng, ignore_index: int = -1
         return np.ones(n)
     count = max(int((np.asarray(labels).reshape(-1) != ignore_index).sum()), 1)
     return np.full(n, 1.0 / count)
+
+
+def filtered_tile_maxima(hidden, weight, labels, upstream, block_n: int, block_v: int, ignore_index: int = -100):
+    """Per (token block × vocabulary tile) of a ``block_n × block_v`` grid: the largest ``|softmax − onehot|``
+    over counted rows (label not ignored, upstream gradient non-zero) — the quantity a gradient filter
+    compares with its threshold. ``(ceil(N / block_n), ceil(V / block_v))`` float64, 0 for a tile with no
+    counted row."""
+    h = np.asarray(hidden, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    counted = (y != ignore_index) & (np.asarray(upstream) != 0)
+    logits = h @ w.T
+    m = logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))))
+    p[np.arange(len(y)), np.where(counted, y, 0)] -= np.where(counted, 1.0, 0.0)
+    diff = np.where(counted[:, None], np.abs(p), 0.0)
+    nb, vb = -(-len(y) // block_n), -(-w.shape[0] // block_v)
+    padded = np.zeros((nb * block_n, vb * block_v))
+    padded[: diff.shape[0], : diff.shape[1]] = diff
+    return padded.reshape(nb, block_n, vb, block_v).max(axis=(1, 3))
+
+
+def lce_filtered_ground_truth(hidden, weight, labels, upstream, eps: float, block_n: int, block_v: int,
+                              ignore_index: int = -100):
+    """:func:`lce_ground_truth` with gradient filtering: every tile of the ``block_n × block_v`` grid
+    whose :func:`filtered_tile_maxima` is below ``eps`` contributes nothing to the two gradients."""
+    loss, _, _ = lce_ground_truth(hidden, weight, labels, upstream, ignore_index)
+    h = np.asarray(hidden, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    valid = y != ignore_index
+    safe = np.where(valid, y, 0)
+    logits = h @ w.T
+    m = logits.max(axis=-1, keepdims=True)
+    grad_logits = np.exp(logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))))
+    grad_logits[np.arange(len(y)), safe] -= 1.0
+    grad_logits *= np.where(valid, np.asarray(upstream, dtype=np.float64), 0.0)[:, None]
+    keep = filtered_tile_maxima(hidden, weight, labels, upstream, block_n, block_v, ignore_index) >= eps
+    mask = np.repeat(np.repeat(keep, block_n, axis=0), block_v, axis=1)[: len(y), : w.shape[0]]
+    grad_logits *= mask
+    return loss, grad_logits @ w, grad_logits.T @ h, keep
+
+
+def threshold_between_tiles(tile_maxima, quantile: float = 0.5) -> float:
+    """A filter threshold near ``quantile`` of the positive tile maxima, halfway (geometrically) across the
+    widest gap among its neighbours, so no tile sits within rounding distance of it."""
+    values = np.unique(tile_maxima[tile_maxima > 0])
+    k = int(np.clip(round(quantile * (len(values) - 1)), 1, len(values) - 1))
+    lo = max(1, k - 3)
+    gaps = values[lo : k + 4] / values[lo - 1 : k + 3]
+    j = lo + int(np.argmax(gaps))
+    return float(np.sqrt(values[j - 1] * values[j]))

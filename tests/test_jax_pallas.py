@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from jax_heads.pallas_lce import BlockSizes, pallas_loss, unsupported_reason
-from ground_truth import lce_ground_truth
+from ground_truth import filtered_tile_maxima, lce_filtered_ground_truth, lce_ground_truth, threshold_between_tiles
 from tolerances import assert_close
 
 # Small tiles so that tiny CPU shapes still have several token blocks, vocabulary splits,
-# backward chunks (the last one overlapping its neighbour) and ragged edges everywhere.
+# backward chunks (a shorter last one) and ragged edges everywhere.
 TINY = BlockSizes(
     block_n=16, block_v=16, block_d=16, bwd_block_n=16, bwd_block_v=16, bwd_block_d=16, min_programs=8,
-    chunk_bytes=32 * 48 * 4,
+    chunk_bytes=32 * 48 * 4, mm_block_d=16, mm_block_rows=16,
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -98,3 +98,60 @@ def test_gpu_matches_ground_truth(shape, dtype):
         pytest.skip("JAX has no GPU backend here")
     h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape))
     _check(h, w, y, up, dtype)
+
+
+def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: float, **kw):
+    """Filtered gradients against the float64 model of the same tile filter (``ground_truth.py``)."""
+    maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream, bs.bwd_block_n, bs.bwd_block_v)
+    eps = threshold_between_tiles(maxima, quantile)
+    loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, **kw), h, w)
+    dh, dw = vjp(jnp.asarray(upstream, jnp.float32))
+    *truth, keep = lce_filtered_ground_truth(
+        np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream, eps, bs.bwd_block_n, bs.bwd_block_v
+    )
+    assert 0 < keep.sum() < keep.size, "the threshold must filter some tiles and keep others"
+    full = lce_ground_truth(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream)
+    # The filter changes the gradients by more than the tolerance: comparing with it can fail.
+    assert not np.allclose(full[1], truth[1], rtol=1e-3, atol=0)
+    for name, value, t in zip(("loss", "d_hidden", "d_weight"), (loss, dh, dw), truth):
+        assert_close(name, np.asarray(value, np.float64), t, dtype_name)
+
+
+@pytest.mark.parametrize("quantile", [0.3, 0.8])
+@pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257)], ids=lambda s: "x".join(map(str, s)))
+def test_interpret_filtered_matches_filtered_truth(shape, quantile):
+    h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 1)
+    _check_filtered(h, w, y, up, "float32", TINY, quantile, interpret=True)
+
+
+def test_interpret_filter_below_every_value_keeps_every_tile():
+    h, w, y, up = _inputs(37, 24, 101, jnp.float32, seed=5)
+    _check(h, w, y, up, "float32", interpret=True, block_sizes=TINY, filter_eps=1e-30)
+
+
+@pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
+def test_kernels_lower_to_triton_for_cuda(filter_eps):
+    """The Pallas → Triton lowering of every kernel, checked on any machine (no GPU needed to lower)."""
+    from jax import export
+
+    disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    for dtype in (jnp.bfloat16, jnp.float32):
+        h, w, y = jnp.zeros((300, 200), dtype), jnp.zeros((1000, 200), dtype), jnp.zeros((300,), jnp.int32)
+
+        def f(h, w):
+            return jax.value_and_grad(lambda a, b: pallas_loss(a, b, y, -100, filter_eps=filter_eps).sum(), (0, 1))(h, w)
+
+        module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w).mlir_module()
+        assert module.count("__gpu$xla.gpu.triton") == (2 if filter_eps is None else 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(1000, 256, 32_007), (300, 200, 1000)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_filtered_matches_filtered_truth(shape, dtype):
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape) + 2)
+    from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES
+
+    _check_filtered(h, w, y, up, dtype, DEFAULT_BLOCK_SIZES, 0.5)
