@@ -37,6 +37,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax_heads.functional as jax_lce  # noqa: E402
+from jax_heads import pallas_lce  # noqa: E402
 import torch_heads  # noqa: E402
 
 IGNORE = -100
@@ -45,6 +46,7 @@ WORKLOADS = {
     "llama3-8b": (8192, 4096, 128_256),
 }
 SWEEP_VOCABS = (32_768, 65_536, 131_072, 262_144)
+FILTER_EPS = 2.0**-12  # cut-cross-entropy's "auto" for bfloat16: finfo(bfloat16).eps / 32
 
 
 @dataclass
@@ -182,6 +184,10 @@ def jax_impls(h, w, y):
     impls = {"jax-materialised": _jax_impl(_jax_materialised(jy), jh, jw)}
     for name in ("reference", "chunked", "pallas"):
         impls[f"jax-{name}"] = _jax_impl(lambda a, b, name=name: jax_lce.linear_cross_entropy(a, b, jy, impl=name), jh, jw)
+    # Gradient filtering at cut-cross-entropy's default threshold for bf16 (its "cce" row).
+    impls["jax-pallas-filtered"] = _jax_impl(
+        lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, filter_eps=FILTER_EPS), jh, jw
+    )
     return impls
 
 
@@ -439,10 +445,13 @@ def main(argv=None):
         sweep_names = names or {"cce", "cce-exact", "liger-none", "jax-pallas", "torch-materialised"}
         runs += [("sweep", 8192, 2304, v, "uniform", sweep_names) for v in SWEEP_VOCABS]
     rows = []
+    t0 = time.perf_counter()
     for wl, n, d, v, regime, run_names in runs:
         rows += bench_workload(wl, n, d, v, regime, args, run_names)
+        env["elapsed_s"] = round(time.perf_counter() - t0, 1)
         write_report(env, rows, args.out)  # after every workload, so a cut-off run keeps its figures
     print(markdown(env, rows))
+    print(f"benchmark took {env['elapsed_s']} s (after imports)")
 
 
 def write_report(env, rows, out):

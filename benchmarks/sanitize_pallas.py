@@ -4,7 +4,8 @@
         python benchmarks/sanitize_pallas.py
 
 Ragged everywhere: N not a multiple of the token block, V not a multiple of the vocabulary tile or
-of the backward chunk (so the last chunk overlaps), D not a multiple of the D step.
+of the backward chunk (so a shorter tail chunk follows the whole ones), D not a multiple of the D
+step. Exact gradients, then gradient filtering (the block-sparse products).
 """
 
 import os
@@ -25,8 +26,10 @@ h = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
 w = jnp.asarray(rng.standard_normal((v, d)) * d**-0.5, jnp.bfloat16)
 y = rng.integers(0, v, n).astype(np.int32)
 y[::7] = -100
-bs = BlockSizes(chunk_bytes=384 * 2 * 1536)  # chunks of 1536 rows over V padded to 5120: the last overlaps
-loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, jnp.asarray(y), -100, block_sizes=bs), h, w)
-dh, dw = vjp(jnp.ones((n,), jnp.float32))
-jax.block_until_ready((loss, dh, dw))
-print("loss sum", float(loss.sum()), "finite:", bool(jnp.isfinite(loss).all() & jnp.isfinite(dh).all() & jnp.isfinite(dw).all()))
+bs = BlockSizes(chunk_bytes=384 * 2 * 1536)  # 3 chunks of 1536 rows over V padded to 5120, then a 512-row tail
+for eps in (None, 2.0**-12):
+    loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, jnp.asarray(y), -100, block_sizes=bs, filter_eps=eps), h, w)
+    dh, dw = vjp(jnp.ones((n,), jnp.float32))
+    jax.block_until_ready((loss, dh, dw))
+    finite = bool(jnp.isfinite(loss).all() & jnp.isfinite(dh).all() & jnp.isfinite(dw).all())
+    print(f"filter_eps={eps}: loss sum {float(loss.sum()):.4f}, finite: {finite}", flush=True)

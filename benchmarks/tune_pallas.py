@@ -1,8 +1,9 @@
 """Try block shapes of our Pallas kernel at one workload; print forward and forward+backward times.
 
-    python benchmarks/tune_pallas.py --shape 8192,2304,256000 [--bwd]
+    python benchmarks/tune_pallas.py --shape 8192,2304,256000 [--bwd | --bwd-only]
 
-Each configuration is checked against the first one's loss before its time counts.
+Each configuration is checked against the first one's loss (gradients) before its time counts;
+the forward+backward lines also give the compiled program's temporary memory.
 """
 
 from __future__ import annotations
@@ -25,19 +26,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jax_heads.pallas_lce import BlockSizes, pallas_loss  # noqa: E402
 
 FWD_CONFIGS = [
-    dict(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3),
-    dict(block_n=128, block_v=128, block_d=64, num_warps=4, num_stages=4),
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3),
-    dict(block_n=256, block_v=128, block_d=64, num_warps=8, num_stages=3),
-    dict(block_n=128, block_v=128, block_d=128, num_warps=8, num_stages=2),
-    dict(block_n=64, block_v=256, block_d=64, num_warps=4, num_stages=4),
-    dict(block_n=128, block_v=256, block_d=32, num_warps=8, num_stages=4),
+    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3),  # the default
+    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=4),
+    dict(block_n=128, block_v=256, block_d=32, num_warps=8, num_stages=5),
+    dict(block_n=256, block_v=128, block_d=64, num_warps=8, num_stages=4),
+    dict(block_n=256, block_v=256, block_d=64, num_warps=16, num_stages=3),
+    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, min_programs=264),
+    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, min_programs=1056),
 ]
-BWD_CONFIGS = [
-    dict(bwd_block_n=128, bwd_block_v=128, bwd_block_d=64, bwd_num_warps=8, bwd_num_stages=3),
-    dict(bwd_block_n=128, bwd_block_v=256, bwd_block_d=64, bwd_num_warps=8, bwd_num_stages=3),
-    dict(bwd_block_n=256, bwd_block_v=128, bwd_block_d=64, bwd_num_warps=8, bwd_num_stages=3),
-    dict(bwd_block_n=128, bwd_block_v=128, bwd_block_d=64, bwd_num_warps=4, bwd_num_stages=4),
+MIB = 2**20
+BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
+    dict(),  # the default
+    dict(chunk_bytes=32 * MIB),
+    dict(chunk_bytes=48 * MIB),
+    dict(filter_eps=2.0**-12),
+    dict(filter_eps=2.0**-12, mm_block_d=64),
+    dict(bwd_num_stages=4),
+    dict(filter_eps=2.0**-12, mm_num_stages=4),
+    dict(chunk_bytes=128 * MIB),
 ]
 
 
@@ -56,7 +62,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8192,2304,256000")
     p.add_argument("--bwd", action="store_true")
-    p.add_argument("--splits", default="528", help="comma-separated min_programs values to try")
+    p.add_argument("--bwd-only", action="store_true", help="only the forward+backward configurations")
     args = p.parse_args()
     n, d, v = map(int, args.shape.split(","))
     rng = np.random.default_rng(0)
@@ -67,29 +73,39 @@ def main():
     y = jnp.asarray(y)
     print(f"{jax.devices()[0].device_kind}  N={n} D={d} V={v}", flush=True)
     ref = None
-    for cfg in FWD_CONFIGS:
-        for mp in map(int, args.splits.split(",")):
-            bs = BlockSizes(**cfg, min_programs=mp)
-            f = jax.jit(lambda a, b, bs=bs: pallas_loss(a, b, y, -100, block_sizes=bs))
-            try:
-                loss = f(h, w)
-                if ref is None:
-                    ref = loss
-                err = float(jnp.linalg.norm(loss - ref) / jnp.linalg.norm(ref))
-                ms = timeit(lambda: f(h, w))
-                print(f"fwd {cfg} min_programs={mp}: {ms:.2f} ms  {2*n*d*v/ms/1e9:.0f} TFLOP/s  rel-diff {err:.1e}", flush=True)
-            except Exception as exc:  # noqa: BLE001 - report and go on to the next shape
-                print(f"fwd {cfg} min_programs={mp}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-    if not args.bwd:
-        return
-    for cfg in BWD_CONFIGS:
+    for cfg in FWD_CONFIGS if not args.bwd_only else ():
         bs = dataclasses.replace(BlockSizes(), **cfg)
-        g = jax.jit(jax.grad(lambda a, b, bs=bs: jnp.sum(pallas_loss(a, b, y, -100, block_sizes=bs)), (0, 1)))
+        f = jax.jit(lambda a, b, bs=bs: pallas_loss(a, b, y, -100, block_sizes=bs))
         try:
+            loss = f(h, w)
+            if ref is None:
+                ref = loss
+            err = float(jnp.linalg.norm(loss - ref) / jnp.linalg.norm(ref))
+            ms = timeit(lambda: f(h, w))
+            print(f"fwd {cfg}: {ms:.2f} ms  {2*n*d*v/ms/1e9:.0f} TFLOP/s  rel-diff {err:.1e}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - report and go on to the next shape
+            print(f"fwd {cfg}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    if not (args.bwd or args.bwd_only):
+        return
+    ref = None
+    for cfg in BWD_CONFIGS:
+        cfg = dict(cfg)
+        eps = cfg.pop("filter_eps", None)
+        bs = dataclasses.replace(BlockSizes(), **cfg)
+        loss_fn = lambda a, b, bs=bs, eps=eps: jnp.sum(pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps))  # noqa: E731
+        try:
+            g = jax.jit(jax.grad(loss_fn, (0, 1))).lower(h, w).compile()
+            temp = g.memory_analysis().temp_size_in_bytes / MIB
+            dh, dw = g(h, w)
+            if ref is None:
+                ref = (dh, dw)
+            err = max(float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+                      for a, b in zip((dh, dw), ref))
             ms = timeit(lambda: g(h, w), iters=5)
-            print(f"fwd+bwd {cfg}: {ms:.2f} ms  {8*n*d*v/ms/1e9:.0f} TFLOP/s", flush=True)
+            print(f"fwd+bwd {cfg} filter_eps={eps}: {ms:.2f} ms  {8*n*d*v/ms/1e9:.0f} TFLOP/s  "
+                  f"temp {temp:.0f} MiB  grad rel-diff {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
-            print(f"fwd+bwd {cfg}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            print(f"fwd+bwd {cfg} filter_eps={eps}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

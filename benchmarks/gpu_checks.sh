@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU-machine checks of the open issues, in one call (repo root as cwd, 2 GPUs):
+#   bash benchmarks/gpu_checks.sh checks OUTDIR   # GPU tests, sanitizer, large shapes, tuning, 2-GPU run
+#   bash benchmarks/gpu_checks.sh bench OUTDIR    # the full benchmark (+ --quick timed on the 2nd GPU)
+# Needs .whl/ with the cut-cross-entropy and liger-kernel wheels. Every step has its own time limit
+# and log under OUTDIR, so one failure or overrun does not lose the others.
+set -u
+part=$1
+out=$2
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$out/gpus.csv"
+start=$(date +%s)
+stamp() { echo "$(( $(date +%s) - start )) s: $*" >> "$out/timeline.txt"; }
+
+if [ "$part" = checks ]; then
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    stamp "tune start"
+    timeout 200 python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
+    timeout 150 python -m pytest -m "gpu and large" -q -p no:cacheprovider tests/test_gpu_large.py > "$out/large.log" 2>&1
+    stamp "large rc=$?"
+  ) &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    stamp "gpu tests start"
+    timeout 260 python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 6 -rfE \
+      tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_torch_gpu.py > "$out/gpu_tests.log" 2>&1
+    stamp "gpu tests rc=$?"
+    timeout 120 compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+      python benchmarks/sanitize_pallas.py > "$out/sanitizer.log" 2>&1
+    stamp "sanitizer rc=$?"
+  ) &
+  wait
+  stamp "vocab-parallel start"
+  timeout $(( 575 - ($(date +%s) - start) )) python benchmarks/vocab_parallel_gpu.py --out "$out/vocab_parallel" \
+    > "$out/vocab_parallel.log" 2>&1
+  stamp "vocab-parallel rc=$?"
+elif [ "$part" = bench ]; then
+  ( export CUDA_VISIBLE_DEVICES=1; s=$(date +%s)
+    timeout 200 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
+    stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)" ) &
+  ( export CUDA_VISIBLE_DEVICES=0
+    timeout 560 python benchmarks/bench.py --sweep --out "$out/full" > "$out/full.log" 2>&1
+    stamp "full rc=$?" ) &
+  wait
+fi
+stamp done
