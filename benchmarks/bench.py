@@ -37,7 +37,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax_heads.functional as jax_lce  # noqa: E402
-from jax_heads import pallas_lce  # noqa: E402
+from jax_heads import fused, pallas_lce  # noqa: E402
 import torch_heads  # noqa: E402
 
 IGNORE = -100
@@ -188,6 +188,9 @@ def jax_impls(h, w, y):
     impls["jax-pallas-filtered"] = _jax_impl(
         lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, filter_eps=FILTER_EPS), jh, jw
     )
+    # Gradients formed in the forward (6·N·D·V, reduction sum), Liger's schedule in XLA: the
+    # like-for-like peer of "liger-sum"; its memory is a 512 MiB logits chunk + a float32 V×D accumulator.
+    impls["jax-fused-sum"] = _jax_impl(lambda a, b: fused.fused_loss(a, b, jy, IGNORE, "sum"), jh, jw)
     return impls
 
 
