@@ -31,6 +31,8 @@ FWD_CONFIGS = [
     dict(block_n=128, block_v=256, block_d=32, num_warps=8, num_stages=5),
     dict(block_n=256, block_v=128, block_d=64, num_warps=8, num_stages=4),
     dict(block_n=256, block_v=256, block_d=64, num_warps=16, num_stages=3),
+    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, flat_loop=True),
+    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=4, flat_loop=True),
     dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, min_programs=264),
     dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, min_programs=1056),
 ]

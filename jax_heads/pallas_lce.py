@@ -44,6 +44,8 @@ class BlockSizes:
         block_v: vocabulary rows per tile.
         block_d: hidden-dimension step of the inner product loop (a divisor of the padded ``D``).
         num_warps, num_stages: Triton launch options.
+        flat_loop: the forward runs one loop over (vocabulary tile, D step) pairs rather than
+            two nested loops (see ``_forward_kernel``).
         min_programs: the forward splits the vocabulary until the grid has at least this many
             programs (4 per multiprocessor on a 132-SM Hopper part).
         chunk_bytes: the most bytes one backward chunk of gradient logits ``(N, chunk_v)`` may take.
@@ -63,6 +65,7 @@ class BlockSizes:
     bwd_num_warps: int = 8
     bwd_num_stages: int = 3
     min_programs: int = 528
+    flat_loop: bool = False
     chunk_bytes: int = 64 * 2**20
     mm_block_d: int = 128
     mm_block_rows: int = 128
@@ -104,21 +107,22 @@ def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
 
 def _forward_kernel(
     h_ref, w_ref, y_ref, m_ref, s_ref, t_ref, *, block_n, block_v, block_d, tiles_per_split, num_tiles,
-    vocab_size, precision
+    vocab_size, precision, flat_loop
 ):
-    """One (token block, vocabulary split): partial max, sum of exp and target logit per token."""
+    """One (token block, vocabulary split): partial max, sum of exp and target logit per token.
+
+    ``flat_loop``: one loop over (tile, D step) pairs instead of a loop over tiles around a loop
+    over D steps, so that the compiler's software pipeline does not drain at every tile boundary;
+    the online log-sum-exp update runs (under a condition) after each tile's last D step.
+    """
     i, split = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(i * block_n, block_n)
     labels = y_ref[pl.ds(n0, block_n)]
     first = split * tiles_per_split
     count = jnp.minimum(tiles_per_split, num_tiles - first)
 
-    def tile(t, carry):
-        m, s, target = carry
-        v0 = pl.multiple_of((first + t) * block_v, block_v)
-        logits = _logits_tile(
-            h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision
-        )
+    def update(t, logits, m, s, target):
+        v0 = (first + t) * block_v
         cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
         if vocab_size % block_v:  # padded vocabulary rows never count
             logits = jnp.where(cols < vocab_size, logits, _NEG_INF)
@@ -132,7 +136,39 @@ def _forward_kernel(
         jnp.zeros((block_n,), jnp.float32),
         jnp.zeros((block_n,), jnp.float32),
     )
-    m, s, target = lax.fori_loop(0, count, tile, init)
+    if flat_loop:
+        num_d = h_ref.shape[1] // block_d
+        zeros = jnp.zeros((block_n, block_v), jnp.float32)
+
+        def step(k, carry):
+            acc, m, s, target = carry
+            t = k // num_d
+            dd = k - t * num_d
+            v0 = pl.multiple_of((first + t) * block_v, block_v)
+            d0 = pl.multiple_of(dd * block_d, block_d)
+            h = h_ref[pl.ds(n0, block_n), pl.ds(d0, block_d)]
+            w = w_ref[pl.ds(v0, block_v), pl.ds(d0, block_d)]
+            acc = acc + lax.dot_general(
+                h, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+            )
+
+            def finish(args):
+                acc, m, s, target = args
+                return (zeros, *update(t, acc, m, s, target))
+
+            return lax.cond(dd == num_d - 1, finish, lambda args: args, (acc, m, s, target))
+
+        _, m, s, target = lax.fori_loop(0, count * num_d, step, (zeros, *init))
+    else:
+
+        def tile(t, carry):
+            v0 = pl.multiple_of((first + t) * block_v, block_v)
+            logits = _logits_tile(
+                h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision
+            )
+            return update(t, logits, *carry)
+
+        m, s, target = lax.fori_loop(0, count, tile, init)
     m_ref[split, pl.ds(n0, block_n)] = m
     s_ref[split, pl.ds(n0, block_n)] = s
     t_ref[split, pl.ds(n0, block_n)] = target
@@ -300,6 +336,7 @@ def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan,
         num_tiles=num_tiles,
         vocab_size=plan.v,
         precision=_precision(hidden.dtype),
+        flat_loop=bs.flat_loop,
     )
     part = jax.ShapeDtypeStruct((splits, plan.n_pad), jnp.float32)
     m, s, t = pl.pallas_call(

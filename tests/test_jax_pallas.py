@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,6 +62,12 @@ CPU_CASES = [(37, 24, 101), (16, 16, 16), (5, 3, 7), (1, 1, 1), (50, 40, 257)]
 def test_interpret_matches_ground_truth(shape, dtype):
     h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape))
     _check(h, w, y, up, dtype, interpret=True, block_sizes=TINY)
+
+
+@pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257), (1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_interpret_flat_forward_loop(shape):
+    h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 3)
+    _check(h, w, y, up, "float32", interpret=True, block_sizes=dataclasses.replace(TINY, flat_loop=True))
 
 
 def test_interpret_all_ignored_gives_zeros():
@@ -129,8 +137,9 @@ def test_interpret_filter_below_every_value_keeps_every_tile():
     _check(h, w, y, up, "float32", interpret=True, block_sizes=TINY, filter_eps=1e-30)
 
 
+@pytest.mark.parametrize("flat_loop", [False, True])
 @pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
-def test_kernels_lower_to_triton_for_cuda(filter_eps):
+def test_kernels_lower_to_triton_for_cuda(filter_eps, flat_loop):
     """The Pallas → Triton lowering of every kernel, checked on any machine (no GPU needed to lower)."""
     from jax import export
 
@@ -139,7 +148,10 @@ def test_kernels_lower_to_triton_for_cuda(filter_eps):
         h, w, y = jnp.zeros((300, 200), dtype), jnp.zeros((1000, 200), dtype), jnp.zeros((300,), jnp.int32)
 
         def f(h, w):
-            return jax.value_and_grad(lambda a, b: pallas_loss(a, b, y, -100, filter_eps=filter_eps).sum(), (0, 1))(h, w)
+            bs = BlockSizes(flat_loop=flat_loop)
+            return jax.value_and_grad(
+                lambda a, b: pallas_loss(a, b, y, -100, filter_eps=filter_eps, block_sizes=bs).sum(), (0, 1)
+            )(h, w)
 
         module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w).mlir_module()
         assert module.count("__gpu$xla.gpu.triton") == (2 if filter_eps is None else 4)
@@ -155,3 +167,12 @@ def test_gpu_filtered_matches_filtered_truth(shape, dtype):
     from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES
 
     _check_filtered(h, w, y, up, dtype, DEFAULT_BLOCK_SIZES, 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_flat_forward_loop(dtype):
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    h, w, y, up = _inputs(1000, 256, 32_007, DTYPES[dtype], seed=11)
+    _check(h, w, y, up, dtype, block_sizes=BlockSizes(flat_loop=True))
