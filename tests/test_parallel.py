@@ -2,9 +2,11 @@
 
 Each framework runs in its own process (the JAX device count is fixed when JAX starts; torch
 spawns gloo ranks): ``tests/multidevice/torch_vocab_parallel.py`` with 2 and 3 gloo ranks (the
-vocabulary-parallel op, DDP, DTensor refusal; it also saves its 2-rank results), then
-``tests/multidevice/jax_vocab_parallel.py`` on 4 fake CPU devices (1 x 4 and 2 x 2 meshes, and the
-same problem as the saved torch results).
+vocabulary-parallel op with impl chunked and pallas in interpret mode, the vocabulary-parallel split
+head, DDP, DTensor refusal, configuration errors; it also saves its 2-rank results), then
+``tests/multidevice/jax_vocab_parallel.py`` on 4 fake CPU devices (the op, ``linear_cross_entropy``
+and the split head with mesh options, 1 x 4 and 2 x 2 meshes; and the same problem as the saved
+torch results).
 """
 
 import os
@@ -34,13 +36,13 @@ def torch_result(sharded_env):
 def test_torch_vocab_parallel_ddp_and_dtensor_on_gloo(torch_result):
     out = torch_result.stdout + torch_result.stderr
     assert torch_result.returncode == 0, out
-    # 5 cases on each of 2 + 3 ranks, and the 2-rank save for the JAX comparison
-    assert torch_result.stdout.count("ok  ") == 27, out
+    # 8 cases on each of 2 + 3 ranks, and the 2-rank save for the JAX comparison
+    assert torch_result.stdout.count("ok  ") == 42, out
 
 
 def test_jax_vocab_parallel_and_torch_sharded_parity(torch_result, sharded_env):
     assert torch_result.returncode == 0, torch_result.stdout + torch_result.stderr
     result = _run("jax_vocab_parallel.py", sharded_env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ") == 11, result.stdout
+    assert result.stdout.count("ok  ") == 24, result.stdout
     assert "ok   torch-sharded (2 ranks) vs JAX-sharded (4 devices)" in result.stdout

@@ -113,6 +113,15 @@ class _VocabParallel(torch.autograd.Function):
         )
 
 
+def check_parallel_impl(impl: object) -> None:
+    """``impl`` must be None or one of ``PARALLEL_IMPLEMENTATIONS`` (raises ``ValueError`` otherwise)."""
+    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
+        hint = " (cut-cross-entropy has no vocabulary-parallel mode)" if impl == "cce" else ""
+        raise ValueError(
+            f"impl must be None or one of {PARALLEL_IMPLEMENTATIONS} for the vocabulary-parallel op, got {impl!r}{hint}"
+        )
+
+
 def select_parallel_implementation(hidden: torch.Tensor, impl: str | None, interpret: bool = False) -> str:
     """The per-shard implementation :func:`vocab_parallel_linear_cross_entropy` runs for ``hidden``.
 
@@ -128,11 +137,7 @@ def select_parallel_implementation(hidden: torch.Tensor, impl: str | None, inter
     """
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {interpret!r}")
-    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
-        hint = " (cut-cross-entropy has no vocabulary-parallel mode)" if impl == "cce" else ""
-        raise ValueError(
-            f"impl must be None or one of {PARALLEL_IMPLEMENTATIONS} for the vocabulary-parallel op, got {impl!r}{hint}"
-        )
+    check_parallel_impl(impl)
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
     if impl == "chunked":
