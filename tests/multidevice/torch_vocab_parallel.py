@@ -133,6 +133,11 @@ def _pallas_interpret_case(rank, world):
 
 def _errors_case(rank, world):
     """Configurations that make no sense are refused with the error type and a message naming the problem."""
+    from flax import nnx
+
+    import jax_heads
+    from interop.porting import port_torch_to_flax
+
     group = dist.group.WORLD
     h, w, y, _ = _inputs(3)
     start, stop = shard_range(w.shape[0], rank, world)
@@ -150,6 +155,8 @@ def _errors_case(rank, world):
          ValueError, "cannot be split over"),
         (lambda: head.shard_state_dict(head.state_dict()), ValueError, "must be the unsharded"),
         (lambda: head.shard_state_dict({k: v for k, v in full_sd.items() if "code" not in k}), KeyError, "code"),
+        (lambda: port_torch_to_flax(head, jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, rngs=nnx.Rngs(0))),
+         ValueError, "vocabulary-parallel"),
         (lambda: op(impl="pallas"), ValueError, "interpret=True runs the kernels"),
         (lambda: op(impl="chunked", interpret=True), ValueError, "interpret=True applies to impl='pallas' only"),
     ]
