@@ -28,7 +28,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction
+from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction, unknown_impl_message
 from jax_heads import pallas_lce
 from jax_heads.chunked import chunk_rows_for, chunked_grads, chunked_lse_target
 from jax_heads.functional import reduce_loss
@@ -245,7 +245,7 @@ def select_parallel_implementation(hidden: jax.Array, impl: str | None, interpre
     if not isinstance(interpret, bool):
         raise TypeError(f"interpret must be a bool, got {interpret!r}")
     if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {PARALLEL_IMPLEMENTATIONS} or None, got {impl!r}")
+        raise ValueError(unknown_impl_message(impl, PARALLEL_IMPLEMENTATIONS))
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
     if impl is None:
