@@ -172,7 +172,9 @@ class SplitLanguageModellingHead(nn.Module):
         filter_eps: gradient filtering, as in :func:`linear_cross_entropy` (``None`` for exact;
             a float, CCE's filtering, is refused with ``vocab_parallel_group``: the shards are exact).
         vocab_parallel_group: a ``torch.distributed`` process group to split the vocabulary over
-            (``dist.group.WORLD`` for all ranks), or None for the whole weight on every rank.
+            (``dist.group.WORLD`` for all ranks, once ``init_process_group`` has run: before, it is
+            None), or None for the whole weight on every rank. ``jax_heads`` takes ``mesh`` and
+            ``vocab_axis`` instead: there one program sees every device, here a process holds one.
 
     ``state_dict`` keys: ``lm_head.<split>.weight`` ``(V_split, H)`` (the rank's rows of it, with
     ``vocab_parallel_group``).
