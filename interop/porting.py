@@ -115,6 +115,11 @@ def _matched_parameters(torch_module: torch.nn.Module, flax_module: nnx.Module) 
             raise _mismatch(kind, "embedding_dim", t_dim, f_dim)
         pairs = [] if t_proj is None else [_linear_pair(kind, "projection", t_proj, f_proj, "embedding_dim")]
     elif torch_kind is torch_heads.SplitLanguageModellingHead:
+        if torch_module.vocab_parallel_group is not None:
+            raise ValueError(
+                f"cannot port {kind}: the torch head is vocabulary-parallel (this rank holds rows "
+                f"{torch_module.vocab_range} only); load its full_state_dict() into an unsharded head and port that"
+            )
         pairs = _split_pairs(kind, torch_module, flax_module, "lm_head", "weight", "kernel")
     else:
         pairs = _split_pairs(kind, torch_module, flax_module, "token_embedding", "weight", "embedding")

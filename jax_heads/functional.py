@@ -20,12 +20,14 @@ out of bounds for it. ``docs/robustness.md`` lists every bad input and edge case
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from heads_common import (
     LM_IGNORE_INDEX,
@@ -143,6 +145,25 @@ def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool =
     )
 
 
+def check_mesh_options(mesh: object, vocab_axis: object, batch_axis: object) -> bool:
+    """Whether the options ask for a vocabulary-parallel call (``mesh`` and ``vocab_axis`` come together).
+
+    Raises:
+        TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
+        ValueError: one of ``mesh``/``vocab_axis`` without the other, or ``batch_axis`` without them.
+    """
+    if (mesh is None) != (vocab_axis is None):
+        given, missing = ("mesh", "vocab_axis") if vocab_axis is None else ("vocab_axis", "mesh")
+        raise ValueError(f"{given} was given without {missing}: a vocabulary-parallel call needs both")
+    if mesh is None:
+        if batch_axis is not None:
+            raise ValueError(f"batch_axis={batch_axis!r} needs mesh and vocab_axis (a vocabulary-parallel call)")
+        return False
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    return True
+
+
 def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
     """Apply ``reduction`` to a per-token loss; ``mean`` divides by the non-ignored count (0 if none)."""
     if reduction == "none":
@@ -162,11 +183,17 @@ def linear_cross_entropy(
     reduction: Reduction = "none",
     impl: str | None = None,
     interpret: bool = False,
+    mesh: Mesh | None = None,
+    vocab_axis: str | None = None,
+    batch_axis: str | None = None,
 ) -> jax.Array:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the logits.
 
     Works eagerly and under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (``reduction``, ``impl``,
-    ``ignore_index`` and ``interpret`` are static).
+    ``ignore_index``, ``interpret`` and the mesh options are static). With ``mesh`` and
+    ``vocab_axis``, the weight is split along the vocabulary over that mesh axis and each device
+    works on its own shard (:func:`jax_heads.parallel.vocab_parallel_linear_cross_entropy`;
+    not under ``vmap``).
 
     Args:
         hidden: ``(..., D)`` float16/bfloat16/float32/float64 array.
@@ -175,9 +202,15 @@ def linear_cross_entropy(
         ignore_index: label value that contributes loss 0 and gradient 0.
         reduction: ``"none"`` (per-token loss, shape of ``labels``), ``"sum"`` or ``"mean"``
             (mean over non-ignored tokens; 0 when every label is ignored).
-        impl: ``"pallas"``, ``"chunked"``, ``"reference"`` or None for the best available.
+        impl: ``"pallas"``, ``"chunked"``, ``"reference"`` or None for the best available (with
+            ``vocab_axis``: the per-shard computation, same names and default).
         interpret: run the ``"pallas"`` kernels in Pallas interpret mode (any backend, slow; for
             tests). Only valid with ``impl="pallas"``.
+        mesh: the device mesh of a vocabulary-parallel call; give it with ``vocab_axis``.
+        vocab_axis: mesh axis the weight's vocabulary is split over (``V`` must divide evenly);
+            ``hidden`` and ``labels`` are replicated over it. None: the single-device op.
+        batch_axis: mesh axis the tokens are split over (data parallel; the flattened token count
+            must divide evenly), or None. Only with ``vocab_axis``.
 
     Returns:
         float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
@@ -189,7 +222,8 @@ def linear_cross_entropy(
     Raises:
         TypeError: non-array inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
         ValueError: shape mismatch, concrete labels out of range, bad ``reduction``, an ``impl``
-            that is unknown or cannot run on these inputs.
+            that is unknown or cannot run on these inputs, mesh options given without one another
+            or not fitting the mesh and shapes.
 
     Example:
         >>> h = jax.random.normal(jax.random.key(0), (2, 5, 16))
@@ -197,12 +231,24 @@ def linear_cross_entropy(
         >>> y = jax.random.randint(jax.random.key(2), (2, 5), 0, 100)
         >>> loss, (dh, dw) = jax.value_and_grad(
         ...     lambda h, w: linear_cross_entropy(h, w, y, reduction="mean"), argnums=(0, 1))(h, w)
+
+        Vocabulary-parallel over a mesh axis ``"vocab"`` (the weight placed with
+        :func:`jax_heads.parallel.shard_weight`)::
+
+            loss = linear_cross_entropy(h, w_sharded, y, mesh=mesh, vocab_axis="vocab", reduction="mean")
     """
     _check_arrays(hidden, weight, labels)
     check_lce_shapes(hidden.shape, weight.shape, labels.shape)
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
-    name = select_implementation(hidden, impl, interpret)
+    parallel = check_mesh_options(mesh, vocab_axis, batch_axis)
+    if parallel:
+        from jax_heads import parallel as vocab_parallel
+
+        vocab_parallel.check_mesh_layout(weight.shape[0], math.prod(hidden.shape[:-1]), mesh, vocab_axis, batch_axis)
+        name = vocab_parallel.select_parallel_implementation(hidden, impl, interpret)
+    else:
+        name = select_implementation(hidden, impl, interpret)
     vocab = weight.shape[0]
     labels = widen_labels(labels)
     info = jnp.iinfo(labels.dtype)
@@ -216,7 +262,13 @@ def linear_cross_entropy(
         # bounds); the NaN factor below then makes both their loss and their gradients NaN.
         bad = bad.reshape(-1)
         flat_labels = jnp.where(bad, 0 if ignore_index != 0 else vocab - 1, flat_labels)
-    loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, interpret)
+    if parallel:
+        loss = vocab_parallel.vocab_parallel_linear_cross_entropy(
+            flat_hidden, weight, flat_labels, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis,
+            ignore_index=ignore_index, impl=name, interpret=interpret,
+        )
+    else:
+        loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, interpret)
     if bad is not None:
         loss = loss * jnp.where(bad, jnp.nan, 1.0)
     # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation

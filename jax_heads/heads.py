@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from heads_common import (
     LM_IGNORE_INDEX,
@@ -29,7 +31,7 @@ from heads_common import (
     check_split_config,
     token_id_range_message,
 )
-from jax_heads.functional import linear_cross_entropy, select_implementation, widen_labels
+from jax_heads.functional import check_mesh_options, linear_cross_entropy, select_implementation, widen_labels
 from jax_heads.reference import PRECISION
 
 # torch's nn.Linear init, kaiming_uniform(a=sqrt(5)): uniform(-b, b) with b = sqrt(3 * (1/3) / fan_in).
@@ -259,14 +261,27 @@ class SplitLanguageModellingHead(nnx.Module):
     One bias-free ``nnx.Linear(H, V_split)`` per split in ``lm_head``; the forward concatenates
     their kernels in ``split_order`` into one ``(V, H)`` matrix and calls :func:`linear_cross_entropy`.
 
+    Vocabulary parallelism (``mesh`` and ``vocab_axis``): the concatenated weight is constrained to
+    ``NamedSharding(mesh, P(vocab_axis, None))`` and the loss runs on each device's vocabulary shard
+    (:func:`jax_heads.parallel.vocab_parallel_linear_cross_entropy`). The parameters stay whole
+    kernels; where they live is the caller's choice, e.g. :meth:`shard_kernels`. A single-split head
+    whose kernel is sharded ``P(None, vocab_axis)`` needs no communication to form the weight; with
+    several splits XLA reshards their concatenation to the vocabulary split (the splits' boundaries
+    are not the shards'). Unlike ``torch_heads`` (one process per device, each holding its rows),
+    one JAX program sees the whole mesh, so the parameter shapes and d9d layout do not change.
+
     Args:
         split_vocab_size: split name -> vocabulary size.
         split_order: concatenation order; global label ids index the concatenation.
         hidden_size: input size ``H``.
         rngs: parameter initialisation and the stream ``reset_parameters`` uses.
-        impl: ``linear_cross_entropy`` implementation (None: best available).
+        impl: ``linear_cross_entropy`` implementation (None: best available; with ``vocab_axis``,
+            the per-shard computation).
         interpret: run ``impl="pallas"`` in Pallas interpret mode (tests on CPU).
         param_dtype: dtype of the kernels (hidden states must match it).
+        mesh: device mesh of the vocabulary-parallel loss; give it with ``vocab_axis``.
+        vocab_axis: mesh axis the vocabulary is split over (``V`` must divide evenly over it).
+        batch_axis: mesh axis the tokens are split over (data parallel), or None.
 
     Parameters: ``lm_head[<split>].kernel`` ``(H, V_split)`` (torch's ``lm_head.<split>.weight``
     transposed).
@@ -275,6 +290,14 @@ class SplitLanguageModellingHead(nnx.Module):
         >>> head = SplitLanguageModellingHead({"text": 1000, "special": 4}, ["text", "special"], 64,
         ...                                   rngs=nnx.Rngs(0))
         >>> loss = head(jnp.ones((2, 8, 64)), jnp.zeros((2, 8), jnp.int32))  # (2, 8) float32
+
+        Vocabulary-parallel over the 4 devices of a ``("data", "vocab")`` mesh::
+
+            mesh = jax.make_mesh((1, 4), ("data", "vocab"))
+            head = SplitLanguageModellingHead({"text": 1024}, ["text"], 64, rngs=nnx.Rngs(0),
+                                              mesh=mesh, vocab_axis="vocab")
+            head.shard_kernels()
+            loss = nnx.jit(lambda head, h, y: head(h, y).mean())(head, h, y)
     """
 
     def __init__(
@@ -287,12 +310,23 @@ class SplitLanguageModellingHead(nnx.Module):
         impl: str | None = None,
         interpret: bool = False,
         param_dtype: jnp.dtype = jnp.float32,
+        mesh: Mesh | None = None,
+        vocab_axis: str | None = None,
+        batch_axis: str | None = None,
     ):
         self._layout = check_split_config(split_vocab_size, split_order)
         self._hidden_size = check_hidden_size(hidden_size)
         self._split_order = self._layout.order
+        if check_mesh_options(mesh, vocab_axis, batch_axis):
+            from jax_heads.parallel import check_mesh_layout
+
+            # The token count is only known per call; the vocabulary's fit is checked here.
+            check_mesh_layout(self._layout.total, 0, mesh, vocab_axis, batch_axis)
         self.impl = impl
         self.interpret = interpret
+        self.mesh = mesh
+        self.vocab_axis = vocab_axis
+        self.batch_axis = batch_axis
         self.lm_head = nnx.Dict(
             {name: _linear(hidden_size, size, param_dtype, rngs) for name, size in split_vocab_size.items()}
         )
@@ -306,9 +340,13 @@ class SplitLanguageModellingHead(nnx.Module):
         """The ``(V, H)`` concatenation of the split kernels in ``split_order`` (differentiable).
 
         A copy of the whole weight per call (as ``torch.cat`` is in ``torch_heads``): the kernels
-        are stored per split and ``(H, V_split)``, while the op takes one ``(V, H)`` matrix.
+        are stored per split and ``(H, V_split)``, while the op takes one ``(V, H)`` matrix. With
+        ``vocab_axis`` it is constrained to the vocabulary split over the mesh.
         """
-        return jnp.concatenate([self.lm_head[name].kernel[...] for name in self._split_order], axis=1).T
+        weight = jnp.concatenate([self.lm_head[name].kernel[...] for name in self._split_order], axis=1).T
+        if self.vocab_axis is not None:
+            weight = jax.lax.with_sharding_constraint(weight, NamedSharding(self.mesh, P(self.vocab_axis, None)))
+        return weight
 
     def __call__(self, hidden_states: jax.Array, labels: jax.Array) -> jax.Array:
         """Per-token loss.
@@ -330,11 +368,34 @@ class SplitLanguageModellingHead(nnx.Module):
             reduction="none",
             impl=self.impl,
             interpret=self.interpret,
+            mesh=self.mesh,
+            vocab_axis=self.vocab_axis,
+            batch_axis=self.batch_axis,
         )
 
     def implementation_for(self, hidden_states: jax.Array) -> str:
-        """The implementation the forward would run for these hidden states."""
+        """The implementation the forward would run for these hidden states (per shard, with a mesh)."""
+        if self.vocab_axis is not None:
+            from jax_heads.parallel import select_parallel_implementation
+
+            return select_parallel_implementation(hidden_states, self.impl, self.interpret)
         return select_implementation(hidden_states, self.impl, self.interpret)
+
+    def shard_kernels(self) -> None:
+        """Place each kernel ``(H, V_split)`` on the mesh, split along its vocabulary over ``vocab_axis``.
+
+        A split whose size does not divide evenly over the axis is replicated instead.
+
+        Raises:
+            ValueError: the head has no ``mesh``/``vocab_axis``.
+        """
+        if self.vocab_axis is None:
+            raise ValueError("shard_kernels needs a head built with mesh and vocab_axis")
+        shards = self.mesh.shape[self.vocab_axis]
+        for layer in self.lm_head.values():
+            kernel = layer.kernel[...]
+            spec = P(None, self.vocab_axis) if kernel.shape[1] % shards == 0 else P()
+            layer.kernel[...] = jax.device_put(kernel, NamedSharding(self.mesh, spec))
 
     def reset_parameters(self) -> None:
         """Re-initialise every split as torch's ``nn.Linear`` does, from the module's stream."""

@@ -28,7 +28,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction
+from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction, unknown_impl_message
 from jax_heads import pallas_lce
 from jax_heads.chunked import chunk_rows_for, chunked_grads, chunked_lse_target
 from jax_heads.functional import reduce_loss
@@ -227,31 +227,50 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index = check_ignore_index(ignore_index)
     if hidden.ndim != 2:
         raise ValueError(f"hidden must be (N, D) for the vocabulary-parallel op, got shape {hidden.shape}")
+    impl = select_parallel_implementation(hidden, impl, interpret)
+    check_mesh_layout(weight.shape[0], hidden.shape[0], mesh, vocab_axis, batch_axis)
+    options = _Options(mesh, vocab_axis, batch_axis, ignore_index, impl, bool(interpret))
+    loss = _vocab_parallel(hidden, weight, labels.astype(jnp.int32), options)
+    return reduce_loss(loss, labels != ignore_index, reduction)
+
+
+def select_parallel_implementation(hidden: jax.Array, impl: str | None, interpret: bool = False) -> str:
+    """The per-shard implementation :func:`vocab_parallel_linear_cross_entropy` runs for ``hidden``.
+
+    Raises:
+        TypeError: ``interpret`` is not a bool.
+        ValueError: an unknown ``impl``, ``interpret=True`` with another ``impl``, or ``"pallas"``
+            that cannot run on these inputs (saying why).
+    """
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be a bool, got {interpret!r}")
+    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
+        raise ValueError(unknown_impl_message(impl, PARALLEL_IMPLEMENTATIONS))
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
     if impl is None:
-        impl = "chunked" if pallas_lce.unsupported_reason(hidden) else "pallas"
-    if impl not in PARALLEL_IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {PARALLEL_IMPLEMENTATIONS} or None, got {impl!r}")
+        return "chunked" if pallas_lce.unsupported_reason(hidden) else "pallas"
+    if impl == "pallas":
+        reason = pallas_lce.unsupported_reason(hidden, interpret=interpret)
+        if reason is not None:
+            raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
+    return impl
+
+
+def check_mesh_layout(vocab_size: int, tokens: int, mesh: Mesh, vocab_axis: str, batch_axis: str | None) -> None:
+    """The mesh axes exist and are distinct, and ``V`` (and the tokens, with ``batch_axis``) divide evenly."""
     for name, axis in (("vocab_axis", vocab_axis), ("batch_axis", batch_axis)):
         if axis is not None and axis not in mesh.axis_names:
             raise ValueError(f"{name}={axis!r} is not an axis of the mesh {mesh.axis_names}")
     if batch_axis == vocab_axis:
         raise ValueError("batch_axis and vocab_axis must be different mesh axes")
     shards = mesh.shape[vocab_axis]
-    if weight.shape[0] % shards:
-        raise ValueError(f"vocabulary size {weight.shape[0]} must divide evenly over {shards} devices of {vocab_axis!r}")
-    if batch_axis is not None and hidden.shape[0] % mesh.shape[batch_axis]:
+    if vocab_size % shards:
+        raise ValueError(f"vocabulary size {vocab_size} must divide evenly over {shards} devices of {vocab_axis!r}")
+    if batch_axis is not None and tokens % mesh.shape[batch_axis]:
         raise ValueError(
-            f"token count {hidden.shape[0]} must divide evenly over {mesh.shape[batch_axis]} devices of {batch_axis!r}"
+            f"token count {tokens} must divide evenly over {mesh.shape[batch_axis]} devices of {batch_axis!r}"
         )
-    if impl == "pallas":
-        reason = pallas_lce.unsupported_reason(hidden, interpret=interpret)
-        if reason is not None:
-            raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
-    options = _Options(mesh, vocab_axis, batch_axis, ignore_index, impl, bool(interpret))
-    loss = _vocab_parallel(hidden, weight, labels.astype(jnp.int32), options)
-    return reduce_loss(loss, labels != ignore_index, reduction)
 
 
 def shard_weight(weight: jax.Array, mesh: Mesh, vocab_axis: str) -> jax.Array:

@@ -379,6 +379,28 @@ def test_validation_errors():
         assert str(jax_error.value) == str(torch_error.value)
 
 
+def test_mesh_options_on_a_one_device_mesh():
+    """``mesh``/``vocab_axis`` route to the vocabulary-parallel op (one shard here; several devices run in
+    tests/multidevice/jax_vocab_parallel.py), and come together or not at all."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "vocab"))
+    hidden, weight, labels = make_inputs(((2, 3), 7, 4), "float32")
+    loss = linear_cross_entropy(hidden, weight, labels, mesh=mesh, vocab_axis="vocab", batch_axis="data")
+    assert loss.shape == (2, 3)
+    np.testing.assert_allclose(loss, linear_cross_entropy(hidden, weight, labels, impl="reference"), rtol=1e-6)
+    with pytest.raises(ValueError, match="mesh was given without vocab_axis"):
+        linear_cross_entropy(hidden, weight, labels, mesh=mesh)
+    with pytest.raises(ValueError, match="vocab_axis was given without mesh"):
+        linear_cross_entropy(hidden, weight, labels, vocab_axis="vocab")
+    with pytest.raises(ValueError, match="batch_axis='data' needs mesh and vocab_axis"):
+        linear_cross_entropy(hidden, weight, labels, batch_axis="data")
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        linear_cross_entropy(hidden, weight, labels, mesh="mesh", vocab_axis="vocab")
+    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference'\), got 'cce'"):
+        linear_cross_entropy(hidden, weight, labels, mesh=mesh, vocab_axis="vocab", impl="cce")
+
+
 def test_import_does_not_import_torch():
     code = "import sys, jax_heads, jax_heads.functional, jax_heads.heads; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,9 +2,11 @@
 
 Each framework runs in its own process (the JAX device count is fixed when JAX starts; torch
 spawns gloo ranks): ``tests/multidevice/torch_vocab_parallel.py`` with 2 and 3 gloo ranks (the
-vocabulary-parallel op, DDP, DTensor refusal; it also saves its 2-rank results), then
-``tests/multidevice/jax_vocab_parallel.py`` on 4 fake CPU devices (1 x 4 and 2 x 2 meshes, and the
-same problem as the saved torch results).
+vocabulary-parallel op with impl chunked and pallas in interpret mode, the vocabulary-parallel split
+head, DDP, DTensor refusal, configuration errors; it also saves its 2-rank results), then
+``tests/multidevice/jax_vocab_parallel.py`` on 4 fake CPU devices (the op, ``linear_cross_entropy``
+and the split head with mesh options, 1 x 4 and 2 x 2 meshes; and the same problem as the saved
+torch results). Last, the 2-GPU benchmark script's ``--cpu-smoke`` mode.
 """
 
 import os
@@ -34,13 +36,31 @@ def torch_result(sharded_env):
 def test_torch_vocab_parallel_ddp_and_dtensor_on_gloo(torch_result):
     out = torch_result.stdout + torch_result.stderr
     assert torch_result.returncode == 0, out
-    # 5 cases on each of 2 + 3 ranks, and the 2-rank save for the JAX comparison
-    assert torch_result.stdout.count("ok  ") == 27, out
+    # 8 cases on each of 2 + 3 ranks, and the 2-rank save for the JAX comparison
+    assert torch_result.stdout.count("ok  ") == 42, out
 
 
 def test_jax_vocab_parallel_and_torch_sharded_parity(torch_result, sharded_env):
     assert torch_result.returncode == 0, torch_result.stdout + torch_result.stderr
     result = _run("jax_vocab_parallel.py", sharded_env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ") == 11, result.stdout
+    assert result.stdout.count("ok  ") == 24, result.stdout
     assert "ok   torch-sharded (2 ranks) vs JAX-sharded (4 devices)" in result.stdout
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    """``benchmarks/vocab_parallel_gpu.py --cpu-smoke``: the GPU script's logic on tiny shapes (gloo, 2 CPU JAX devices)."""
+    import json
+
+    script = os.path.join(os.path.dirname(HERE), "..", "benchmarks", "vocab_parallel_gpu.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, script, "--cpu-smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "vocab_parallel.json").read_text())
+    assert not report["errors"] and report["cross"]["ok"], report
+    # pallas and chunked on 2 ranks for 2 problems; 1-device pallas and chunked; JAX: 1 + 2 rows
+    assert (len(report["torch_sharded"]), len(report["torch_single"]), len(report["jax"])) == (8, 2, 3)
+    assert len(report["verdicts"]) == 6 and all(line.startswith("ok") for line in report["verdicts"])
+    assert (tmp_path / "vocab_parallel.md").read_text().startswith("# Vocabulary-parallel")

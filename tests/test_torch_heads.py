@@ -179,6 +179,28 @@ def test_lm_head_auto_impl_on_cpu():
     assert head.vocab_size == 3
 
 
+def test_lm_head_state_dict_helpers_without_a_group():
+    """Unsharded: all rows held, shard_state_dict passes a model's state dict through, full_state_dict is the state dict.
+
+    The vocabulary-parallel cases run on gloo ranks (tests/multidevice/torch_vocab_parallel.py).
+    """
+    head = SplitLanguageModellingHead({"a": 5, "b": 3}, ["b", "a"], HIDDEN)
+    assert head.vocab_range == (0, 8) and head.vocab_parallel_group is None
+    model_sd = {f"model.head.{k}": v for k, v in head.state_dict().items()} | {"model.other": torch.ones(2)}
+    local = head.shard_state_dict(model_sd, prefix="model.head.")
+    assert local.keys() == model_sd.keys() and all(torch.equal(local[k], model_sd[k]) for k in model_sd)
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in head.full_state_dict().items())
+    with pytest.raises(KeyError, match="lm_head.a.weight"):
+        head.shard_state_dict({"lm_head.b.weight": torch.zeros(3, HIDDEN)})
+    with pytest.raises(ValueError, match=r"must be the unsharded \(3, 8\) weight, got \(2, 8\)"):
+        head.shard_state_dict({"lm_head.b.weight": torch.zeros(2, HIDDEN), "lm_head.a.weight": torch.zeros(5, HIDDEN)})
+
+
+def test_lm_head_vocab_parallel_group_must_be_a_process_group():
+    with pytest.raises(TypeError, match="vocab_parallel_group must be a torch.distributed ProcessGroup"):
+        SplitLanguageModellingHead({"a": 3}, ["a"], HIDDEN, vocab_parallel_group="world")
+
+
 def test_token_embeddings_d9d_round_trip():
     theirs = D9dSplitTokenEmbeddings(SPLIT_VOCAB, SPLIT_ORDER, HIDDEN)
     ours = SplitTokenEmbeddings(SPLIT_VOCAB, SPLIT_ORDER, HIDDEN)

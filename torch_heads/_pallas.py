@@ -21,6 +21,11 @@ at a new shape traces and compiles (seconds), every later one dispatches the cac
   ``pallas_lce`` on residuals rebuilt from the torch tensors saved by ``ctx.save_for_backward``
   (re-imported zero-copy, so torch's in-place-modification checks still guard them).
 
+Two more, :func:`_shard_programs` (cached per ``(interpret, block sizes)``), serve the
+vocabulary-parallel op (``torch_heads/parallel.py``, ``impl="pallas"``): the forward returns one
+weight shard's log-sum-exp and target logit, the backward takes the global log-sum-exp; the
+collectives between them are torch's.
+
 Storing ``jax.vjp``'s closure on ``ctx`` instead would keep the padded inputs alive as JAX
 residuals and, created per call, would not be a cached program; rebuilding the residuals is free
 (padding is a no-op at aligned shapes) and keeps both programs fixed.
@@ -131,6 +136,47 @@ def _programs(ignore_index: int, interpret: bool, block_sizes):
     return forward, backward
 
 
+@functools.cache
+def _shard_programs(interpret: bool, block_sizes):
+    """The jitted per-shard forward and backward of the vocabulary-parallel op (``torch_heads.parallel``).
+
+    Labels are shard-local: the target's row of the weight shard, -1 where the token has no target
+    in this shard (ignored, or its label lies in another shard). Every shape is padded to the
+    kernels' tiles inside the program and sliced back.
+
+    * forward ``(hidden, weight, local_labels) -> (lse_k, target_k)``: the shard's per-token
+      log-sum-exp and target logit (0 without a target), ``(N,)`` float32 each;
+    * backward ``(hidden, weight, local_labels, lse, g) -> (d_hidden, d_weight)``: the gradients of
+      ``sum(g * loss)`` restricted to the shard's logits, against the *global* ``lse`` and the
+      upstream ``g`` (float32, 0 at ignored tokens); ``d_hidden`` is this shard's partial sum.
+    """
+    jax = _import_jax()
+    import jax.numpy as jnp
+
+    from jax_heads import pallas_lce
+
+    def padded(hidden, weight, local_labels):
+        plan = pallas_lce.plan_for(hidden.shape[0], weight.shape[0], hidden.shape[1], block_sizes)
+        return plan, pallas_lce.pad_inputs(hidden, weight, local_labels, plan)
+
+    @jax.jit
+    def forward(hidden, weight, local_labels):
+        plan, (hp, wp, yp) = padded(hidden, weight, local_labels)
+        lse, target = pallas_lce.lce_forward(hp, wp, yp, block_sizes=block_sizes, plan=plan, interpret=interpret)
+        return lse[: plan.n], target[: plan.n]
+
+    @jax.jit
+    def backward(hidden, weight, local_labels, lse, g):
+        plan, (hp, wp, yp) = padded(hidden, weight, local_labels)
+        pad = (0, plan.n_pad - plan.n)
+        d_hidden, d_weight = pallas_lce.lce_backward(
+            hp, wp, yp, jnp.pad(lse, pad), jnp.pad(g, pad), block_sizes=block_sizes, plan=plan, interpret=interpret
+        )
+        return d_hidden[: plan.n, : plan.d], d_weight[: plan.v, : plan.d]
+
+    return forward, backward
+
+
 def _tfrt_gpu_client() -> bool:
     """Whether JAX's GPU backend is the TFRT client, whose DLPack views ignore streams (docstring, point 4)."""
     return os.environ.get("XLA_PYTHON_CLIENT_USE_TFRT_GPU_CLIENT", "0").strip() not in ("", "0")
@@ -200,6 +246,15 @@ def _int32_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
     return torch.where(wide == ignore_index, -1, wide).to(torch.int32).contiguous(), -1
 
 
+def _default_block_sizes(block_sizes):
+    if block_sizes is not None:
+        return block_sizes
+    _import_jax()
+    from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES
+
+    return DEFAULT_BLOCK_SIZES
+
+
 def pallas_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -224,12 +279,81 @@ def pallas_loss(
     """
     if hidden.shape[0] == 0:
         return _ZeroLoss.apply(hidden, weight)
-    if block_sizes is None:
-        _import_jax()
-        from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES as block_sizes
+    block_sizes = _default_block_sizes(block_sizes)
     labels, ignore_index = _int32_labels(labels, ignore_index)
     # Differentiable copies where needed: JAX gets dense, aligned, row-major memory without copying it.
     hidden = _aligned(hidden.contiguous())
     weight = _aligned(weight.contiguous())
     programs = _programs(ignore_index, bool(interpret), block_sizes)
     return _PallasLinearCrossEntropy.apply(hidden, weight, _aligned(labels), programs)
+
+
+def pallas_shard_lse_target(
+    hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor, *, interpret: bool = False, block_sizes=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One vocabulary shard's per-token log-sum-exp and target logit, on our Pallas kernels.
+
+    Args:
+        hidden: ``(N, D)`` float16/bfloat16/float32 tensor (CUDA; CPU only with ``interpret``).
+        weight: ``(V_shard, D)`` shard of the weight, same dtype and device.
+        local_labels: ``(N,)`` integer: the target's row of ``weight``, -1 where there is none.
+        interpret: run the kernels in Pallas interpret mode (CPU tests; slow).
+        block_sizes: a ``jax_heads.pallas_lce.BlockSizes``; None for its default.
+
+    Returns:
+        ``(lse_k, target_k)``, ``(N,)`` float32 each; ``target_k`` is 0 where there is no target and
+        lives in torch's allocator (the caller sums it in place over the group).
+    """
+    n = hidden.shape[0]
+    if n == 0 or weight.shape[0] == 0:
+        lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
+        return lse, torch.zeros_like(lse)
+    from interop.dlpack import to_torch
+
+    programs = _shard_programs(bool(interpret), _default_block_sizes(block_sizes))
+    labels = local_labels.to(torch.int32).contiguous()
+    inputs = (_aligned(hidden.contiguous()), _aligned(weight.contiguous()), _aligned(labels))
+    lse, target = _call(programs[0], hidden.device, inputs)
+    # The target is summed in place by the caller's collective (NCCL writes on its own stream):
+    # give it memory from torch's allocator, which tracks that stream, not a view of JAX's buffer.
+    return to_torch(lse), to_torch(target).clone()
+
+
+def pallas_shard_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    local_labels: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    interpret: bool = False,
+    block_sizes=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One vocabulary shard's gradients against the global log-sum-exp, on our Pallas kernels.
+
+    Args:
+        hidden, weight, local_labels: as for :func:`pallas_shard_lse_target`.
+        lse: ``(N,)`` float32 global log-sum-exp (any finite value or +inf where ``g`` is 0).
+        g: ``(N,)`` float32 upstream gradient, 0 at ignored tokens.
+        interpret, block_sizes: as for :func:`pallas_shard_lse_target`.
+
+    Returns:
+        ``(d_hidden, d_weight)``: this shard's float32 partial ``(N, D)`` of the hidden gradient, in
+        memory torch owns (summed in place over the group next; the kernels round it to the input
+        dtype first, as in ``jax_heads.parallel``), and the shard's ``(V_shard, D)`` weight gradient
+        in the weight's dtype.
+    """
+    if hidden.shape[0] == 0 or weight.shape[0] == 0:
+        return torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device), torch.zeros_like(weight)
+    from interop.dlpack import to_torch
+
+    programs = _shard_programs(bool(interpret), _default_block_sizes(block_sizes))
+    inputs = (
+        _aligned(hidden.contiguous()),
+        _aligned(weight.contiguous()),
+        _aligned(local_labels.to(torch.int32).contiguous()),
+        _aligned(lse.to(torch.float32).contiguous()),
+        _aligned(g.to(torch.float32).contiguous()),
+    )
+    d_hidden, d_weight = _call(programs[1], hidden.device, inputs)
+    return to_torch(d_hidden).to(torch.float32, copy=True), to_torch(d_weight)

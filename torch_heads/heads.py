@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from heads_common import (
     LM_IGNORE_INDEX,
     check_dropout,
+    check_filter_eps,
     check_hidden_size,
     check_mask_shape,
     check_split_config,
     token_id_range_message,
 )
 from torch_heads.functional import linear_cross_entropy, select_implementation
+from torch_heads.parallel import (
+    check_parallel_impl,
+    select_parallel_implementation,
+    shard_range,
+    vocab_parallel_linear_cross_entropy,
+)
 
 
 def _check_hidden(hidden_states: object, hidden_size: int) -> torch.Tensor:
@@ -140,19 +150,44 @@ class SplitLanguageModellingHead(nn.Module):
     One bias-free ``nn.Linear(H, V_split)`` per split in ``lm_head``; the forward concatenates their
     weights in ``split_order`` into one ``(V, H)`` matrix and calls :func:`linear_cross_entropy`.
 
+    Vocabulary parallelism (``vocab_parallel_group``): rank ``r`` of the group holds only rows
+    ``shard_range(V, r, world)`` of the concatenated vocabulary (:attr:`vocab_range`). Each split's
+    ``nn.Linear`` holds the intersection of its rows with that range (possibly none), so the
+    ``state_dict`` keys stay d9d's, with fewer rows; the forward concatenates the local pieces and
+    calls :func:`torch_heads.parallel.vocab_parallel_linear_cross_entropy`. Every rank of the group
+    passes the same hidden states and labels and gets the full loss and ``hidden`` gradient; each
+    split weight's gradient is the rank's rows of the full one. Load a d9d (unsharded) checkpoint
+    with ``head.load_state_dict(head.shard_state_dict(full))``; save one with
+    :meth:`full_state_dict`. Data parallelism goes over other ranks (e.g. DDP with
+    ``process_group`` set to the ranks that hold the same shard).
+
     Args:
         split_vocab_size: split name -> vocabulary size.
         split_order: concatenation order; global label ids index the concatenation.
         hidden_size: input size ``H``.
         impl: ``linear_cross_entropy`` implementation (None: best available, ``"cce"`` on CUDA;
             ``"pallas"`` runs our JAX Pallas kernels on CUDA tensors, zero-copy, exact gradients).
-        filter_eps: gradient filtering, as in :func:`linear_cross_entropy` (``None`` for exact).
+            With ``vocab_parallel_group``, the per-shard computation: ``"pallas"``, ``"chunked"``
+            or None (``"pallas"`` on CUDA where it runs, else ``"chunked"``).
+        filter_eps: gradient filtering, as in :func:`linear_cross_entropy` (``None`` for exact;
+            a float, CCE's filtering, is refused with ``vocab_parallel_group``: the shards are exact).
+        vocab_parallel_group: a ``torch.distributed`` process group to split the vocabulary over
+            (``dist.group.WORLD`` for all ranks, once ``init_process_group`` has run: before, it is
+            None), or None for the whole weight on every rank. ``jax_heads`` takes ``mesh`` and
+            ``vocab_axis`` instead: there one program sees every device, here a process holds one.
 
-    ``state_dict`` keys: ``lm_head.<split>.weight`` ``(V_split, H)``.
+    ``state_dict`` keys: ``lm_head.<split>.weight`` ``(V_split, H)`` (the rank's rows of it, with
+    ``vocab_parallel_group``).
 
     Example:
         >>> head = SplitLanguageModellingHead({"text": 1000, "special": 4}, ["text", "special"], 64)
         >>> loss = head(torch.randn(2, 8, 64), torch.randint(0, 1004, (2, 8)))  # (2, 8) float32
+
+        Vocabulary-parallel, on each rank of an initialised process group::
+
+            head = SplitLanguageModellingHead(sizes, order, H, vocab_parallel_group=dist.group.WORLD)
+            head.load_state_dict(head.shard_state_dict(full_d9d_state_dict))
+            loss = head(hidden, labels)  # the full (B, S) loss on every rank
     """
 
     def __init__(
@@ -163,6 +198,7 @@ class SplitLanguageModellingHead(nn.Module):
         *,
         impl: str | None = None,
         filter_eps: float | Literal["auto"] | None = "auto",
+        vocab_parallel_group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
         self._layout = check_split_config(split_vocab_size, split_order)
@@ -170,29 +206,74 @@ class SplitLanguageModellingHead(nn.Module):
         self._split_order = self._layout.order
         self.impl = impl
         self.filter_eps = filter_eps
-        self.lm_head: Mapping[str, nn.Linear] = nn.ModuleDict(
-            {name: nn.Linear(hidden_size, size, bias=False) for name, size in split_vocab_size.items()}
-        )
+        self._group = vocab_parallel_group
+        self._vocab_range = (0, self._layout.total)
+        if vocab_parallel_group is not None:
+            self._vocab_range = _group_shard(vocab_parallel_group, self._layout.total)
+            _check_parallel_options(impl, filter_eps)
+        rows = {name: stop - start for name, (start, stop) in zip(self._layout.order, self._split_rows())}
+        with _quiet_empty_init():
+            self.lm_head: Mapping[str, nn.Linear] = nn.ModuleDict(
+                {name: nn.Linear(hidden_size, rows[name], bias=False) for name in split_vocab_size}
+            )
 
     @property
     def vocab_size(self) -> int:
+        """The whole vocabulary ``V`` (all splits, all shards)."""
         return self._layout.total
 
+    @property
+    def vocab_parallel_group(self) -> dist.ProcessGroup | None:
+        """The process group the vocabulary is split over, or None."""
+        return self._group
+
+    @property
+    def vocab_range(self) -> tuple[int, int]:
+        """``(start, stop)``: the global rows this rank holds (``(0, V)`` without a group)."""
+        return self._vocab_range
+
+    def _split_rows(self) -> list[tuple[int, int]]:
+        """Per split (in ``split_order``): its rows inside :attr:`vocab_range`, relative to the split."""
+        lo, hi = self._vocab_range
+        rows = []
+        for offset, size in zip(self._layout.offsets, self._layout.sizes):
+            start = min(max(lo - offset, 0), size)
+            rows.append((start, max(start, min(hi - offset, size))))
+        return rows
+
     def weight(self) -> torch.Tensor:
-        """The ``(V, H)`` concatenation of the split weights in ``split_order`` (differentiable)."""
+        """The ``(V, H)`` concatenation of the split weights in ``split_order`` (differentiable).
+
+        With ``vocab_parallel_group``: the rank's ``(stop - start, H)`` rows of it (:attr:`vocab_range`).
+        """
         return torch.cat([self.lm_head[name].weight for name in self._split_order], dim=0)
 
     def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token loss.
 
         Args:
-            hidden_states: ``(B, S, H)`` (any leading shape works) in the weights' dtype.
-            labels: ``(B, S)`` integer global ids in ``[0, V)`` or ``LM_IGNORE_INDEX``.
+            hidden_states: ``(B, S, H)`` (any leading shape works) in the weights' dtype; the
+                same on every rank of ``vocab_parallel_group``.
+            labels: ``(B, S)`` integer global ids in ``[0, V)`` or ``LM_IGNORE_INDEX``; the same
+                on every rank of ``vocab_parallel_group``.
 
         Returns:
             ``(B, S)`` float32 loss, reduction none; 0 at ignored positions.
         """
         _check_hidden(hidden_states, self._hidden_size)
+        if self._group is not None:
+            _check_parallel_options(self.impl, self.filter_eps)
+            return vocab_parallel_linear_cross_entropy(
+                hidden_states,
+                self.weight(),
+                labels,
+                vocab_start=self._vocab_range[0],
+                vocab_size=self.vocab_size,
+                group=self._group,
+                ignore_index=LM_IGNORE_INDEX,
+                reduction="none",
+                impl=self.impl,
+            )
         return linear_cross_entropy(
             hidden_states,
             self.weight(),
@@ -204,13 +285,97 @@ class SplitLanguageModellingHead(nn.Module):
         )
 
     def implementation_for(self, hidden_states: torch.Tensor) -> str:
-        """The implementation the forward would run for these hidden states."""
+        """The implementation the forward would run for these hidden states (per shard, with a group)."""
+        if self._group is not None:
+            _check_parallel_options(self.impl, self.filter_eps)
+            return select_parallel_implementation(hidden_states, self.impl)
         return select_implementation(hidden_states, self.impl, self.filter_eps)
 
+    def shard_state_dict(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """A d9d (unsharded) state dict cut down to this rank's rows, for ``load_state_dict``.
+
+        Args:
+            state_dict: holds ``f"{prefix}lm_head.<split>.weight"`` ``(V_split, H)`` for every split;
+                other entries (the rest of a model) pass through unchanged.
+            prefix: where the head sits in the model whose state dict this is (e.g. ``"head."``).
+
+        Returns:
+            A new dict whose split weights are views of this rank's rows (all rows without a group).
+
+        Raises:
+            KeyError: a split weight is missing.
+            ValueError: a split weight has the wrong shape.
+        """
+        local = dict(state_dict)
+        for name, size, (start, stop) in zip(self._layout.order, self._layout.sizes, self._split_rows()):
+            key = f"{prefix}lm_head.{name}.weight"
+            if key not in state_dict:
+                raise KeyError(f"state_dict has no {key!r} (keys: {sorted(state_dict)[:8]}...)")
+            full = state_dict[key]
+            if tuple(full.shape) != (size, self._hidden_size):
+                raise ValueError(
+                    f"{key} must be the unsharded ({size}, {self._hidden_size}) weight, got {tuple(full.shape)}"
+                )
+            local[key] = full[start:stop]
+        return local
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The d9d (unsharded) state dict, ``lm_head.<split>.weight`` ``(V_split, H)`` (detached).
+
+        With ``vocab_parallel_group`` this is collective (an ``all_gather`` over the group; every
+        rank must call it) and every rank gets the whole weights.
+        """
+        if self._group is None:
+            return {key: value.detach() for key, value in self.state_dict().items()}
+        world = dist.get_world_size(self._group)
+        ranges = [shard_range(self.vocab_size, r, world) for r in range(world)]
+        local = self.weight().detach()
+        padded = local.new_zeros(max(stop - start for start, stop in ranges), self._hidden_size)
+        padded[: local.shape[0]] = local
+        gathered = [torch.empty_like(padded) for _ in ranges]
+        dist.all_gather(gathered, padded, group=self._group)
+        full = torch.cat([block[: stop - start] for block, (start, stop) in zip(gathered, ranges)])
+        by_name = {
+            name: full[offset : offset + size]
+            for name, offset, size in zip(self._layout.order, self._layout.offsets, self._layout.sizes)
+        }
+        return {f"lm_head.{name}.weight": by_name[name] for name in self.lm_head}
+
     def reset_parameters(self) -> None:
-        """Re-initialise every split as ``nn.Linear`` does."""
-        for layer in self.lm_head.values():
-            layer.reset_parameters()
+        """Re-initialise every split as ``nn.Linear`` does (each rank its own rows, with a group)."""
+        with _quiet_empty_init():
+            for layer in self.lm_head.values():
+                layer.reset_parameters()
+
+
+def _group_shard(group: object, vocab_size: int) -> tuple[int, int]:
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"vocab_parallel_group must be a torch.distributed ProcessGroup or None, got {group!r}")
+    if not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_group needs torch.distributed initialised: call dist.init_process_group first")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of vocab_parallel_group")
+    if vocab_size < world:
+        raise ValueError(f"a vocabulary of {vocab_size} rows cannot be split over {world} ranks (one row each at least)")
+    return shard_range(vocab_size, rank, world)
+
+
+def _check_parallel_options(impl: object, filter_eps: object) -> None:
+    check_parallel_impl(impl)
+    if check_filter_eps(filter_eps) not in ("auto", None):
+        raise ValueError(
+            f"filter_eps={filter_eps} asks for CCE's gradient filtering, which the vocabulary-parallel head does not "
+            "do (its shards compute exact gradients): use 'auto' or None"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_empty_init():
+    """A split with no rows on this rank is a valid, empty ``nn.Linear``: its no-op init need not warn."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        yield
 
 
 class SplitTokenEmbeddings(nn.Module):

@@ -7,14 +7,23 @@ Each rank of a process group holds one contiguous shard of the ``(V, D)`` weight
   lies in another shard), combined with three ``all_reduce`` calls (max, sum of ``exp(lse_k − m)``,
   sum of target logits) into the global loss;
 * backward: the shard's gradient logits against the global ``lse``, giving the rank's own
-  ``d_weight`` shard and a partial ``d_hidden`` that one ``all_reduce`` (sum) completes.
+  ``d_weight`` shard and a partial ``d_hidden`` that one ``all_reduce`` (sum, float32) completes.
 
-How the shard's partials are computed: cut-cross-entropy 25.1.1 returns neither the log-sum-exp
-nor a vocabulary-parallel mode, so every device uses our chunked building blocks
-(:func:`torch_heads.chunked.chunked_lse_target`, :func:`torch_heads.chunked.chunked_backward`):
-memory is bounded by one ``(chunk, V_shard)`` block of logits (plus, for float16/bfloat16, a float32
-copy of the shard), with float32 accumulation on any device. Collectives are the group's own
-(``gloo`` on CPU, ``nccl`` on CUDA): no other transport.
+How the shard's partials are computed (``impl=``):
+
+* ``"pallas"`` — CUDA (float16/bfloat16/float32): our JAX Pallas kernels
+  (``jax_heads/pallas_lce.py``) on the torch tensors, zero-copy through :mod:`interop.dlpack`
+  (``torch_heads/_pallas.py``, :func:`~torch_heads._pallas._shard_programs`); ``interpret=True``
+  runs them in Pallas interpret mode on any device (tests).
+* ``"chunked"`` — any device and float dtype: our chunked building blocks
+  (:func:`torch_heads.chunked.chunked_lse_target`, :func:`torch_heads.chunked.chunked_backward`),
+  memory bounded by one ``(chunk, V_shard)`` block of logits (plus, for float16/bfloat16, a float32
+  copy of the shard).
+* None — ``"pallas"`` where it runs (:func:`torch_heads._pallas.unsupported_reason`), else ``"chunked"``.
+
+cut-cross-entropy (``impl="cce"`` of the single-device op) is not offered: 25.1.1 returns neither
+the log-sum-exp nor has a vocabulary-parallel mode. Collectives are the group's own (``gloo`` on
+CPU, ``nccl`` on CUDA): no other transport.
 """
 
 from __future__ import annotations
@@ -23,20 +32,56 @@ import torch
 import torch.distributed as dist
 
 from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_reduction
+from torch_heads import _pallas
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward, chunked_lse_target
 from torch_heads.functional import FLOAT_DTYPES, check_label_range, is_dtensor, reduce_loss
 from torch_heads.reference import math_dtype
 
+PARALLEL_IMPLEMENTATIONS = ("pallas", "chunked")
+
+
+# ------------------------------------------------------------------------------------------
+# Per-shard building blocks. ``local`` labels are the target's row of the shard, -1 where the
+# token has no target there (ignored, or labelled in another shard).
+# ------------------------------------------------------------------------------------------
+
+
+class _ChunkedShard:
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor):
+        itemsize = torch.finfo(math_dtype(hidden.dtype)).bits // 8
+        self.rows = chunk_rows_for(max(weight.shape[0], 1), itemsize, DEFAULT_CHUNK_BUDGET_BYTES)
+
+    def lse_target(self, hidden, weight, local):
+        has_target = local >= 0
+        return chunked_lse_target(hidden, weight, local.clamp_min(0), has_target, self.rows)
+
+    def grads(self, hidden, weight, local, counted, lse, g, need_weight):
+        d_hidden, d_weight = chunked_backward(
+            hidden, weight, local.clamp_min(0), local >= 0, counted, lse, g, (True, need_weight), self.rows
+        )
+        return d_hidden.to(lse.dtype), d_weight
+
+
+class _PallasShard:
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+
+    def lse_target(self, hidden, weight, local):
+        return _pallas.pallas_shard_lse_target(hidden, weight, local, interpret=self.interpret)
+
+    def grads(self, hidden, weight, local, counted, lse, g, need_weight):
+        # An infinite lse at ignored rows makes their recomputed softmax exactly 0 (as in chunked_backward).
+        lse = torch.where(counted, lse, float("inf"))
+        return _pallas.pallas_shard_grads(hidden, weight, local, lse, g, interpret=self.interpret)
+
 
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, vocab_start: int, ignore_index: int, group):
+    def forward(ctx, hidden, weight, labels, vocab_start: int, ignore_index: int, group, shard):
         counted = labels != ignore_index
         local = labels - vocab_start
-        has_target = counted & (local >= 0) & (local < weight.shape[0])
-        safe = torch.where(has_target, local, 0).long()
-        rows = chunk_rows_for(weight.shape[0], torch.finfo(math_dtype(hidden.dtype)).bits // 8, DEFAULT_CHUNK_BUDGET_BYTES)
-        lse_k, target = chunked_lse_target(hidden, weight, safe, has_target, rows)
+        local = torch.where(counted & (local >= 0) & (local < weight.shape[0]), local, -1)
+        lse_k, target = shard.lse_target(hidden, weight, local)
         m = lse_k.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         m = torch.where(torch.isfinite(m), m, 0.0)  # an all -inf row stays -inf below, never NaN
@@ -44,22 +89,72 @@ class _VocabParallel(torch.autograd.Function):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group)
         lse = m + torch.log(total)
-        ctx.save_for_backward(hidden, weight, safe, has_target, counted, lse)
-        ctx.rows, ctx.group = rows, group
+        ctx.save_for_backward(hidden, weight, local, counted, lse)
+        ctx.group, ctx.shard = group, shard
         return torch.where(counted, lse - target, 0.0)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, safe, has_target, counted, lse = ctx.saved_tensors
-        need_h = ctx.needs_input_grad[0]
-        d_hidden, d_weight = chunked_backward(
-            hidden, weight, safe, has_target, counted, lse, grad_loss.contiguous(), (True, ctx.needs_input_grad[1]),
-            ctx.rows,
-        )
+        hidden, weight, local, counted, lse = ctx.saved_tensors
+        # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
+        g = torch.where(counted, grad_loss.to(lse.dtype), 0.0)
+        d_hidden, d_weight = ctx.shard.grads(hidden, weight, local, counted, lse, g, ctx.needs_input_grad[1])
         # Every rank must join the all_reduce, whether or not it needs d_hidden itself.
-        d_hidden = d_hidden.to(lse.dtype)
         dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
-        return (d_hidden.to(hidden.dtype) if need_h else None), d_weight, None, None, None, None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        return (
+            d_hidden.to(hidden.dtype) if need_h else None,
+            d_weight if need_w else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def check_parallel_impl(impl: object) -> None:
+    """``impl`` must be None or one of ``PARALLEL_IMPLEMENTATIONS`` (raises ``ValueError`` otherwise)."""
+    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
+        hint = " (cut-cross-entropy has no vocabulary-parallel mode)" if impl == "cce" else ""
+        raise ValueError(
+            f"impl must be None or one of {PARALLEL_IMPLEMENTATIONS} for the vocabulary-parallel op, got {impl!r}{hint}"
+        )
+
+
+def select_parallel_implementation(hidden: torch.Tensor, impl: str | None, interpret: bool = False) -> str:
+    """The per-shard implementation :func:`vocab_parallel_linear_cross_entropy` runs for ``hidden``.
+
+    Args:
+        hidden: the hidden states (their device and dtype decide).
+        impl: ``"pallas"``, ``"chunked"`` or None (``"pallas"`` where it runs, else ``"chunked"``).
+        interpret: run ``"pallas"`` in Pallas interpret mode (any device); only with ``impl="pallas"``.
+
+    Raises:
+        TypeError: ``interpret`` is not a bool.
+        ValueError: an unknown ``impl``, ``interpret=True`` with another ``impl``, or ``"pallas"``
+            that cannot run on these inputs (saying why).
+    """
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be a bool, got {interpret!r}")
+    check_parallel_impl(impl)
+    if interpret and impl != "pallas":
+        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    if impl == "chunked":
+        return impl
+    if interpret:
+        if hidden.dtype not in _pallas.SUPPORTED_DTYPES:
+            reason = f"supports {[str(d) for d in _pallas.SUPPORTED_DTYPES]}, got {hidden.dtype}"
+            raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
+        return "pallas"
+    # Only CUDA inputs import JAX here: a CPU process never starts it for impl=None.
+    reason = _pallas.unsupported_reason(hidden, None)
+    if impl is None:
+        return "chunked" if reason else "pallas"
+    if reason is not None:
+        hint = "" if hidden.device.type == "cuda" else "; interpret=True runs the kernels in Pallas interpret mode (tests)"
+        raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}{hint}")
+    return "pallas"
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -72,6 +167,8 @@ def vocab_parallel_linear_cross_entropy(
     group: dist.ProcessGroup | None = None,
     ignore_index: int = LM_IGNORE_INDEX,
     reduction: str = "none",
+    impl: str | None = None,
+    interpret: bool = False,
 ) -> torch.Tensor:
     """Linear cross-entropy with this rank holding rows ``vocab_start : vocab_start + V_shard`` of the weight.
 
@@ -88,11 +185,29 @@ def vocab_parallel_linear_cross_entropy(
         group: the process group the vocabulary is split over (default: the world).
         ignore_index: label value with loss 0 and gradient 0.
         reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over non-ignored tokens).
+        impl: per-shard computation: ``"pallas"`` (our JAX Pallas kernels through DLPack; CUDA
+            float16/bfloat16/float32), ``"chunked"`` (any device and float dtype) or None
+            (``"pallas"`` where it runs, else ``"chunked"``). The same on every rank.
+        interpret: run the ``"pallas"`` kernels in Pallas interpret mode, on any device (tests;
+            slow). Only with ``impl="pallas"``.
 
     Returns:
         float32 loss (float64 for float64 inputs), the same on every rank. The gradient of
         ``weight_shard`` is this rank's shard of the full gradient; the gradient of ``hidden`` is the
         full one on every rank.
+
+    Raises:
+        TypeError: non-tensor or DTensor inputs, mismatched or non-float dtypes, non-integer labels.
+        ValueError: shapes, a shard outside the vocabulary, labels out of range (eagerly on CPU),
+            bad ``reduction``, an ``impl`` that is unknown or cannot run on these inputs.
+        RuntimeError: ``torch.distributed`` is not initialised.
+
+    Example (on every rank of a 2-process group)::
+
+        start, stop = shard_range(V, rank, 2)
+        loss = vocab_parallel_linear_cross_entropy(
+            hidden, full_weight[start:stop], labels, vocab_start=start, vocab_size=V, reduction="mean")
+        loss.backward()
     """
     _check_plain_tensor("hidden", hidden)
     _check_plain_tensor("weight_shard", weight_shard)
@@ -111,14 +226,16 @@ def vocab_parallel_linear_cross_entropy(
         )
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
+    name = select_parallel_implementation(hidden, impl, interpret)
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group first")
     # Widened first, as in linear_cross_entropy: comparisons wrap in narrow and unsigned dtypes.
     labels = labels.long()
     check_label_range(labels, vocab_size, ignore_index)
     flat_labels = labels.reshape(-1)
+    shard = _PallasShard(interpret) if name == "pallas" else _ChunkedShard(hidden, weight_shard)
     loss = _VocabParallel.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, flat_labels, int(vocab_start), ignore_index, group
+        hidden.reshape(-1, hidden.shape[-1]), weight_shard, flat_labels, int(vocab_start), ignore_index, group, shard
     )
     loss = reduce_loss(loss, flat_labels != ignore_index, reduction)
     return loss.reshape(labels.shape) if reduction == "none" else loss

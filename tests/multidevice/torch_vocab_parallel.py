@@ -3,7 +3,9 @@
 Per world size: every rank holds one shard of the weight (uneven shards for 3 ranks) and checks
 the vocabulary-parallel loss and both gradients against the single-process result on the full
 weight; then a SplitLanguageModellingHead under DistributedDataParallel gives the gradient of the
-single-process mean. Prints one line per rank and case; exits 1 on a failure.
+single-process mean; the vocabulary-parallel SplitLanguageModellingHead, loaded from a full state
+dict, equals the unsharded head; impl='pallas' (interpret mode) per shard equals the reference; bad
+configurations are refused. Prints one line per rank and case; exits 1 on a failure.
 """
 
 import os
@@ -76,6 +78,99 @@ def _dtensor_case(rank, world):
     return False, "a DTensor weight was not refused"
 
 
+SPLITS, ORDER, HIDDEN = {"text": 40, "code": 9, "special": 2}, ["text", "special", "code"], 16
+
+
+def _sharded_head_case(rank, world):
+    """The vocabulary-parallel split head (loaded from a full d9d state dict) against the unsharded head.
+
+    With 3 ranks, ranks 0 and 1 hold no rows of "special" and "code" (empty nn.Linear splits).
+    """
+    torch.manual_seed(5)
+    full = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, impl="reference")
+    head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, vocab_parallel_group=dist.group.WORLD)
+    head.load_state_dict(head.shard_state_dict(full.state_dict()))
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(3, 7, HIDDEN, generator=g)
+    y = torch.randint(0, 51, (3, 7), generator=g)
+    y[0, :2] = -100
+    up = torch.randn(3, 7, generator=g)
+    hh, hr = h.clone().requires_grad_(), h.clone().requires_grad_()
+    loss = head(hh, y)
+    (loss * up).sum().backward()
+    ref = full(hr, y)
+    (ref * up).sum().backward()
+    start, stop = head.vocab_range
+    errs = [rel_err(loss.detach(), ref.detach()), rel_err(hh.grad, hr.grad)]
+    offset = 0
+    for name in ORDER:  # each split's local rows are the matching rows of its full gradient
+        lo, hi = max(start, offset) - offset, max(start, min(stop, offset + SPLITS[name])) - offset
+        local = head.lm_head[name].weight
+        errs.append(rel_err(local.grad, full.lm_head[name].weight.grad[lo:hi]) if hi > lo else float(local.grad.numel()))
+        offset += SPLITS[name]
+    gathered = head.full_state_dict()
+    same = list(gathered) == list(full.state_dict()) and all(torch.equal(gathered[k], full.state_dict()[k]) for k in gathered)
+    rows = {n: head.lm_head[n].weight.shape[0] for n in ORDER}
+    ok = all(e <= PARITY_FLOAT32 for e in errs) and same and head.implementation_for(h) == "chunked"
+    return ok, f"range [{start}, {stop}) rows {rows}; rel errs {' '.join(f'{e:.1e}' for e in errs)}; full_state_dict {same}"
+
+
+def _pallas_interpret_case(rank, world):
+    """impl='pallas' per shard (our kernels through DLPack, in Pallas interpret mode) on gloo."""
+    h, w, y, up = _inputs(13, n=(2, 9), d=24, v=61)
+    start, stop = shard_range(w.shape[0], rank, world)
+    hh, ws = h.clone().requires_grad_(), w[start:stop].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(
+        hh, ws, y, vocab_start=start, vocab_size=w.shape[0], impl="pallas", interpret=True
+    )
+    (loss * up).sum().backward()
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch_heads.linear_cross_entropy(hr, wr, y, impl="reference")
+    (ref * up).sum().backward()
+    errs = [rel_err(loss.detach(), ref.detach()), rel_err(hh.grad, hr.grad), rel_err(ws.grad, wr.grad[start:stop])]
+    return all(e <= PARITY_FLOAT32 for e in errs), f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight shard {errs[2]:.1e}"
+
+
+def _errors_case(rank, world):
+    """Configurations that make no sense are refused with the error type and a message naming the problem."""
+    from flax import nnx
+
+    import jax_heads
+    from interop.porting import port_torch_to_flax
+
+    group = dist.group.WORLD
+    h, w, y, _ = _inputs(3)
+    start, stop = shard_range(w.shape[0], rank, world)
+    head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, vocab_parallel_group=group)
+    full_sd = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN).state_dict()
+    head_with = lambda **kw: torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, **kw)  # noqa: E731
+    op = lambda **kw: vocab_parallel_linear_cross_entropy(  # noqa: E731
+        h, w[start:stop], y, vocab_start=start, vocab_size=w.shape[0], **kw
+    )
+    expected = [
+        (lambda: head_with(impl="cce", vocab_parallel_group=group), ValueError, "cut-cross-entropy has no vocabulary"),
+        (lambda: head_with(filter_eps=1e-3, vocab_parallel_group=group), ValueError, "filter_eps=0.001"),
+        (lambda: head_with(vocab_parallel_group=0), TypeError, "ProcessGroup"),
+        (lambda: torch_heads.SplitLanguageModellingHead({"a": 1}, ["a"], HIDDEN, vocab_parallel_group=group),
+         ValueError, "cannot be split over"),
+        (lambda: head.shard_state_dict(head.state_dict()), ValueError, "must be the unsharded"),
+        (lambda: head.shard_state_dict({k: v for k, v in full_sd.items() if "code" not in k}), KeyError, "code"),
+        (lambda: port_torch_to_flax(head, jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, rngs=nnx.Rngs(0))),
+         ValueError, "vocabulary-parallel"),
+        (lambda: op(impl="pallas"), ValueError, "interpret=True runs the kernels"),
+        (lambda: op(impl="chunked", interpret=True), ValueError, "interpret=True applies to impl='pallas' only"),
+    ]
+    missed = []
+    for i, (fn, error, text) in enumerate(expected):
+        try:
+            fn()
+            missed.append(f"#{i} did not raise")
+        except error as exc:
+            if text not in str(exc):
+                missed.append(f"#{i} said {exc}")
+    return not missed, f"{len(expected)} refused" if not missed else "; ".join(missed)
+
+
 def _save_for_jax(rank, world, path):
     """World 2: the sharded torch results on inputs the JAX script re-runs on 4 devices."""
     h, w, y, up = _inputs(21, v=100)
@@ -96,6 +191,11 @@ def _worker(rank, world, init_file, results):
     try:
         cases = [(f"vocab-parallel {r}", lambda r=r: _vocab_parallel_case(rank, world, r)) for r in ("none", "sum", "mean")]
         cases += [("DDP split head", lambda: _ddp_case(rank, world)), ("DTensor weight", lambda: _dtensor_case(rank, world))]
+        cases += [
+            ("sharded split head", lambda: _sharded_head_case(rank, world)),
+            ("pallas interpret per shard", lambda: _pallas_interpret_case(rank, world)),
+            ("errors", lambda: _errors_case(rank, world)),
+        ]
         if world == 2 and os.environ.get("SHARDED_PARITY_FILE"):
             cases.append(("save", lambda: _save_for_jax(rank, world, os.environ["SHARDED_PARITY_FILE"])))
         for name, case in cases:
