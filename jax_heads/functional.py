@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from heads_common import (
     LM_IGNORE_INDEX,
+    check_filter_eps,
     check_ignore_index,
     check_ignore_index_fits,
     check_lce_shapes,
@@ -59,11 +60,11 @@ def _pallas_unsupported(hidden: jax.Array, interpret: bool) -> str | None:
     return unsupported_reason(hidden, interpret=interpret)
 
 
-def _pallas_loss(hidden, weight, labels, ignore_index: int, interpret: bool) -> jax.Array:
+def _pallas_loss(hidden, weight, labels, ignore_index: int, interpret: bool, filter_eps: float | None = None):
     from jax_heads.pallas_lce import pallas_loss
 
     # Labels reach here in [0, V) or equal to ignore_index (see linear_cross_entropy), so int32 is exact.
-    return pallas_loss(hidden, weight, labels.astype(jnp.int32), ignore_index, interpret=interpret)
+    return pallas_loss(hidden, weight, labels.astype(jnp.int32), ignore_index, interpret=interpret, filter_eps=filter_eps)
 
 
 # name -> (why it cannot run on these inputs or None, flat per-token loss function)
@@ -186,6 +187,7 @@ def linear_cross_entropy(
     mesh: Mesh | None = None,
     vocab_axis: str | None = None,
     batch_axis: str | None = None,
+    filter_eps: float | Literal["auto"] | None = None,
 ) -> jax.Array:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the logits.
 
@@ -211,6 +213,11 @@ def linear_cross_entropy(
             ``hidden`` and ``labels`` are replicated over it. None: the single-device op.
         batch_axis: mesh axis the tokens are split over (data parallel; the flattened token count
             must divide evenly), or None. Only with ``vocab_axis``.
+        filter_eps: None or ``"auto"`` (the default of every implementation here): exact
+            gradients. A float in (0, 1): gradient filtering in the ``"pallas"`` backward (tiles
+            whose ``|softmax − onehot|`` stays below it are skipped, as cut-cross-entropy does;
+            its default is 2⁻¹² for bfloat16); needs ``impl="pallas"`` (or None where Pallas runs),
+            not with ``vocab_axis``. The loss is unchanged.
 
     Returns:
         float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
@@ -242,6 +249,17 @@ def linear_cross_entropy(
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
     parallel = check_mesh_options(mesh, vocab_axis, batch_axis)
+    eps = check_filter_eps(filter_eps)
+    eps = eps if isinstance(eps, float) else None
+    if eps is not None:
+        if parallel:
+            raise ValueError(f"filter_eps={eps} (gradient filtering) is not supported with vocab_axis; pass None")
+        if impl not in (None, "pallas"):
+            raise ValueError(
+                f"impl={impl!r} computes exact gradients only (filter_eps={eps} asks for gradient filtering); "
+                "gradient filtering needs impl='pallas'"
+            )
+        impl = "pallas"
     if parallel:
         from jax_heads import parallel as vocab_parallel
 
@@ -267,6 +285,8 @@ def linear_cross_entropy(
             flat_hidden, weight, flat_labels, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis,
             ignore_index=ignore_index, impl=name, interpret=interpret,
         )
+    elif eps is not None:
+        loss = _pallas_loss(flat_hidden, weight, flat_labels, ignore_index, interpret, filter_eps=eps)
     else:
         loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, interpret)
     if bad is not None:

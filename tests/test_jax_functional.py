@@ -404,3 +404,30 @@ def test_mesh_options_on_a_one_device_mesh():
 def test_import_does_not_import_torch():
     code = "import sys, jax_heads, jax_heads.functional, jax_heads.heads; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_filter_eps_runs_the_filtered_pallas_backward():
+    """A float ``filter_eps`` reaches the Pallas kernel; exact implementations refuse it by name."""
+    from jax_heads.pallas_lce import pallas_loss
+
+    rng = np.random.default_rng(4)
+    # Near-uniform softmax over 1000 classes, targets all in the first 256-row vocabulary tile: the
+    # other tiles hold only probabilities ~1e-3 < eps, so the filter skips them.
+    h = jnp.asarray(rng.standard_normal((37, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1000, 24)) * 0.1, jnp.float32)
+    y = jnp.asarray(rng.integers(0, 256, 37), jnp.int32)
+    eps = 1e-2
+
+    def grads(fn):
+        return jax.grad(lambda a, b: jnp.sum(fn(a, b)), (0, 1))(h, w)
+
+    mine = grads(lambda a, b: linear_cross_entropy(a, b, y, impl="pallas", interpret=True, filter_eps=eps))
+    direct = grads(lambda a, b: pallas_loss(a, b, y, -100, interpret=True, filter_eps=eps))
+    exact = grads(lambda a, b: linear_cross_entropy(a, b, y, impl="pallas", interpret=True, filter_eps="auto"))
+    for a, b in zip(mine, direct):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(mine[1]), np.asarray(exact[1]))
+    with pytest.raises(ValueError, match="computes exact gradients only"):
+        linear_cross_entropy(h, w, y, impl="chunked", filter_eps=eps)
+    with pytest.raises(ValueError, match=r"filter_eps must be in \(0, 1\)"):
+        linear_cross_entropy(h, w, y, impl="pallas", interpret=True, filter_eps=2.0)

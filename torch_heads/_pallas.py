@@ -97,8 +97,6 @@ def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
         return f"needs CUDA tensors, got device {hidden.device}"
     if hidden.dtype not in SUPPORTED_DTYPES:
         return f"supports {[str(d) for d in SUPPORTED_DTYPES]}, got {hidden.dtype}"
-    if isinstance(filter_eps, float):
-        return f"computes exact gradients only (filter_eps={filter_eps} asks for gradient filtering)"
     try:
         jax = _import_jax()
         import interop.dlpack  # noqa: F401
@@ -115,14 +113,15 @@ def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
 
 
 @functools.cache
-def _programs(ignore_index: int, interpret: bool, block_sizes):
+def _programs(ignore_index: int, interpret: bool, block_sizes, filter_eps: float | None = None):
     """The jitted forward and backward for these static options (``jit`` caches per shape and dtype)."""
     jax = _import_jax()
     from jax_heads import pallas_lce
 
     def options(hidden, weight):
         return pallas_lce.options_for(
-            hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes
+            hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes,
+            filter_eps=filter_eps,
         )
 
     @jax.jit
@@ -263,6 +262,7 @@ def pallas_loss(
     *,
     interpret: bool = False,
     block_sizes=None,
+    filter_eps: float | None = None,
 ) -> torch.Tensor:
     """Per-token loss of flat inputs on our Pallas kernels, through JAX, zero-copy.
 
@@ -273,6 +273,8 @@ def pallas_loss(
         ignore_index: label value that gives loss 0 and gradient 0.
         interpret: run the kernels in Pallas interpret mode (CPU tests; slow).
         block_sizes: a ``jax_heads.pallas_lce.BlockSizes``; None for its default.
+        filter_eps: None for exact gradients; a float turns on the kernel's gradient filtering
+            (``jax_heads.pallas_lce.pallas_loss``).
 
     Returns:
         ``(N,)`` float32 loss; gradients with respect to ``hidden`` and ``weight`` come back in their dtype.
@@ -284,7 +286,7 @@ def pallas_loss(
     # Differentiable copies where needed: JAX gets dense, aligned, row-major memory without copying it.
     hidden = _aligned(hidden.contiguous())
     weight = _aligned(weight.contiguous())
-    programs = _programs(ignore_index, bool(interpret), block_sizes)
+    programs = _programs(ignore_index, bool(interpret), block_sizes, None if filter_eps is None else float(filter_eps))
     return _PallasLinearCrossEntropy.apply(hidden, weight, _aligned(labels), programs)
 
 

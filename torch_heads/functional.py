@@ -54,7 +54,10 @@ _IMPLEMENTATIONS: dict[str, tuple[Callable[..., str | None], Callable[..., torch
     "reference": (_exact_only, lambda h, w, y, ignore_index, filter_eps: reference_loss(h, w, y, ignore_index)),
     "pallas": (
         _pallas.unsupported_reason,
-        lambda h, w, y, ignore_index, filter_eps: _pallas.pallas_loss(h, w, y, ignore_index),
+        # "auto" is exact for our kernel; a float turns its gradient filtering on.
+        lambda h, w, y, ignore_index, filter_eps: _pallas.pallas_loss(
+            h, w, y, ignore_index, filter_eps=filter_eps if isinstance(filter_eps, float) else None
+        ),
     ),
 }
 AUTO_ORDER = ("cce", "chunked")
@@ -155,7 +158,8 @@ def linear_cross_entropy(
             available (``"cce"`` on CUDA, ``"chunked"`` elsewhere; ``"pallas"`` only when named).
         filter_eps: gradient filtering. ``"auto"``: the implementation's default (CCE filters
             gradient tiles below about ``eps(dtype)/32``; the others are exact); ``None``: exact
-            gradients everywhere; a float: CCE's threshold (only ``cce`` supports it).
+            gradients everywhere; a float: the threshold below which a gradient tile is skipped
+            (``cce`` and ``pallas``; ``pallas`` is exact under ``"auto"``).
 
     Returns:
         float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
