@@ -15,29 +15,29 @@ nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$o
 start=$(date +%s)
 stamp() { echo "$(( $(date +%s) - start )) s: $*" >> "$out/timeline.txt"; }
 
+left() { echo $(( $1 - ($(date +%s) - start) )); }   # seconds until $1 s after the start
+
 if [ "$part" = checks ]; then
+  stamp "vocab-parallel start"
+  timeout 210 python benchmarks/vocab_parallel_gpu.py --skip-chunked --timeout 200 --out "$out/vocab_parallel" \
+    > "$out/vocab_parallel.log" 2>&1
+  stamp "vocab-parallel rc=$?"
   (
     export CUDA_VISIBLE_DEVICES=0
-    stamp "tune start"
-    timeout 200 python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
-    timeout 150 python -m pytest -m "gpu and large" -q -p no:cacheprovider tests/test_gpu_large.py > "$out/large.log" 2>&1
+    timeout $(left 440) python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
+    timeout $(left 580) python -m pytest -m "gpu and large" -q -p no:cacheprovider tests/test_gpu_large.py > "$out/large.log" 2>&1
     stamp "large rc=$?"
   ) &
   (
     export CUDA_VISIBLE_DEVICES=1
-    stamp "gpu tests start"
-    timeout 260 python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 6 -rfE \
+    timeout $(left 480) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 8 -rfE \
       tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_torch_gpu.py > "$out/gpu_tests.log" 2>&1
     stamp "gpu tests rc=$?"
-    timeout 120 compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+    timeout $(left 580) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
       python benchmarks/sanitize_pallas.py > "$out/sanitizer.log" 2>&1
     stamp "sanitizer rc=$?"
   ) &
   wait
-  stamp "vocab-parallel start"
-  timeout $(( 575 - ($(date +%s) - start) )) python benchmarks/vocab_parallel_gpu.py --out "$out/vocab_parallel" \
-    > "$out/vocab_parallel.log" 2>&1
-  stamp "vocab-parallel rc=$?"
 elif [ "$part" = bench ]; then
   ( export CUDA_VISIBLE_DEVICES=1; s=$(date +%s)
     timeout 200 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
