@@ -39,12 +39,20 @@ if [ "$part" = checks ]; then
   ) &
   wait
 elif [ "$part" = bench ]; then
-  ( export CUDA_VISIBLE_DEVICES=1; s=$(date +%s)
-    timeout 200 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
-    stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)" ) &
   ( export CUDA_VISIBLE_DEVICES=0
-    timeout 560 python benchmarks/bench.py --sweep --out "$out/full" > "$out/full.log" 2>&1
+    timeout $(left 570) python benchmarks/bench.py --sweep --out "$out/full" > "$out/full.log" 2>&1
     stamp "full rc=$?" ) &
+  ( export CUDA_VISIBLE_DEVICES=1
+    timeout $(left 210) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 4 -rfE \
+      tests/test_jax_pallas.py tests/test_torch_pallas.py > "$out/gpu_tests.log" 2>&1
+    stamp "gpu tests rc=$?"
+    timeout $(left 280) python -m pytest -m "gpu and large" -q -p no:cacheprovider -rfE tests/test_gpu_large.py \
+      > "$out/large.log" 2>&1
+    stamp "large rc=$?"
+    timeout $(left 420) python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
+    s=$(date +%s)
+    timeout $(left 575) python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
+    stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)" ) &
   wait
 fi
 stamp done

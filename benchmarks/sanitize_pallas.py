@@ -4,7 +4,7 @@
         python benchmarks/sanitize_pallas.py
 
 Ragged everywhere: N not a multiple of the token block, V not a multiple of the vocabulary tile or
-of the backward chunk (so a shorter tail chunk follows the whole ones), D not a multiple of the D
+of the backward chunk (so the last chunk overlaps the one before), D not a multiple of the D
 step. Exact gradients, then gradient filtering (the block-sparse products).
 """
 
@@ -26,7 +26,7 @@ h = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
 w = jnp.asarray(rng.standard_normal((v, d)) * d**-0.5, jnp.bfloat16)
 y = rng.integers(0, v, n).astype(np.int32)
 y[::7] = -100
-bs = BlockSizes(chunk_bytes=384 * 2 * 1536)  # 3 chunks of 1536 rows over V padded to 5120, then a 512-row tail
+bs = BlockSizes(chunk_bytes=384 * 2 * 1536)  # chunks of 1536 rows over V padded to 5120: the last overlaps
 for eps in (None, 2.0**-12):
     loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, jnp.asarray(y), -100, block_sizes=bs, filter_eps=eps), h, w)
     dh, dw = vjp(jnp.ones((n,), jnp.float32))

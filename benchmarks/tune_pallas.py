@@ -25,27 +25,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jax_heads.pallas_lce import BlockSizes, pallas_loss  # noqa: E402
 
-FWD_CONFIGS = [
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3),  # the default
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=4),
-    dict(block_n=128, block_v=256, block_d=32, num_warps=8, num_stages=5),
-    dict(block_n=256, block_v=128, block_d=64, num_warps=8, num_stages=4),
-    dict(block_n=256, block_v=256, block_d=64, num_warps=16, num_stages=3),
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, flat_loop=True),
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=4, flat_loop=True),
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, min_programs=264),
-    dict(block_n=128, block_v=256, block_d=64, num_warps=8, num_stages=3, min_programs=1056),
+FWD_CONFIGS = [  # BlockSizes fields changed from the default (flat loop, splits by whole waves)
+    dict(),
+    dict(flat_loop=False),
+    dict(num_stages=4),
+    dict(programs_per_sm=2),
+    dict(min_programs=132),
 ]
 MIB = 2**20
 BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
     dict(),  # the default
-    dict(chunk_bytes=32 * MIB),
-    dict(chunk_bytes=48 * MIB),
+    dict(chunk_bytes=64 * MIB),
     dict(filter_eps=2.0**-12),
-    dict(filter_eps=2.0**-12, mm_block_d=64),
-    dict(bwd_num_stages=4),
-    dict(filter_eps=2.0**-12, mm_num_stages=4),
-    dict(chunk_bytes=128 * MIB),
+    dict(filter_eps=2.0**-12, mm_block_k=32),
+    dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB),
+    dict(filter_eps=2.0**-12, mm_num_warps=4),
 ]
 
 

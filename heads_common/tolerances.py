@@ -48,6 +48,12 @@ TOLERANCES: dict[str, Tolerance] = {
     # by percents.
     "bfloat16": Tolerance(2**-8, baseline_relative=True),
     "float16": Tolerance(2**-11, baseline_relative=True),
+    # cut-cross-entropy 25.1.1's d_hidden at large vocabularies (its backward adds each
+    # vocabulary tile's share into d_hidden in bfloat16, so the rounding grows with V / 256 tiles):
+    # measured 4.2e-2 at N=16 384, D=256, V=262 144 and 9.0e-3 at D=8192 (H200, 2026-11-28), above
+    # the naive bfloat16 baseline. Used only to check the peer for index overflow at shapes beyond
+    # 2**31 elements, where a wrapped offset puts gradients on wrong rows (relative error ~1).
+    "bfloat16-cce-large-d_hidden": Tolerance(0.1),
 }
 
 # Cross-framework parity on the same float32 inputs: both sides accumulate in float32.

@@ -11,7 +11,7 @@ stably in XLA. Splitting the vocabulary fills the GPU when there are few token b
 
 Backward: per vocabulary chunk of ``chunk_v`` rows, the ``lce_grad_logits`` kernel recomputes the
 logits tile by tile and writes ``g * (softmax - onehot)`` for that chunk (``(N, chunk_v)`` in the
-input dtype, at most ``chunk_bytes``, 64 MiB by default); two matrix products in XLA then add the
+input dtype, at most ``chunk_bytes``, 32 MiB by default); two matrix products in XLA then add the
 chunk's share to ``d_hidden`` (a float32 ``(N, D)`` accumulator) and give ``d_weight`` for the
 chunk's rows. 8·N·D·V FLOPs in all (forward + backward), no tokens × vocabulary buffer, no atomics.
 See ``docs/kernel-notes.md`` for why this split and what it measured.
@@ -46,12 +46,15 @@ class BlockSizes:
         num_warps, num_stages: Triton launch options.
         flat_loop: the forward runs one loop over (vocabulary tile, D step) pairs rather than
             two nested loops (see ``_forward_kernel``).
-        min_programs: the forward splits the vocabulary until the grid has at least this many
-            programs (4 per multiprocessor on a 132-SM Hopper part).
+        min_programs, programs_per_sm: the forward splits the vocabulary until the grid has at
+            least ``min_programs`` programs (4 per multiprocessor on a 132-SM Hopper part), then
+            picks the split count by whole waves of ``programs_per_sm`` × multiprocessors
+            programs (:func:`choose_splits`). ``sm_count``: None asks the first GPU.
         chunk_bytes: the most bytes one backward chunk of gradient logits ``(N, chunk_v)`` may take.
-        mm_block_d, mm_block_rows, mm_num_warps, mm_num_stages: tiles and launch options of the two
-            block-sparse products of the filtered backward (``d_hidden``: ``bwd_block_n × mm_block_d``
-            per program; ``d_weight``: ``mm_block_rows × mm_block_d``).
+        mm_block_d, mm_block_rows, mm_block_k, mm_num_warps, mm_num_stages: tiles and launch
+            options of the two block-sparse products of the filtered backward (``d_hidden``:
+            ``bwd_block_n × mm_block_d`` per program; ``d_weight``: ``mm_block_rows × mm_block_d``;
+            both step through a flagged tile ``mm_block_k`` at a time).
     """
 
     block_n: int = 128
@@ -65,10 +68,13 @@ class BlockSizes:
     bwd_num_warps: int = 8
     bwd_num_stages: int = 3
     min_programs: int = 528
-    flat_loop: bool = False
-    chunk_bytes: int = 64 * 2**20
+    programs_per_sm: int = 1
+    sm_count: int | None = None
+    flat_loop: bool = True
+    chunk_bytes: int = 32 * 2**20
     mm_block_d: int = 128
     mm_block_rows: int = 128
+    mm_block_k: int = 64
     mm_num_warps: int = 8
     mm_num_stages: int = 3
 
@@ -175,13 +181,14 @@ def _forward_kernel(
 
 
 def _grad_logits_kernel(
-    start_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *out_refs, block_n, block_v, block_d, vocab_size, precision,
+    bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *out_refs, block_n, block_v, block_d, vocab_size, precision,
     filter_eps,
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
-    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``start = start_ref[0]``;
-    columns at or past the real vocabulary size are written as zeros.
+    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``(lo, start) = bounds_ref``;
+    columns below ``lo`` (done by the previous chunk) and at or past the real vocabulary size are
+    written as zeros.
 
     With ``filter_eps`` (gradient filtering) a second output flags the tiles that matter: a tile
     whose ``|softmax - onehot|`` is below ``filter_eps`` everywhere on counted rows (``g != 0``) —
@@ -189,7 +196,7 @@ def _grad_logits_kernel(
     filtered products read only flagged tiles.
     """
     i, j = pl.program_id(0), pl.program_id(1)
-    start = start_ref[0]
+    lo, start = bounds_ref[0], bounds_ref[1]
     n0 = pl.multiple_of(i * block_n, block_n)
     c0 = pl.multiple_of(j * block_v, block_v)
     v0 = start + c0
@@ -199,7 +206,7 @@ def _grad_logits_kernel(
     labels = y_ref[pl.ds(n0, block_n)]
     cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
     diff = jnp.exp(logits - lse[:, None]) - jnp.where(cols == labels[:, None], 1.0, 0.0)
-    in_vocab = cols < vocab_size
+    in_vocab = (cols >= lo) & (cols < vocab_size)
     grad = jnp.where(in_vocab, diff * g[:, None], 0.0).astype(out_refs[0].dtype)
     if filter_eps is None:
         out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
@@ -215,31 +222,43 @@ def _grad_logits_kernel(
 
 
 def _filtered_dh_kernel(
-    start_ref, flag_ref, gl_ref, w_ref, acc_ref, out_ref, *, block_n, block_v, block_dd, num_tiles, precision
+    bounds_ref, flag_ref, gl_ref, w_ref, acc_ref, out_ref, *, block_n, block_v, block_k, block_dd, num_tiles,
+    precision
 ):
-    """``d_hidden[n-block, d-block] += Σ_tiles G[n-block, tile] @ W[tile, d-block]`` over flagged tiles."""
+    """``d_hidden[n-block, d-block] += Σ_tiles G[n-block, tile] @ W[tile, d-block]`` over flagged tiles.
+
+    The accumulator block is read and written only when some tile of the chunk is flagged for this
+    token block (the output aliases the accumulator, so an untouched block keeps its value).
+    """
     i, k = pl.program_id(0), pl.program_id(1)
-    start = start_ref[0]
+    start = bounds_ref[1]
     n0 = pl.multiple_of(i * block_n, block_n)
     d0 = pl.multiple_of(k * block_dd, block_dd)
 
     def tile(t, acc):
         def add(acc):
-            c0 = pl.multiple_of(t * block_v, block_v)
-            gt = gl_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)]
-            wt = w_ref[pl.ds(pl.multiple_of(start + c0, block_v), block_v), pl.ds(d0, block_dd)]
-            return acc + lax.dot_general(
-                gt, wt, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-            )
+            def step(kk, acc):
+                c0 = pl.multiple_of(t * block_v + kk * block_k, block_k)
+                gt = gl_ref[pl.ds(n0, block_n), pl.ds(c0, block_k)]
+                wt = w_ref[pl.ds(pl.multiple_of(start + c0, block_k), block_k), pl.ds(d0, block_dd)]
+                return acc + lax.dot_general(
+                    gt, wt, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+                )
+
+            return lax.fori_loop(0, block_v // block_k, step, acc)
 
         return lax.cond(flag_ref[i, t] != 0, add, lambda acc: acc, acc)
 
-    acc = acc_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)]
-    out_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)] = lax.fori_loop(0, num_tiles, tile, acc)
+    any_flag = lax.fori_loop(0, num_tiles, lambda t, a: jnp.maximum(a, flag_ref[i, t]), jnp.int32(0))
+
+    @pl.when(any_flag != 0)
+    def _():
+        acc = acc_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)]
+        out_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)] = lax.fori_loop(0, num_tiles, tile, acc)
 
 
 def _filtered_dw_kernel(
-    flag_ref, gl_ref, h_ref, out_ref, *, block_n, block_rows, block_v, block_dd, num_blocks, precision
+    flag_ref, gl_ref, h_ref, out_ref, *, block_n, block_rows, block_v, block_k, block_dd, num_blocks, precision
 ):
     """``d_weight[rows, d-block] = Σ_token-blocks G[block, rows]ᵀ @ H[block, d-block]`` over flagged tiles."""
     r, k = pl.program_id(0), pl.program_id(1)
@@ -249,12 +268,15 @@ def _filtered_dw_kernel(
 
     def block(i, acc):
         def add(acc):
-            n0 = pl.multiple_of(i * block_n, block_n)
-            gt = gl_ref[pl.ds(n0, block_n), pl.ds(c0, block_rows)]
-            ht = h_ref[pl.ds(n0, block_n), pl.ds(d0, block_dd)]
-            return acc + lax.dot_general(
-                gt, ht, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-            )
+            def step(kk, acc):
+                n0 = pl.multiple_of(i * block_n + kk * block_k, block_k)
+                gt = gl_ref[pl.ds(n0, block_k), pl.ds(c0, block_rows)]
+                ht = h_ref[pl.ds(n0, block_k), pl.ds(d0, block_dd)]
+                return acc + lax.dot_general(
+                    gt, ht, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+                )
+
+            return lax.fori_loop(0, block_n // block_k, step, acc)
 
         return lax.cond(flag_ref[i, t] != 0, add, lambda acc: acc, acc)
 
@@ -319,14 +341,47 @@ def pad_inputs(hidden, weight, labels, plan: _Plan):
     return hidden, weight, labels
 
 
+@functools.cache
+def _sm_count() -> int:
+    """Multiprocessors of the first GPU (132 on an H100/H200 SXM when JAX has no GPU to ask)."""
+    try:
+        return int(jax.devices("gpu")[0].core_count)
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return 132
+
+
+def _concurrent_programs(bs: BlockSizes) -> int:
+    return bs.programs_per_sm * (bs.sm_count or _sm_count())
+
+
+def choose_splits(n_blocks: int, num_tiles: int, min_programs: int, slots: int) -> tuple[int, int]:
+    """``(splits, tiles_per_split)`` of the forward grid.
+
+    At least ``min_programs`` programs where the vocabulary allows; then, among up to 8× as many
+    splits, the fewest whose wave-quantised work ``ceil(programs / slots) · tiles_per_split`` is
+    within 2 % of the best (``slots`` programs run at once). Whole waves matter: 576 programs of
+    112 tiles on 132 multiprocessors run as 5 waves where 4.4 would do (tile work 15 % above the
+    ideal), 2 112 programs of 31 tiles as 16 waves (2 % above).
+    """
+    lo = max(1, min(num_tiles, -(-min_programs // n_blocks)))
+
+    def cost(s):
+        tiles = -(-num_tiles // s)
+        s = -(-num_tiles // tiles)  # no empty split
+        return -(-(n_blocks * s) // slots) * tiles, s, tiles
+
+    options = [cost(s) for s in range(lo, min(num_tiles, 8 * lo) + 1)]
+    best = min(c[0] for c in options)
+    _, splits, tiles = min((c for c in options if c[0] <= 1.02 * best), key=lambda c: c[1])
+    return splits, tiles
+
+
 def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool):
     """Per-token log-sum-exp and target logit of padded inputs, each ``(n_pad,)`` float32."""
     bs = block_sizes
     n_blocks = plan.n_pad // bs.block_n
     num_tiles = plan.v_pad // bs.block_v
-    splits = max(1, min(num_tiles, -(-bs.min_programs // n_blocks)))
-    tiles_per_split = -(-num_tiles // splits)
-    splits = -(-num_tiles // tiles_per_split)  # no empty split
+    splits, tiles_per_split = choose_splits(n_blocks, num_tiles, bs.min_programs, _concurrent_programs(bs))
     kernel = functools.partial(
         _forward_kernel,
         block_n=bs.block_n,
@@ -363,11 +418,14 @@ def lce_backward(
 ):
     """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored).
 
-    The vocabulary is walked in chunks of ``chunk_v`` rows (``v_pad // chunk_v`` whole chunks in a
-    loop, then one shorter chunk for the remainder, if any): per chunk, the gradient logits
-    ``G_c`` ``(N_pad, chunk_v)`` in the input dtype, ``d_hidden += G_c @ W_c`` into a float32
-    accumulator and ``d_weight[c] = G_cᵀ @ H`` written in the weight dtype (the product accumulates
-    in float32 and is complete for its rows: every token is in it).
+    The vocabulary is walked in ``ceil(v_pad / chunk_v)`` chunks of ``chunk_v`` rows: per chunk,
+    the gradient logits ``G_c`` ``(N_pad, chunk_v)`` in the input dtype, ``d_hidden += G_c @ W_c``
+    into a float32 accumulator and ``d_weight[c] += G_cᵀ @ H`` in the weight dtype (the product
+    accumulates in float32 and is complete for its rows: every token is in it; the rows start at
+    zero, so the addition is exact). When ``chunk_v`` does not divide the vocabulary, the last chunk
+    is placed at ``v_pad − chunk_v``, overlapping the one before: its kernel writes zeros for the
+    columns already done, which then add nothing to either gradient. Every chunk has one shape, so
+    the loop's buffers are all there is (no separate tail buffers).
 
     Exact (``filter_eps`` None): the two products are XLA (cuBLAS) matrix products. Filtered: the
     gradient-logits kernel also flags the tiles that hold a value ≥ ``filter_eps``, and two Pallas
@@ -377,35 +435,32 @@ def lce_backward(
     dtype = hidden.dtype
     precision = _precision(dtype)
     chunk_v = _chunk_v(plan, bs, jnp.dtype(dtype).itemsize)
-    num_full, tail = divmod(plan.v_pad, chunk_v)
+    num_chunks = -(-plan.v_pad // chunk_v)
+    tiles = chunk_v // bs.bwd_block_v
     block_dd = _pick_block_d(plan.d_pad, bs.mm_block_d)
     block_rows = min(bs.mm_block_rows, bs.bwd_block_v)
+    block_k = min(bs.mm_block_k, bs.bwd_block_v, bs.bwd_block_n)
     n_blocks = plan.n_pad // bs.bwd_block_n
 
-    @functools.cache
-    def launchers(size: int):
-        """The pallas_calls of one chunk of ``size`` vocabulary rows (traced once per size)."""
-        tiles = size // bs.bwd_block_v
-        grad_logits = pl.pallas_call(
-            functools.partial(
-                _grad_logits_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_d=plan.bwd_block_d,
-                vocab_size=plan.v, precision=precision, filter_eps=filter_eps,
-            ),
-            out_shape=(
-                jax.ShapeDtypeStruct((plan.n_pad, size), dtype),
-                *(() if filter_eps is None else (jax.ShapeDtypeStruct((n_blocks, tiles), jnp.int32),)),
-            ),
-            grid=(n_blocks, tiles),
-            compiler_params=_compiler_params(bs.bwd_num_warps, bs.bwd_num_stages),
-            interpret=interpret,
-            name="lce_grad_logits" if filter_eps is None else "lce_grad_logits_filtered",
-        )
-        if filter_eps is None:
-            return grad_logits, None, None
+    grad_logits = pl.pallas_call(
+        functools.partial(
+            _grad_logits_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_d=plan.bwd_block_d,
+            vocab_size=plan.v, precision=precision, filter_eps=filter_eps,
+        ),
+        out_shape=(
+            jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
+            *(() if filter_eps is None else (jax.ShapeDtypeStruct((n_blocks, tiles), jnp.int32),)),
+        ),
+        grid=(n_blocks, tiles),
+        compiler_params=_compiler_params(bs.bwd_num_warps, bs.bwd_num_stages),
+        interpret=interpret,
+        name="lce_grad_logits" if filter_eps is None else "lce_grad_logits_filtered",
+    )
+    if filter_eps is not None:
         d_hidden_product = pl.pallas_call(
             functools.partial(
-                _filtered_dh_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_dd=block_dd,
-                num_tiles=tiles, precision=precision,
+                _filtered_dh_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_k=block_k,
+                block_dd=block_dd, num_tiles=tiles, precision=precision,
             ),
             out_shape=jax.ShapeDtypeStruct((plan.n_pad, plan.d_pad), jnp.float32),
             grid=(n_blocks, plan.d_pad // block_dd),
@@ -417,40 +472,40 @@ def lce_backward(
         d_weight_product = pl.pallas_call(
             functools.partial(
                 _filtered_dw_kernel, block_n=bs.bwd_block_n, block_rows=block_rows, block_v=bs.bwd_block_v,
-                block_dd=block_dd, num_blocks=n_blocks, precision=precision,
+                block_k=block_k, block_dd=block_dd, num_blocks=n_blocks, precision=precision,
             ),
-            out_shape=jax.ShapeDtypeStruct((size, plan.d_pad), weight.dtype),
-            grid=(size // block_rows, plan.d_pad // block_dd),
+            out_shape=jax.ShapeDtypeStruct((chunk_v, plan.d_pad), weight.dtype),
+            grid=(chunk_v // block_rows, plan.d_pad // block_dd),
             compiler_params=_compiler_params(bs.mm_num_warps, bs.mm_num_stages),
             interpret=interpret,
             name="lce_filtered_d_weight",
         )
-        return grad_logits, d_hidden_product, d_weight_product
 
-    def chunk(start, size, d_hidden, d_weight):
-        grad_logits, d_hidden_product, d_weight_product = launchers(size)
-        start_arr = jnp.reshape(start, (1,)).astype(jnp.int32)
+    def body(k, carry):
+        d_hidden, d_weight = carry
+        lo = k * chunk_v
+        start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
+        bounds = jnp.stack([lo, start]).astype(jnp.int32)
         if filter_eps is None:
-            (gl,) = grad_logits(start_arr, hidden, weight, labels, lse, g)
-            w_chunk = lax.dynamic_slice_in_dim(weight, start, size, axis=0)
+            (gl,) = grad_logits(bounds, hidden, weight, labels, lse, g)
+            w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
             d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
             dw_chunk = lax.dot_general(
                 gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
             )
         else:
-            gl, flags = grad_logits(start_arr, hidden, weight, labels, lse, g)
-            d_hidden = d_hidden_product(start_arr, flags, gl, weight, d_hidden)
+            gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g)
+            d_hidden = d_hidden_product(bounds, flags, gl, weight, d_hidden)
             dw_chunk = d_weight_product(flags, gl, hidden)
-        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, dw_chunk, start, axis=0)
+        # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
+        old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
+        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0)
 
-    d_hidden = jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32)
-    d_weight = jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype)
-    if num_full:
-        d_hidden, d_weight = lax.fori_loop(
-            0, num_full, lambda k, carry: chunk(k * chunk_v, chunk_v, *carry), (d_hidden, d_weight)
-        )
-    if tail:
-        d_hidden, d_weight = chunk(num_full * chunk_v, tail, d_hidden, d_weight)
+    init = (
+        jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
+        jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
+    )
+    d_hidden, d_weight = lax.fori_loop(0, num_chunks, body, init)
     return d_hidden.astype(dtype), d_weight
 
 

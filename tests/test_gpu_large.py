@@ -64,5 +64,8 @@ def test_large_shape_matches_chunked_on_sampled_rows(shape, impl):
     got = [t[idx].float().cpu() for t, idx in zip(_run(impl, h, w, y, up), (tokens, tokens, rows))]
     # The chunked path rounds its gradients to bf16 too: compare with the bf16 rounding as the naive error.
     for name, value, t in zip(("loss", "d_hidden", "d_weight"), got, truth):
+        if impl == "cce" and name == "d_hidden":  # the peer's own accumulation error (tolerances.py)
+            assert_close(f"{shape}-{impl}-{name}", value.numpy(), t.numpy(), "bfloat16-cce-large-d_hidden")
+            continue
         naive = t.bfloat16().float() if name != "loss" else t
         assert_close(f"{shape}-{impl}-{name}", value.numpy(), t.numpy(), "bfloat16", naive=naive.numpy())

@@ -17,7 +17,7 @@ from tolerances import assert_close
 # backward chunks (a shorter last one) and ragged edges everywhere.
 TINY = BlockSizes(
     block_n=16, block_v=16, block_d=16, bwd_block_n=16, bwd_block_v=16, bwd_block_d=16, min_programs=8,
-    chunk_bytes=32 * 48 * 4, mm_block_d=16, mm_block_rows=16,
+    chunk_bytes=32 * 48 * 4, mm_block_d=16, mm_block_rows=16, sm_count=2,
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -67,7 +67,22 @@ def test_interpret_matches_ground_truth(shape, dtype):
 @pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257), (1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_interpret_flat_forward_loop(shape):
     h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 3)
-    _check(h, w, y, up, "float32", interpret=True, block_sizes=dataclasses.replace(TINY, flat_loop=True))
+    # One split per token block (one slot, one program minimum): every program walks all the tiles.
+    for bs in (dataclasses.replace(TINY, flat_loop=True, min_programs=1, sm_count=1),
+               dataclasses.replace(TINY, flat_loop=False, min_programs=1, sm_count=1)):
+        _check(h, w, y, up, "float32", interpret=True, block_sizes=bs)
+
+
+def test_choose_splits_by_whole_waves():
+    from jax_heads.pallas_lce import choose_splits
+
+    assert choose_splits(64, 1000, 528, 132) == (33, 31)  # Gemma-2: 16 waves of 132 instead of 5 ragged ones
+    assert choose_splits(64, 501, 528, 132) == (39, 13)  # Llama-3
+    assert choose_splits(1, 4, 8, 132) == (4, 1)
+    assert choose_splits(3, 7, 1, 1) == (1, 7)  # one slot: splitting gains nothing
+    for nb, t in ((5, 17), (64, 1000), (2, 3)):
+        splits, tiles = choose_splits(nb, t, 8, 4)
+        assert (splits - 1) * tiles < t <= splits * tiles  # every split has work, all tiles covered
 
 
 def test_interpret_all_ignored_gives_zeros():
@@ -108,9 +123,23 @@ def test_gpu_matches_ground_truth(shape, dtype):
     _check(h, w, y, up, dtype)
 
 
+def _naive_filtered(h, w, y, upstream, keep, bs: BlockSizes):
+    """The naive input-dtype computation with the same tiles filtered out: the half-precision baseline."""
+    logits = (h @ w.T).astype(jnp.float32)
+    valid = y != -100
+    p = jax.nn.softmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(jnp.where(valid, y, 0), w.shape[0], dtype=jnp.float32)
+    mask = np.repeat(np.repeat(keep, bs.bwd_block_n, axis=0), bs.bwd_block_v, axis=1)[: h.shape[0], : w.shape[0]]
+    g = jnp.where(valid, jnp.asarray(upstream, jnp.float32), 0.0)[:, None]
+    grad_logits = ((p - onehot) * g * mask).astype(h.dtype)
+    loss = _naive(h, w, y, upstream)[0]
+    return loss, grad_logits @ w, grad_logits.T @ h
+
+
 def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: float, **kw):
     """Filtered gradients against the float64 model of the same tile filter (``ground_truth.py``)."""
-    maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream, bs.bwd_block_n, bs.bwd_block_v)
+    maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y),
+                                  upstream, bs.bwd_block_n, bs.bwd_block_v)
     eps = threshold_between_tiles(maxima, quantile)
     loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, **kw), h, w)
     dh, dw = vjp(jnp.asarray(upstream, jnp.float32))
@@ -121,8 +150,9 @@ def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: flo
     full = lce_ground_truth(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream)
     # The filter changes the gradients by more than the tolerance: comparing with it can fail.
     assert not np.allclose(full[1], truth[1], rtol=1e-3, atol=0)
-    for name, value, t in zip(("loss", "d_hidden", "d_weight"), (loss, dh, dw), truth):
-        assert_close(name, np.asarray(value, np.float64), t, dtype_name)
+    naive = [None] * 3 if dtype_name == "float32" else _naive_filtered(h, w, y, upstream, keep, bs)
+    for name, value, t, nv in zip(("loss", "d_hidden", "d_weight"), (loss, dh, dw), truth, naive):
+        assert_close(name, np.asarray(value, np.float64), t, dtype_name, None if nv is None else np.asarray(nv, np.float64))
 
 
 @pytest.mark.parametrize("quantile", [0.3, 0.8])
@@ -130,6 +160,13 @@ def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: flo
 def test_interpret_filtered_matches_filtered_truth(shape, quantile):
     h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 1)
     _check_filtered(h, w, y, up, "float32", TINY, quantile, interpret=True)
+
+
+def test_interpret_filtered_steps_through_tiles():
+    """Backward tiles of 32 walked 16 rows/columns at a time by the two block-sparse products."""
+    h, w, y, up = _inputs(70, 40, 300, jnp.float32, seed=9)
+    bs = dataclasses.replace(TINY, bwd_block_n=32, bwd_block_v=32, mm_block_k=16, chunk_bytes=96 * 64 * 4)
+    _check_filtered(h, w, y, up, "float32", bs, 0.5, interpret=True)
 
 
 def test_interpret_filter_below_every_value_keeps_every_tile():
