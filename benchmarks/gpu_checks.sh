@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU-machine checks of the open issues, in one call (repo root as cwd, 2 GPUs):
 #   bash benchmarks/gpu_checks.sh checks OUTDIR   # GPU tests, sanitizer, large shapes, tuning, 2-GPU run
-#   bash benchmarks/gpu_checks.sh bench OUTDIR    # the full benchmark (+ --quick timed on the 2nd GPU)
+#   bash benchmarks/gpu_checks.sh bench OUTDIR    # the benchmark (GPU 0) while GPU 1 runs the kernel tests,
+#                                                 # large shapes, tuning and the vocabulary sweep
+#   bash benchmarks/gpu_checks.sh quick OUTDIR    # bench.py --quick, timed
 # Needs .whl/ with the cut-cross-entropy and liger-kernel wheels. Every step has its own time limit
 # and log under OUTDIR, so one failure or overrun does not lose the others.
 set -u
@@ -40,7 +42,7 @@ if [ "$part" = checks ]; then
   wait
 elif [ "$part" = bench ]; then
   ( export CUDA_VISIBLE_DEVICES=0
-    timeout $(left 570) python benchmarks/bench.py --sweep --out "$out/full" > "$out/full.log" 2>&1
+    timeout $(left 575) python benchmarks/bench.py --out "$out/full" > "$out/full.log" 2>&1
     stamp "full rc=$?" ) &
   ( export CUDA_VISIBLE_DEVICES=1
     timeout $(left 210) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 4 -rfE \
@@ -50,8 +52,12 @@ elif [ "$part" = bench ]; then
       > "$out/large.log" 2>&1
     stamp "large rc=$?"
     timeout $(left 420) python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
-    s=$(date +%s)
-    timeout $(left 575) python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
+    timeout $(left 575) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
+    stamp "sweep rc=$?" ) &
+  wait
+elif [ "$part" = quick ]; then
+  ( export CUDA_VISIBLE_DEVICES=0; s=$(date +%s)
+    timeout 300 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
     stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)" ) &
   wait
 fi
