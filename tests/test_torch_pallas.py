@@ -11,12 +11,11 @@ load, and one optimiser step of the split head. Run them on the GPU machine with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import dataclasses
 
 import jax
 import jax.monitoring
