@@ -55,6 +55,17 @@ elif [ "$part" = bench ]; then
     timeout $(left 575) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
     stamp "sweep rc=$?" ) &
   wait
+elif [ "$part" = final ]; then
+  ( export CUDA_VISIBLE_DEVICES=0
+    timeout $(left 560) python benchmarks/bench.py --out "$out/full" > "$out/full.log" 2>&1
+    stamp "full rc=$?" ) &
+  ( export CUDA_VISIBLE_DEVICES=1; s=$(date +%s)
+    timeout $(left 200) python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
+    stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)"
+    timeout $(left 330) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
+    stamp "sweep rc=$?"
+    timeout $(left 560) python benchmarks/tune_pallas.py --bwd-only > "$out/tune.log" 2>&1; stamp "tune rc=$?" ) &
+  wait
 elif [ "$part" = quick ]; then
   ( export CUDA_VISIBLE_DEVICES=0; s=$(date +%s)
     timeout 300 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
@@ -62,3 +73,4 @@ elif [ "$part" = quick ]; then
   wait
 fi
 stamp done
+tar czf /tmp/all.tgz -C "$out" . && mv /tmp/all.tgz "$out/all.tgz"  # one file: the return has a file-count limit

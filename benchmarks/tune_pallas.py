@@ -35,11 +35,10 @@ FWD_CONFIGS = [  # BlockSizes fields changed from the default (flat loop, splits
 MIB = 2**20
 BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
     dict(),  # the default
-    dict(chunk_bytes=64 * MIB),
     dict(filter_eps=2.0**-12),
-    dict(filter_eps=2.0**-12, mm_block_k=32),
     dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB),
-    dict(filter_eps=2.0**-12, mm_num_warps=4),
+    dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB, mm_block_k=32),
+    dict(filter_eps=2.0**-12, chunk_bytes=128 * MIB),
 ]
 
 

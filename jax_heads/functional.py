@@ -205,7 +205,12 @@ def linear_cross_entropy(
         reduction: ``"none"`` (per-token loss, shape of ``labels``), ``"sum"`` or ``"mean"``
             (mean over non-ignored tokens; 0 when every label is ignored).
         impl: ``"pallas"``, ``"chunked"``, ``"reference"`` or None for the best available (with
-            ``vocab_axis``: the per-shard computation, same names and default).
+            ``vocab_axis``: the per-shard computation, same names and default). ``"fused"``
+            (reductions ``"sum"``/``"mean"`` only, never chosen by None): the gradients are formed
+            during the forward pass (6·N·D·V FLOPs instead of 8, all cuBLAS products;
+            :mod:`jax_heads.fused`), at the price of memory — a 512 MiB float32 logits chunk and a
+            float32 ``(V, D)`` accumulator during the forward, and the two gradients kept from the
+            forward to the backward. Any backend.
         interpret: run the ``"pallas"`` kernels in Pallas interpret mode (any backend, slow; for
             tests). Only valid with ``impl="pallas"``.
         mesh: the device mesh of a vocabulary-parallel call; give it with ``vocab_axis``.
@@ -249,18 +254,33 @@ def linear_cross_entropy(
     check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
     parallel = check_mesh_options(mesh, vocab_axis, batch_axis)
+    fused = impl == "fused"
+    if fused:
+        from jax_heads.fused import REDUCTIONS as FUSED_REDUCTIONS
+
+        if reduction not in FUSED_REDUCTIONS:
+            raise ValueError(
+                f"impl='fused' forms the gradients in the forward and needs a uniform upstream gradient: "
+                f"reduction in {FUSED_REDUCTIONS}, got {reduction!r}"
+            )
+        if parallel:
+            raise ValueError("impl='fused' has no vocabulary-parallel form; pass impl='pallas' or 'chunked' with vocab_axis")
+        if interpret:
+            raise ValueError("interpret=True applies to impl='pallas' only, got impl='fused'")
     eps = check_filter_eps(filter_eps)
     eps = eps if isinstance(eps, float) else None
     if eps is not None:
         if parallel:
             raise ValueError(f"filter_eps={eps} (gradient filtering) is not supported with vocab_axis; pass None")
-        if impl not in (None, "pallas"):
+        if impl not in (None, "pallas"):  # "fused" included: its gradients are exact
             raise ValueError(
                 f"impl={impl!r} computes exact gradients only (filter_eps={eps} asks for gradient filtering); "
                 "gradient filtering needs impl='pallas'"
             )
         impl = "pallas"
-    if parallel:
+    if fused:
+        name = "fused"
+    elif parallel:
         from jax_heads import parallel as vocab_parallel
 
         vocab_parallel.check_mesh_layout(weight.shape[0], math.prod(hidden.shape[:-1]), mesh, vocab_axis, batch_axis)
@@ -280,6 +300,13 @@ def linear_cross_entropy(
         # bounds); the NaN factor below then makes both their loss and their gradients NaN.
         bad = bad.reshape(-1)
         flat_labels = jnp.where(bad, 0 if ignore_index != 0 else vocab - 1, flat_labels)
+    if fused:
+        from jax_heads.fused import fused_loss
+
+        loss = fused_loss(flat_hidden, weight, flat_labels, ignore_index, reduction)
+        if bad is not None:
+            loss = loss * jnp.where(jnp.any(bad), jnp.nan, 1.0)
+        return loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
     if parallel:
         loss = vocab_parallel.vocab_parallel_linear_cross_entropy(
             flat_hidden, weight, flat_labels, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis,

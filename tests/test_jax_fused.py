@@ -61,3 +61,26 @@ def test_needs_a_uniform_upstream():
     h, w, y, _ = _inputs(5, 3, 7, jnp.float32, seed=3)
     with pytest.raises(ValueError, match="uniform upstream gradient"):
         fused_loss(h, w, y, -100, "none")
+
+
+def test_through_linear_cross_entropy():
+    """``impl="fused"`` in the public function: same value and gradients as the direct call, checks."""
+    import jax_heads
+
+    h, w, y, _ = _inputs(37, 24, 101, jnp.float32, seed=4)
+    h3, y3 = h.reshape(1, 37, 24), y.reshape(1, 37)
+    for reduction in ("sum", "mean"):
+        got = jax.value_and_grad(
+            lambda a, b: jax_heads.linear_cross_entropy(a, b, y3, reduction=reduction, impl="fused"), (0, 1)
+        )(h3, w)
+        want = jax.value_and_grad(lambda a, b: fused_loss(a, b, y, -100, reduction), (0, 1))(h, w)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1][0]).reshape(37, 24), np.asarray(want[1][0]))
+        np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(want[1][1]))
+    with pytest.raises(ValueError, match="uniform upstream gradient"):
+        jax_heads.linear_cross_entropy(h, w, y, impl="fused")
+    with pytest.raises(ValueError, match="labels must be in"):
+        jax_heads.linear_cross_entropy(h, w, y.at[0].set(101), impl="fused", reduction="sum")
+    # Under jit an out-of-range label makes the (scalar) loss NaN.
+    bad = jax.jit(lambda yy: jax_heads.linear_cross_entropy(h, w, yy, impl="fused", reduction="sum"))(y.at[0].set(101))
+    assert np.isnan(float(bad))
