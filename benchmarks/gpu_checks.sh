@@ -66,6 +66,20 @@ elif [ "$part" = final ]; then
     stamp "sweep rc=$?"
     timeout $(left 560) python benchmarks/tune_pallas.py --bwd-only > "$out/tune.log" 2>&1; stamp "tune rc=$?" ) &
   wait
+elif [ "$part" = last ]; then
+  ( export CUDA_VISIBLE_DEVICES=0
+    timeout $(left 560) python benchmarks/bench.py --out "$out/full" > "$out/full.log" 2>&1
+    stamp "full rc=$?" ) &
+  ( export CUDA_VISIBLE_DEVICES=1
+    timeout $(left 250) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 6 -rfE \
+      tests/test_jax_pallas.py tests/test_torch_pallas.py > "$out/gpu_tests.log" 2>&1
+    stamp "gpu tests rc=$?"
+    timeout $(left 320) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+      python benchmarks/sanitize_pallas.py > "$out/sanitizer.log" 2>&1
+    stamp "sanitizer rc=$?"
+    timeout $(left 560) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
+    stamp "sweep rc=$?" ) &
+  wait
 elif [ "$part" = quick ]; then
   ( export CUDA_VISIBLE_DEVICES=0; s=$(date +%s)
     timeout 300 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1

@@ -11,7 +11,8 @@ stably in XLA. Splitting the vocabulary fills the GPU when there are few token b
 
 Backward: per vocabulary chunk of ``chunk_v`` rows, the ``lce_grad_logits`` kernel recomputes the
 logits tile by tile and writes ``g * (softmax - onehot)`` for that chunk (``(N, chunk_v)`` in the
-input dtype, at most ``chunk_bytes``, 32 MiB by default); two matrix products in XLA then add the
+input dtype, with the chunk's weight-gradient rows at most ``chunk_bytes``, 48 MiB by default); two
+matrix products in XLA then add the
 chunk's share to ``d_hidden`` (a float32 ``(N, D)`` accumulator) and give ``d_weight`` for the
 chunk's rows. 8·N·D·V FLOPs in all (forward + backward), no tokens × vocabulary buffer, no atomics.
 See ``docs/kernel-notes.md`` for why this split and what it measured.
@@ -50,7 +51,8 @@ class BlockSizes:
             least ``min_programs`` programs (4 per multiprocessor on a 132-SM Hopper part), then
             picks the split count by whole waves of ``programs_per_sm`` × multiprocessors
             programs (:func:`choose_splits`). ``sm_count``: None asks the first GPU.
-        chunk_bytes: the most bytes one backward chunk of gradient logits ``(N, chunk_v)`` may take.
+        chunk_bytes: the most bytes the buffers of one backward chunk may take: its gradient
+            logits ``(N, chunk_v)`` and, twice, its ``(chunk_v, D)`` weight-gradient rows.
         mm_block_d, mm_block_rows, mm_block_k, mm_num_warps, mm_num_stages: tiles and launch
             options of the two block-sparse products of the filtered backward (``d_hidden``:
             ``bwd_block_n × mm_block_d`` per program; ``d_weight``: ``mm_block_rows × mm_block_d``;
@@ -71,7 +73,7 @@ class BlockSizes:
     programs_per_sm: int = 1
     sm_count: int | None = None
     flat_loop: bool = True
-    chunk_bytes: int = 32 * 2**20
+    chunk_bytes: int = 48 * 2**20
     mm_block_d: int = 128
     mm_block_rows: int = 128
     mm_block_k: int = 64
@@ -408,7 +410,10 @@ def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan,
 
 
 def _chunk_v(plan: _Plan, bs: BlockSizes, itemsize: int) -> int:
-    rows = (bs.chunk_bytes // (plan.n_pad * itemsize)) // plan.block_v * plan.block_v
+    # Per vocabulary row of a chunk: its gradient-logits column (N_pad values) and its d_weight row
+    # twice (the chunk's product and the rows it is added to).
+    per_row = (plan.n_pad + 2 * plan.d_pad) * itemsize
+    rows = (bs.chunk_bytes // per_row) // plan.block_v * plan.block_v
     return int(min(plan.v_pad, max(plan.block_v, rows)))
 
 

@@ -17,7 +17,7 @@ from tolerances import assert_close
 # backward chunks (a shorter last one) and ragged edges everywhere.
 TINY = BlockSizes(
     block_n=16, block_v=16, block_d=16, bwd_block_n=16, bwd_block_v=16, bwd_block_d=16, min_programs=8,
-    chunk_bytes=32 * 48 * 4, mm_block_d=16, mm_block_rows=16, sm_count=2,
+    chunk_bytes=32 * (48 + 2 * 32) * 4, mm_block_d=16, mm_block_rows=16, sm_count=2,
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
