@@ -409,7 +409,7 @@ def markdown(env, rows):
         lines += [
             f"## {group[0]} (N={sub[0].n}, D={sub[0].d}, V={sub[0].v}), {group[1]} softmax ({sub[0].note})",
             "",
-            "| impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | extra MB | err loss | err dh | err dw |",
+            "| impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | extra MiB | err loss | err dh | err dw |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sub:
@@ -440,7 +440,7 @@ def plot(rows, path):
         ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         ax_m.plot([p[0] for p in pts], [max(p[2], 1e-1) for p in pts], marker="o", label=impl)
     ax_t.set(xscale="log", xlabel="vocabulary size", ylabel="forward+backward ms", title="time (N=8192, D=2304, bf16)")
-    ax_m.set(xscale="log", yscale="log", xlabel="vocabulary size", ylabel="extra MB", title="extra memory")
+    ax_m.set(xscale="log", yscale="log", xlabel="vocabulary size", ylabel="extra MiB", title="extra memory")
     ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

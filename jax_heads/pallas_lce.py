@@ -11,7 +11,7 @@ stably in XLA. Splitting the vocabulary fills the GPU when there are few token b
 
 Backward: per vocabulary chunk of ``chunk_v`` rows, the ``lce_grad_logits`` kernel recomputes the
 logits tile by tile and writes ``g * (softmax - onehot)`` for that chunk (``(N, chunk_v)`` in the
-input dtype, with the chunk's weight-gradient rows at most ``chunk_bytes``, 48 MiB by default); two
+input dtype, with the chunk's weight-gradient rows at most ``chunk_bytes``, 50 MiB by default); two
 matrix products in XLA then add the
 chunk's share to ``d_hidden`` (a float32 ``(N, D)`` accumulator) and give ``d_weight`` for the
 chunk's rows. 8·N·D·V FLOPs in all (forward + backward), no tokens × vocabulary buffer, no atomics.
@@ -73,7 +73,7 @@ class BlockSizes:
     programs_per_sm: int = 1
     sm_count: int | None = None
     flat_loop: bool = True
-    chunk_bytes: int = 48 * 2**20
+    chunk_bytes: int = 50 * 2**20
     mm_block_d: int = 128
     mm_block_rows: int = 128
     mm_block_k: int = 64
