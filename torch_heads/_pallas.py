@@ -14,9 +14,9 @@ Compilation. Two programs are ``jax.jit``-compiled per ``(ignore_index, interpre
 (:func:`_programs`, cached) and, within each, per shape and dtype by ``jit`` itself: the first call
 at a new shape traces and compiles, every later one dispatches the cached executable. Measured on
 an H200 (``benchmarks/compile_time.py``, bf16, forward + backward): JAX import and GPU backend start
-2.2 s once per process; first call at the Gemma-2 head shape 9.7 s, at a second shape 3.4 s (the
-Triton kernels are cached across shapes by XLA, the programs are not), a repeated shape 0.07 s
-(no compilation; the steady step is 69 ms).
+2.2 s once per process; first call at the Gemma-2 head shape 9.7 s (the process's first
+compilation), at a second shape 3.4 s, a repeated shape 0.07 s (no compilation; the steady step
+is 69 ms).
 
 * forward ``(hidden, weight, labels) -> (loss, lse)``: the forward rule of ``pallas_lce``; only the
   ``(N_pad,)`` float32 log-sum-exp is kept for the backward (as a JAX array on ``ctx``), so the
