@@ -213,3 +213,15 @@ def test_gpu_flat_forward_loop(dtype):
         pytest.skip("JAX has no GPU backend here")
     h, w, y, up = _inputs(1000, 256, 32_007, DTYPES[dtype], seed=11)
     _check(h, w, y, up, dtype, block_sizes=BlockSizes(flat_loop=True))
+
+
+def test_backward_chunk_fits_its_memory_budget():
+    """The default backward chunk: gradient logits plus twice its d_weight rows within chunk_bytes
+    (measured on an H200: 50 MiB beyond the float32 d_hidden accumulator at Gemma-2, 48 at Llama-3)."""
+    from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES, _chunk_v, plan_for
+
+    for (n, d, v), rows in (((8192, 2304, 256_000), 2048), ((8192, 4096, 128_256), 1536)):
+        plan = plan_for(n, v, d, DEFAULT_BLOCK_SIZES)
+        chunk = _chunk_v(plan, DEFAULT_BLOCK_SIZES, 2)
+        assert chunk == rows
+        assert chunk * (n + 2 * d) * 2 <= DEFAULT_BLOCK_SIZES.chunk_bytes
