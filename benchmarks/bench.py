@@ -48,7 +48,7 @@ WORKLOADS = {
 SWEEP_VOCABS = (32_768, 65_536, 131_072, 262_144)
 # --quick: the headline rows only (our kernels from both frameworks and the peers).
 QUICK_IMPLS = ("cce", "cce-exact", "torch_heads-cce", "torch_heads-pallas", "liger-none", "liger-sum", "jax-pallas",
-               "jax-pallas-filtered", "jax-fused-sum")
+               "jax-pallas-filtered", "jax-pallas-filtered-separate", "jax-fused-sum")
 # Exact fallbacks whose time does not depend on the data: timed in the first regime of a workload only.
 DATA_INDEPENDENT = {"torch-chunked", "jax-chunked", "jax-reference", "torch-materialised", "jax-materialised"}
 FILTER_EPS = 2.0**-12  # cut-cross-entropy's "auto" for bfloat16: finfo(bfloat16).eps / 32
@@ -192,6 +192,11 @@ def jax_impls(h, w, y):
     # Gradient filtering at cut-cross-entropy's default threshold for bf16 (its "cce" row).
     impls["jax-pallas-filtered"] = _jax_impl(
         lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, filter_eps=FILTER_EPS), jh, jw
+    )
+    # The same threshold, tiles judged by probabilities alone, skipped targets added exactly.
+    impls["jax-pallas-filtered-separate"] = _jax_impl(
+        lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, filter_eps=FILTER_EPS, filter_separate_targets=True),
+        jh, jw,
     )
     # Gradients formed in the forward (6·N·D·V, reduction sum), Liger's schedule in XLA: the
     # like-for-like peer of "liger-sum"; its memory is a 512 MiB logits chunk + a float32 V×D accumulator.

@@ -27,9 +27,12 @@ w = jnp.asarray(rng.standard_normal((v, d)) * d**-0.5, jnp.bfloat16)
 y = rng.integers(0, v, n).astype(np.int32)
 y[::7] = -100
 bs = BlockSizes(chunk_bytes=1536 * (384 + 2 * 208) * 2)  # chunks of 1536 rows over V padded to 5120: the last overlaps
-for eps in (None, 2.0**-12):
-    loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, jnp.asarray(y), -100, block_sizes=bs, filter_eps=eps), h, w)
+for eps, separate in ((None, False), (2.0**-12, False), (2.0**-12, True)):
+    loss, vjp = jax.vjp(
+        lambda a, b: pallas_loss(a, b, jnp.asarray(y), -100, block_sizes=bs, filter_eps=eps, filter_separate_targets=separate),
+        h, w,
+    )
     dh, dw = vjp(jnp.ones((n,), jnp.float32))
     jax.block_until_ready((loss, dh, dw))
     finite = bool(jnp.isfinite(loss).all() & jnp.isfinite(dh).all() & jnp.isfinite(dw).all())
-    print(f"filter_eps={eps}: loss sum {float(loss.sum()):.4f}, finite: {finite}", flush=True)
+    print(f"filter_eps={eps} separate_targets={separate}: loss sum {float(loss.sum()):.4f}, finite: {finite}", flush=True)

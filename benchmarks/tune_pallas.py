@@ -39,6 +39,8 @@ BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
     dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB),
     dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB, mm_block_k=32),
     dict(filter_eps=2.0**-12, chunk_bytes=128 * MIB),
+    dict(filter_eps=2.0**-12, filter_separate_targets=True),
+    dict(filter_eps=2.0**-12, filter_separate_targets=True, chunk_bytes=128 * MIB),
 ]
 
 
@@ -86,8 +88,11 @@ def main():
     for cfg in BWD_CONFIGS:
         cfg = dict(cfg)
         eps = cfg.pop("filter_eps", None)
+        separate = cfg.pop("filter_separate_targets", False)
         bs = dataclasses.replace(BlockSizes(), **cfg)
-        loss_fn = lambda a, b, bs=bs, eps=eps: jnp.sum(pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps))  # noqa: E731
+        loss_fn = lambda a, b, bs=bs, eps=eps, separate=separate: jnp.sum(  # noqa: E731
+            pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, filter_separate_targets=separate)
+        )
         try:
             g = jax.jit(jax.grad(loss_fn, (0, 1))).lower(h, w).compile()
             temp = g.memory_analysis().temp_size_in_bytes / MIB
@@ -97,7 +102,7 @@ def main():
             err = max(float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
                       for a, b in zip((dh, dw), ref))
             ms = timeit(lambda: g(h, w), iters=5)
-            print(f"fwd+bwd {cfg} filter_eps={eps}: {ms:.2f} ms  {8*n*d*v/ms/1e9:.0f} TFLOP/s  "
+            print(f"fwd+bwd {cfg} filter_eps={eps} separate_targets={separate}: {ms:.2f} ms  {8*n*d*v/ms/1e9:.0f} TFLOP/s  "
                   f"temp {temp:.0f} MiB  grad rel-diff {err:.1e}", flush=True)
         except Exception as exc:  # noqa: BLE001
             print(f"fwd+bwd {cfg} filter_eps={eps}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)

@@ -184,7 +184,7 @@ def _forward_kernel(
 
 def _grad_logits_kernel(
     bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *out_refs, block_n, block_v, block_d, vocab_size, precision,
-    filter_eps,
+    filter_eps, separate_targets=False,
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
@@ -195,7 +195,9 @@ def _grad_logits_kernel(
     With ``filter_eps`` (gradient filtering) a second output flags the tiles that matter: a tile
     whose ``|softmax - onehot|`` is below ``filter_eps`` everywhere on counted rows (``g != 0``) —
     so it holds no target of a counted row — gets flag 0 and is not written at all; the two
-    filtered products read only flagged tiles.
+    filtered products read only flagged tiles. With ``separate_targets`` the test is on the
+    probabilities alone (``|softmax|`` below ``filter_eps``): a tile holding targets but only small
+    probabilities is skipped too, and the caller adds those targets' ``−g`` entries exactly.
     """
     i, j = pl.program_id(0), pl.program_id(1)
     lo, start = bounds_ref[0], bounds_ref[1]
@@ -207,7 +209,8 @@ def _grad_logits_kernel(
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
     cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
-    diff = jnp.exp(logits - lse[:, None]) - jnp.where(cols == labels[:, None], 1.0, 0.0)
+    probs = jnp.exp(logits - lse[:, None])
+    diff = probs - jnp.where(cols == labels[:, None], 1.0, 0.0)
     in_vocab = (cols >= lo) & (cols < vocab_size)
     grad = jnp.where(in_vocab, diff * g[:, None], 0.0).astype(out_refs[0].dtype)
     if filter_eps is None:
@@ -215,7 +218,7 @@ def _grad_logits_kernel(
         return
     out_ref, flag_ref = out_refs
     counted = in_vocab & (g != 0.0)[:, None]
-    keep = jnp.max(jnp.where(counted, jnp.abs(diff), 0.0)) >= filter_eps
+    keep = jnp.max(jnp.where(counted, probs if separate_targets else jnp.abs(diff), 0.0)) >= filter_eps
     flag_ref[i, j] = keep.astype(jnp.int32)
 
     @pl.when(keep)
@@ -419,7 +422,7 @@ def _chunk_v(plan: _Plan, bs: BlockSizes, itemsize: int) -> int:
 
 def lce_backward(
     hidden, weight, labels, lse, g, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool,
-    filter_eps: float | None = None,
+    filter_eps: float | None = None, separate_targets: bool = False,
 ):
     """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored).
 
@@ -434,9 +437,12 @@ def lce_backward(
 
     Exact (``filter_eps`` None): the two products are XLA (cuBLAS) matrix products. Filtered: the
     gradient-logits kernel also flags the tiles that hold a value ≥ ``filter_eps``, and two Pallas
-    kernels form the products from flagged tiles only (block-sparse), skipping the rest.
+    kernels form the products from flagged tiles only (block-sparse), skipping the rest. With
+    ``separate_targets`` a tile is flagged on its probabilities alone, and the targets that fell in
+    unflagged tiles get their ``−g`` entries afterwards, exactly (:func:`_add_skipped_targets`).
     """
     bs = block_sizes
+    separate_targets = bool(separate_targets) and filter_eps is not None
     dtype = hidden.dtype
     precision = _precision(dtype)
     chunk_v = _chunk_v(plan, bs, jnp.dtype(dtype).itemsize)
@@ -450,7 +456,7 @@ def lce_backward(
     grad_logits = pl.pallas_call(
         functools.partial(
             _grad_logits_kernel, block_n=bs.bwd_block_n, block_v=bs.bwd_block_v, block_d=plan.bwd_block_d,
-            vocab_size=plan.v, precision=precision, filter_eps=filter_eps,
+            vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
         ),
         out_shape=(
             jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
@@ -487,7 +493,7 @@ def lce_backward(
         )
 
     def body(k, carry):
-        d_hidden, d_weight = carry
+        d_hidden, d_weight, target_kept = carry
         lo = k * chunk_v
         start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
         bounds = jnp.stack([lo, start]).astype(jnp.int32)
@@ -502,16 +508,60 @@ def lce_backward(
             gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g)
             d_hidden = d_hidden_product(bounds, flags, gl, weight, d_hidden)
             dw_chunk = d_weight_product(flags, gl, hidden)
+            if separate_targets:  # was each token's target tile (if in this chunk's new columns) flagged?
+                in_chunk = (labels >= lo) & (labels < start + chunk_v)
+                tile = jnp.clip((labels - start) // bs.bwd_block_v, 0, tiles - 1)
+                row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bs.bwd_block_n
+                target_kept = jnp.where(in_chunk, flags[row_block, tile], target_kept)
         # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
         old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
-        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0)
+        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0), target_kept
 
     init = (
         jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
         jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
+        jnp.ones(labels.shape, jnp.int32),
     )
-    d_hidden, d_weight = lax.fori_loop(0, num_chunks, body, init)
+    d_hidden, d_weight, target_kept = lax.fori_loop(0, num_chunks, body, init)
+    if separate_targets:
+        skipped = (labels >= 0) & (labels < plan.v) & (g != 0) & (target_kept == 0)
+        d_hidden, d_weight = _add_skipped_targets(
+            hidden, weight, labels, jnp.where(skipped, g, 0.0), d_hidden, d_weight, plan, precision
+        )
     return d_hidden.astype(dtype), d_weight
+
+
+def _add_skipped_targets(hidden, weight, labels, g_skipped, d_hidden, d_weight, plan: _Plan, precision, rows=1024):
+    """Add ``−g`` at each target whose tile the filter skipped: ``d_hidden[n] −= g_n · W[y_n]``
+    (float32 accumulator) and ``d_weight[y_n] −= g_n · h_n``.
+
+    Tokens sharing a target are summed in float32 before the weight row is touched: the tokens are
+    sorted by target and walked ``rows`` at a time, each chunk's equal targets segment-summed, and
+    each touched row rounded to the weight dtype once per chunk it appears in (a target's tokens are
+    contiguous after the sort, so at most ``ceil(count / rows) + 1`` times).
+    """
+    safe = jnp.clip(labels, 0, plan.v - 1)
+    d_hidden = d_hidden - g_skipped[:, None] * weight[safe].astype(jnp.float32)
+    sentinel = plan.v_pad  # out of range: dropped by the scatter
+    key = jnp.where(g_skipped != 0, safe, sentinel)
+    order = jnp.argsort(key)
+    pad = -labels.shape[0] % rows
+    order = jnp.pad(order, (0, pad))
+    keys = jnp.pad(key[order[: labels.shape[0]]], (0, pad), constant_values=sentinel)
+    num = order.shape[0] // rows
+
+    def chunk(c, d_weight):
+        idx = lax.dynamic_slice_in_dim(order, c * rows, rows)
+        k = lax.dynamic_slice_in_dim(keys, c * rows, rows)
+        upd = -(g_skipped[idx][:, None] * hidden[idx].astype(jnp.float32))
+        first = jnp.concatenate([jnp.ones((1,), bool), k[1:] != k[:-1]])
+        seg = jnp.cumsum(first) - 1
+        sums = jax.ops.segment_sum(upd, seg, num_segments=rows)
+        seg_key = jnp.full((rows,), sentinel, k.dtype).at[seg].set(k)
+        current = d_weight.at[seg_key].get(mode="fill", fill_value=0).astype(jnp.float32)
+        return d_weight.at[seg_key].set((current + sums).astype(d_weight.dtype), mode="drop")
+
+    return d_hidden, lax.fori_loop(0, num, chunk, d_weight)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -534,16 +584,18 @@ class Options:
     interpret: bool
     plan: _Plan
     filter_eps: float | None = None
+    filter_separate_targets: bool = False
 
 
 def options_for(
     hidden_shape, weight_shape, ignore_index: int, *, interpret: bool = False,
     block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES, filter_eps: float | None = None,
+    filter_separate_targets: bool = False,
 ) -> Options:
     """The :class:`Options` for hidden ``(N, D)`` and weight ``(V, D)`` shapes."""
     plan = plan_for(hidden_shape[0], weight_shape[0], hidden_shape[1], block_sizes)
     eps = None if filter_eps is None else float(filter_eps)
-    return Options(int(ignore_index), block_sizes, bool(interpret), plan, eps)
+    return Options(int(ignore_index), block_sizes, bool(interpret), plan, eps, bool(filter_separate_targets))
 
 
 def forward_with_lse(hidden, weight, labels, options: Options):
@@ -571,7 +623,7 @@ def backward_from_lse(hidden, weight, labels, lse, grad_loss, options: Options):
     g = jnp.pad(g, (0, plan.n_pad - plan.n))
     d_hidden, d_weight = lce_backward(
         hp, wp, yp, lse, g, block_sizes=options.block_sizes, plan=plan, interpret=options.interpret,
-        filter_eps=options.filter_eps,
+        filter_eps=options.filter_eps, separate_targets=options.filter_separate_targets,
     )
     return d_hidden[: plan.n, : plan.d], d_weight[: plan.v, : plan.d]
 
@@ -603,6 +655,7 @@ def pallas_loss(
     interpret: bool = False,
     block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
     filter_eps: float | None = None,
+    filter_separate_targets: bool = False,
 ) -> jax.Array:
     """Per-token linear cross-entropy of flat inputs on our Pallas kernels.
 
@@ -619,6 +672,10 @@ def pallas_loss(
             target of a counted token in them) are skipped, as cut-cross-entropy's filter does
             (its default is ``finfo(dtype).eps / 32``: 2⁻¹² for bfloat16). The loss is unchanged;
             the gradients drop those contributions.
+        filter_separate_targets: with ``filter_eps``, judge a tile by its probabilities alone
+            and add the skipped tiles' target entries (``−g``) exactly afterwards, so a tile that
+            holds targets but only small probabilities is skipped as well (on near-uniform
+            batches, nearly every tile). Experimental: tested, not yet benchmarked.
 
     Returns:
         ``(N,)`` float32 loss, differentiable in ``hidden`` and ``weight`` (gradients in their dtype).
@@ -628,7 +685,8 @@ def pallas_loss(
         # empty loss are zeros of the inputs' shapes and dtypes.
         return jnp.zeros((0,), jnp.float32)
     options = options_for(
-        hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes, filter_eps=filter_eps
+        hidden.shape, weight.shape, ignore_index, interpret=interpret, block_sizes=block_sizes, filter_eps=filter_eps,
+        filter_separate_targets=filter_separate_targets,
     )
     return _lce(hidden, weight, labels, options)
 

@@ -76,11 +76,12 @@ def upstream_for(loss_shape, reduction: str, labels, rng, ignore_index: int = -1
     return np.full(n, 1.0 / count)
 
 
-def filtered_tile_maxima(hidden, weight, labels, upstream, block_n: int, block_v: int, ignore_index: int = -100):
+def filtered_tile_maxima(hidden, weight, labels, upstream, block_n: int, block_v: int, ignore_index: int = -100,
+                         separate_targets: bool = False):
     """Per (token block × vocabulary tile) of a ``block_n × block_v`` grid: the largest ``|softmax − onehot|``
     over counted rows (label not ignored, upstream gradient non-zero) — the quantity a gradient filter
     compares with its threshold. ``(ceil(N / block_n), ceil(V / block_v))`` float64, 0 for a tile with no
-    counted row."""
+    counted row. ``separate_targets``: the largest probability instead (targets are handled apart)."""
     h = np.asarray(hidden, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
@@ -88,7 +89,8 @@ def filtered_tile_maxima(hidden, weight, labels, upstream, block_n: int, block_v
     logits = h @ w.T
     m = logits.max(axis=-1, keepdims=True)
     p = np.exp(logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))))
-    p[np.arange(len(y)), np.where(counted, y, 0)] -= np.where(counted, 1.0, 0.0)
+    if not separate_targets:
+        p[np.arange(len(y)), np.where(counted, y, 0)] -= np.where(counted, 1.0, 0.0)
     diff = np.where(counted[:, None], np.abs(p), 0.0)
     nb, vb = -(-len(y) // block_n), -(-w.shape[0] // block_v)
     padded = np.zeros((nb * block_n, vb * block_v))
@@ -97,9 +99,10 @@ def filtered_tile_maxima(hidden, weight, labels, upstream, block_n: int, block_v
 
 
 def lce_filtered_ground_truth(hidden, weight, labels, upstream, eps: float, block_n: int, block_v: int,
-                              ignore_index: int = -100):
+                              ignore_index: int = -100, separate_targets: bool = False):
     """:func:`lce_ground_truth` with gradient filtering: every tile of the ``block_n × block_v`` grid
-    whose :func:`filtered_tile_maxima` is below ``eps`` contributes nothing to the two gradients."""
+    whose :func:`filtered_tile_maxima` is below ``eps`` contributes nothing to the two gradients
+    (``separate_targets``: nothing but its targets' exact ``−g`` entries)."""
     loss, _, _ = lce_ground_truth(hidden, weight, labels, upstream, ignore_index)
     h = np.asarray(hidden, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
@@ -108,12 +111,13 @@ def lce_filtered_ground_truth(hidden, weight, labels, upstream, eps: float, bloc
     safe = np.where(valid, y, 0)
     logits = h @ w.T
     m = logits.max(axis=-1, keepdims=True)
-    grad_logits = np.exp(logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))))
-    grad_logits[np.arange(len(y)), safe] -= 1.0
-    grad_logits *= np.where(valid, np.asarray(upstream, dtype=np.float64), 0.0)[:, None]
-    keep = filtered_tile_maxima(hidden, weight, labels, upstream, block_n, block_v, ignore_index) >= eps
+    probs = np.exp(logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))))
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(y)), safe] = 1.0
+    keep = filtered_tile_maxima(hidden, weight, labels, upstream, block_n, block_v, ignore_index, separate_targets) >= eps
     mask = np.repeat(np.repeat(keep, block_n, axis=0), block_v, axis=1)[: len(y), : w.shape[0]]
-    grad_logits *= mask
+    grad_logits = probs * mask - onehot if separate_targets else (probs - onehot) * mask
+    grad_logits *= np.where(valid, np.asarray(upstream, dtype=np.float64), 0.0)[:, None]
     return loss, grad_logits @ w, grad_logits.T @ h, keep
 
 

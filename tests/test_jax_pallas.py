@@ -136,15 +136,19 @@ def _naive_filtered(h, w, y, upstream, keep, bs: BlockSizes):
     return loss, grad_logits @ w, grad_logits.T @ h
 
 
-def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: float, **kw):
+def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: float, separate=False, **kw):
     """Filtered gradients against the float64 model of the same tile filter (``ground_truth.py``)."""
     maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y),
-                                  upstream, bs.bwd_block_n, bs.bwd_block_v)
+                                  upstream, bs.bwd_block_n, bs.bwd_block_v, separate_targets=separate)
     eps = threshold_between_tiles(maxima, quantile)
-    loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, **kw), h, w)
+    loss, vjp = jax.vjp(
+        lambda a, b: pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, filter_separate_targets=separate, **kw),
+        h, w,
+    )
     dh, dw = vjp(jnp.asarray(upstream, jnp.float32))
     *truth, keep = lce_filtered_ground_truth(
-        np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream, eps, bs.bwd_block_n, bs.bwd_block_v
+        np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream, eps, bs.bwd_block_n,
+        bs.bwd_block_v, separate_targets=separate,
     )
     assert 0 < keep.sum() < keep.size, "the threshold must filter some tiles and keep others"
     full = lce_ground_truth(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream)
@@ -162,6 +166,21 @@ def test_interpret_filtered_matches_filtered_truth(shape, quantile):
     _check_filtered(h, w, y, up, "float32", TINY, quantile, interpret=True)
 
 
+@pytest.mark.parametrize("quantile", [0.3, 0.8])
+@pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257)], ids=lambda s: "x".join(map(str, s)))
+def test_interpret_filtered_separate_targets_matches_its_truth(shape, quantile):
+    """Tiles judged by probabilities alone; the skipped targets' entries added exactly afterwards."""
+    h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 5)
+    y = y.at[1].set(y[0]).at[2].set(y[0])  # tokens sharing a target (summed before the row is touched)
+    if quantile > 0.5:  # this case must exercise the exact addition of skipped targets
+        maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), up,
+                                      TINY.bwd_block_n, TINY.bwd_block_v, separate_targets=True)
+        keep = maxima >= threshold_between_tiles(maxima, quantile)
+        yy = np.asarray(y)
+        assert sum(1 for n, t in enumerate(yy) if t >= 0 and not keep[n // TINY.bwd_block_n, t // TINY.bwd_block_v]) > 0
+    _check_filtered(h, w, y, up, "float32", TINY, quantile, separate=True, interpret=True)
+
+
 def test_interpret_filtered_steps_through_tiles():
     """Backward tiles of 32 walked 16 rows/columns at a time by the two block-sparse products."""
     h, w, y, up = _inputs(70, 40, 300, jnp.float32, seed=9)
@@ -175,7 +194,7 @@ def test_interpret_filter_below_every_value_keeps_every_tile():
 
 
 @pytest.mark.parametrize("flat_loop", [False, True])
-@pytest.mark.parametrize("filter_eps", [None, 2.0**-12])
+@pytest.mark.parametrize("filter_eps", [None, 2.0**-12, "separate"])
 def test_kernels_lower_to_triton_for_cuda(filter_eps, flat_loop):
     """The Pallas → Triton lowering of every kernel, checked on any machine (no GPU needed to lower)."""
     from jax import export
@@ -186,8 +205,10 @@ def test_kernels_lower_to_triton_for_cuda(filter_eps, flat_loop):
 
         def f(h, w):
             bs = BlockSizes(flat_loop=flat_loop)
+            eps, separate = (2.0**-12, True) if filter_eps == "separate" else (filter_eps, False)
             return jax.value_and_grad(
-                lambda a, b: pallas_loss(a, b, y, -100, filter_eps=filter_eps, block_sizes=bs).sum(), (0, 1)
+                lambda a, b: pallas_loss(a, b, y, -100, filter_eps=eps, block_sizes=bs,
+                                         filter_separate_targets=separate).sum(), (0, 1)
             )(h, w)
 
         module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w).mlir_module()
@@ -195,15 +216,18 @@ def test_kernels_lower_to_triton_for_cuda(filter_eps, flat_loop):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("separate", [False, True], ids=["in-tiles", "separate-targets"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [(1000, 256, 32_007), (300, 200, 1000)], ids=lambda s: "x".join(map(str, s)))
-def test_gpu_filtered_matches_filtered_truth(shape, dtype):
+def test_gpu_filtered_matches_filtered_truth(shape, dtype, separate):
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
+    if separate and dtype != "float32":
+        pytest.skip("the bf16 baseline models the in-tile filter only")
     h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape) + 2)
     from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES
 
-    _check_filtered(h, w, y, up, dtype, DEFAULT_BLOCK_SIZES, 0.5)
+    _check_filtered(h, w, y, up, dtype, DEFAULT_BLOCK_SIZES, 0.5, separate=separate)
 
 
 @pytest.mark.gpu
