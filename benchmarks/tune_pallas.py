@@ -39,8 +39,8 @@ BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
     dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB),
     dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB, mm_block_k=32),
     dict(filter_eps=2.0**-12, chunk_bytes=128 * MIB),
-    dict(filter_eps=2.0**-12, filter_separate_targets=True),
-    dict(filter_eps=2.0**-12, filter_separate_targets=True, chunk_bytes=128 * MIB),
+    dict(filter_eps=2.0**-12, filter_separate_targets=False),  # CCE's rule: a tile holding a target is kept
+    dict(filter_eps=2.0**-12, filter_separate_targets=False, chunk_bytes=128 * MIB),
 ]
 
 
@@ -88,7 +88,7 @@ def main():
     for cfg in BWD_CONFIGS:
         cfg = dict(cfg)
         eps = cfg.pop("filter_eps", None)
-        separate = cfg.pop("filter_separate_targets", False)
+        separate = cfg.pop("filter_separate_targets", True)
         bs = dataclasses.replace(BlockSizes(), **cfg)
         loss_fn = lambda a, b, bs=bs, eps=eps, separate=separate: jnp.sum(  # noqa: E731
             pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, filter_separate_targets=separate)

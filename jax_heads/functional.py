@@ -303,9 +303,8 @@ def linear_cross_entropy(
     if fused:
         from jax_heads.fused import fused_loss
 
-        loss = fused_loss(flat_hidden, weight, flat_labels, ignore_index, reduction)
-        if bad is not None:
-            loss = loss * jnp.where(jnp.any(bad), jnp.nan, 1.0)
+        # Out-of-range labels: NaN loss and NaN gradient rows there only (the other rows exact).
+        loss = fused_loss(flat_hidden, weight, flat_labels, ignore_index, reduction, nan_rows=bad)
         return loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
     if parallel:
         loss = vocab_parallel.vocab_parallel_linear_cross_entropy(

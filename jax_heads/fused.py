@@ -58,33 +58,47 @@ def _chunk_loss(h, weight, y, ignore_index):
     return logits, lse, valid, index, jnp.where(valid, lse - target, 0.0)
 
 
-def _forward_only(hidden, weight, labels, o: _Options):
+def _forward_only(hidden, weight, labels, nan_rows, o: _Options):
     def step(total, xs):
-        h, y = xs
-        return total + jnp.sum(_chunk_loss(h, weight, y, o.ignore_index)[-1]), None
+        h, y, bad = xs
+        loss = _chunk_loss(h, weight, y, o.ignore_index)[-1]
+        return total + jnp.sum(jnp.where(bad, jnp.nan, loss)), None
 
     acc = math_dtype(hidden.dtype)
-    xs = (_chunks(hidden, o.chunk_rows, 0), _chunks(labels, o.chunk_rows, o.ignore_index))
-    total, _ = lax.scan(step, jnp.zeros((), acc), xs)
+    total, _ = lax.scan(step, jnp.zeros((), acc), _token_chunks(hidden, labels, nan_rows, o))
     return total
 
 
-def _with_gradients(hidden, weight, labels, o: _Options):
+def _token_chunks(hidden, labels, nan_rows, o: _Options):
+    return (
+        _chunks(hidden, o.chunk_rows, 0),
+        _chunks(labels, o.chunk_rows, o.ignore_index),
+        _chunks(nan_rows, o.chunk_rows, False),
+    )
+
+
+def _with_gradients(hidden, weight, labels, nan_rows, scale, o: _Options):
+    """Total loss, ``d_hidden`` (input dtype) and ``d_weight`` (float32) of ``scale · Σ loss``.
+
+    ``scale`` is folded into ``G = scale · (softmax − onehot)`` before its rounding to the input
+    dtype, as differentiation of the scaled loss would do. Rows in ``nan_rows`` get a NaN loss and NaN
+    gradient rows (their share of ``d_weight`` makes it NaN, as in every implementation).
+    """
     acc = math_dtype(hidden.dtype)
 
     def step(d_weight, xs):
-        h, y = xs
+        h, y, bad = xs
         logits, lse, valid, index, loss = _chunk_loss(h, weight, y, o.ignore_index)
         onehot = index[:, None] == lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-        g = jnp.where(valid[:, None], jnp.exp(logits - lse[:, None]) - onehot, 0.0).astype(hidden.dtype)
+        row_scale = jnp.where(bad, jnp.nan, jnp.where(valid, scale, 0.0))
+        g = ((jnp.exp(logits - lse[:, None]) - onehot) * row_scale[:, None]).astype(hidden.dtype)
         d_h = jnp.dot(g, weight, preferred_element_type=hidden.dtype, precision=PRECISION)
         d_weight = d_weight + lax.dot_general(
             g, h, (((0,), (0,)), ((), ())), preferred_element_type=acc, precision=PRECISION
         )
-        return d_weight, (jnp.sum(loss), d_h)
+        return d_weight, (jnp.sum(jnp.where(bad, jnp.nan, loss)), d_h)
 
-    xs = (_chunks(hidden, o.chunk_rows, 0), _chunks(labels, o.chunk_rows, o.ignore_index))
-    d_weight, (totals, d_h) = lax.scan(step, jnp.zeros(weight.shape, acc), xs)
+    d_weight, (totals, d_h) = lax.scan(step, jnp.zeros(weight.shape, acc), _token_chunks(hidden, labels, nan_rows, o))
     d_hidden = d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]]
     return jnp.sum(totals), d_hidden, d_weight
 
@@ -95,31 +109,29 @@ def _scale(labels, o: _Options, dtype):
     return 1.0 / jnp.maximum(jnp.sum(labels != o.ignore_index), 1).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(hidden, weight, labels, o: _Options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(hidden, weight, labels, nan_rows, o: _Options):
     acc = math_dtype(hidden.dtype)
-    return _forward_only(hidden, weight, labels, o) * _scale(labels, o, acc)
+    return _forward_only(hidden, weight, labels, nan_rows, o) * _scale(labels, o, acc)
 
 
-def _fused_fwd(hidden, weight, labels, o: _Options):
+def _fused_fwd(hidden, weight, labels, nan_rows, o: _Options):
     acc = math_dtype(hidden.dtype)
     scale = _scale(labels, o, acc)
-    total, d_hidden, d_weight = _with_gradients(hidden, weight, labels, o)
-    if o.reduction == "mean":  # the mean's 1/count is applied once, before the rounding to the input dtype
-        d_hidden = (d_hidden.astype(acc) * scale).astype(hidden.dtype)
-        d_weight = d_weight * scale
+    total, d_hidden, d_weight = _with_gradients(hidden, weight, labels, nan_rows, scale, o)
     # Saved in the weight dtype: the float32 accumulator does not outlive the forward.
     return total * scale, (d_hidden, d_weight.astype(weight.dtype))
 
 
 def _fused_bwd(o: _Options, residuals, grad):
-    """Scale the saved gradients by the upstream scalar (exact when it is 1, as for a loss itself)."""
+    """Scale the saved gradients by the upstream scalar; an upstream of 1 (a loss itself) leaves
+    them as they are, without a scaled copy."""
     d_hidden, d_weight = residuals
 
     def scaled(x):
-        return jnp.where(grad == 1, x, (x.astype(grad.dtype) * grad).astype(x.dtype))
+        return lax.cond(grad == 1, lambda: x, lambda: (x.astype(grad.dtype) * grad).astype(x.dtype))
 
-    return scaled(d_hidden), scaled(d_weight), None
+    return scaled(d_hidden), scaled(d_weight), None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -133,6 +145,7 @@ def fused_loss(
     reduction: str,
     *,
     logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES,
+    nan_rows: jax.Array | None = None,
 ) -> jax.Array:
     """Summed or mean linear cross-entropy of flat inputs, gradients formed in the forward pass.
 
@@ -143,6 +156,8 @@ def fused_loss(
         ignore_index: label value with loss 0 and gradient 0.
         reduction: ``"sum"`` or ``"mean"`` (over non-ignored tokens; 0 when all are ignored).
         logits_budget_bytes: bytes of one float32 ``(chunk_rows, V)`` logits block.
+        nan_rows: ``(N,)`` bool or None: tokens whose loss and gradient rows are to be NaN (the
+            caller's out-of-range labels under a transformation); the other rows stay exact.
 
     Returns:
         A float32 (float64) scalar, differentiable in ``hidden`` and ``weight`` (gradients in their
@@ -155,4 +170,6 @@ def fused_loss(
     if rows >= 16:
         rows -= rows % 16
     o = _Options(int(ignore_index), reduction, int(rows))
-    return _fused(hidden, weight, labels, o)
+    if nan_rows is None:
+        nan_rows = jnp.zeros(labels.shape, bool)
+    return _fused(hidden, weight, labels, nan_rows, o)

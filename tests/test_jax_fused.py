@@ -81,6 +81,13 @@ def test_through_linear_cross_entropy():
         jax_heads.linear_cross_entropy(h, w, y, impl="fused")
     with pytest.raises(ValueError, match="labels must be in"):
         jax_heads.linear_cross_entropy(h, w, y.at[0].set(101), impl="fused", reduction="sum")
-    # Under jit an out-of-range label makes the (scalar) loss NaN.
-    bad = jax.jit(lambda yy: jax_heads.linear_cross_entropy(h, w, yy, impl="fused", reduction="sum"))(y.at[0].set(101))
-    assert np.isnan(float(bad))
+    # Under jit an out-of-range label makes the (scalar) loss NaN, and that token's gradient row only.
+    y_bad = y.at[0].set(101)
+    valid = np.asarray(y) != -100
+    for reduction in ("sum", "mean"):
+        value, (dh, dw) = jax.jit(jax.value_and_grad(
+            lambda a, b, yy: jax_heads.linear_cross_entropy(a, b, yy, impl="fused", reduction=reduction), (0, 1)
+        ))(h, w, y_bad)
+        assert np.isnan(float(value)) and np.all(np.isnan(np.asarray(dh[0])))
+        rows = np.flatnonzero(valid)[1:]
+        assert np.isfinite(np.asarray(dh)[rows]).all() and np.any(np.asarray(dh)[rows])

@@ -249,3 +249,22 @@ def test_backward_chunk_fits_its_memory_budget():
         chunk = _chunk_v(plan, DEFAULT_BLOCK_SIZES, 2)
         assert chunk == rows
         assert chunk * (n + 2 * d) * 2 <= DEFAULT_BLOCK_SIZES.chunk_bytes
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_interpret_filter_keeps_tiles_with_nan(separate):
+    """A NaN hidden state (or upstream gradient) is never filtered away: its tiles are kept, so it
+    shows in the gradients as on the exact path, and the other rows of its token block keep theirs."""
+    h, w, y, up = _inputs(16, 16, 64, jnp.float32, seed=12, ignore_frac=0.0)
+    eps = 0.5  # far above every probability: without NaN every tile but the targets' would be skipped
+    for hidden, upstream in ((h.at[3].set(jnp.nan), up), (h, np.where(np.arange(16) == 5, np.nan, up))):
+        _, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, interpret=True, block_sizes=TINY, filter_eps=eps,
+                                                  filter_separate_targets=separate), hidden, w)
+        dh, dw = vjp(jnp.asarray(upstream, jnp.float32))
+        bad = 3 if hidden is not h else 5
+        assert np.isnan(np.asarray(dh[bad])).all() and np.isnan(np.asarray(dw)).any()
+        _, exact_vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, interpret=True, block_sizes=TINY), hidden, w)
+        exact_dh = exact_vjp(jnp.asarray(upstream, jnp.float32))[0]
+        # One token block holds all 16 rows: every tile of it is kept, so the other rows are exact.
+        assert_close("d_hidden, other rows", np.delete(np.asarray(dh), bad, 0), np.delete(np.asarray(exact_dh), bad, 0),
+                     "float32")
