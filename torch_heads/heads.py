@@ -349,6 +349,10 @@ class SplitLanguageModellingHead(nn.Module):
 
 
 def _group_shard(group: object, vocab_size: int) -> tuple[int, int]:
+    if group is getattr(getattr(dist, "GroupMember", None), "NON_GROUP_MEMBER", object()):
+        raise ValueError(
+            "this process is not a member of vocab_parallel_group (dist.new_group returned NON_GROUP_MEMBER here)"
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"vocab_parallel_group must be a torch.distributed ProcessGroup or None, got {group!r}")
     if not dist.is_initialized():
