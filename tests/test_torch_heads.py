@@ -199,6 +199,11 @@ def test_lm_head_state_dict_helpers_without_a_group():
 def test_lm_head_vocab_parallel_group_must_be_a_process_group():
     with pytest.raises(TypeError, match="vocab_parallel_group must be a torch.distributed ProcessGroup"):
         SplitLanguageModellingHead({"a": 3}, ["a"], HIDDEN, vocab_parallel_group="world")
+    # On a rank outside the group, torch.distributed.new_group returns this marker, not a group.
+    with pytest.raises(ValueError, match="not a member of vocab_parallel_group"):
+        SplitLanguageModellingHead(
+            {"a": 3}, ["a"], HIDDEN, vocab_parallel_group=torch.distributed.GroupMember.NON_GROUP_MEMBER
+        )
 
 
 def test_token_embeddings_d9d_round_trip():
