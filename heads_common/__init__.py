@@ -164,6 +164,20 @@ def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
     return f"impl must be None or one of {tuple(known)}, got {impl!r}"
 
 
+def check_interpret(interpret: object, impl: object, check_impl: Callable[[object], None] | None = None) -> None:
+    """Pallas interpret mode: ``interpret`` must be a bool, and True only with ``impl="pallas"``.
+
+    ``check_impl`` (the caller's check of the name) runs in between, so an unknown ``impl`` is
+    reported as such rather than as a mismatch with ``interpret``.
+    """
+    if not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be a bool, got {interpret!r}")
+    if check_impl is not None:
+        check_impl(impl)
+    if interpret and impl != "pallas":
+        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+
+
 def choose_implementation(
     impl: str | None, known: Sequence[str], auto_order: Sequence[str], reason_for: Callable[[str], str | None]
 ) -> str:

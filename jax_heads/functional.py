@@ -33,6 +33,7 @@ from heads_common import (
     LM_IGNORE_INDEX,
     check_filter_eps,
     check_ignore_index,
+    check_interpret,
     check_ignore_index_fits,
     check_lce_shapes,
     check_reduction,
@@ -135,15 +136,15 @@ def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool =
         ValueError: ``impl`` is unknown, ``interpret=True`` with another ``impl``, or it (or, with
             ``impl=None``, every candidate) cannot run.
     """
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be a bool, got {interpret!r}")
-    if interpret and impl != "pallas":
-        if impl is not None and impl not in _IMPLEMENTATIONS:
-            raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
-        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    check_interpret(interpret, impl, _check_known_impl)
     return choose_implementation(
         impl, IMPLEMENTATIONS, AUTO_ORDER, lambda name: _IMPLEMENTATIONS[name][0](hidden, interpret)
     )
+
+
+def _check_known_impl(impl: object) -> None:
+    if impl is not None and impl not in _IMPLEMENTATIONS:
+        raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
 
 
 def check_mesh_options(mesh: object, vocab_axis: object, batch_axis: object) -> bool:
@@ -265,8 +266,7 @@ def linear_cross_entropy(
             )
         if parallel:
             raise ValueError("impl='fused' has no vocabulary-parallel form; pass impl='pallas' or 'chunked' with vocab_axis")
-        if interpret:
-            raise ValueError("interpret=True applies to impl='pallas' only, got impl='fused'")
+        check_interpret(interpret, impl)
     eps = check_filter_eps(filter_eps)
     eps = eps if isinstance(eps, float) else None
     if eps is not None:

@@ -28,7 +28,14 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_lce_shapes, check_reduction, unknown_impl_message
+from heads_common import (
+    LM_IGNORE_INDEX,
+    check_ignore_index,
+    check_interpret,
+    check_lce_shapes,
+    check_reduction,
+    unknown_impl_message,
+)
 from jax_heads import pallas_lce
 from jax_heads.chunked import chunk_rows_for, chunked_grads, chunked_lse_target
 from jax_heads.functional import reduce_loss
@@ -234,6 +241,11 @@ def vocab_parallel_linear_cross_entropy(
     return reduce_loss(loss, labels != ignore_index, reduction)
 
 
+def _check_parallel_impl(impl: object) -> None:
+    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
+        raise ValueError(unknown_impl_message(impl, PARALLEL_IMPLEMENTATIONS))
+
+
 def select_parallel_implementation(hidden: jax.Array, impl: str | None, interpret: bool = False) -> str:
     """The per-shard implementation :func:`vocab_parallel_linear_cross_entropy` runs for ``hidden``.
 
@@ -242,12 +254,7 @@ def select_parallel_implementation(hidden: jax.Array, impl: str | None, interpre
         ValueError: an unknown ``impl``, ``interpret=True`` with another ``impl``, or ``"pallas"``
             that cannot run on these inputs (saying why).
     """
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be a bool, got {interpret!r}")
-    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
-        raise ValueError(unknown_impl_message(impl, PARALLEL_IMPLEMENTATIONS))
-    if interpret and impl != "pallas":
-        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    check_interpret(interpret, impl, _check_parallel_impl)
     if impl is None:
         return "chunked" if pallas_lce.unsupported_reason(hidden) else "pallas"
     if impl == "pallas":

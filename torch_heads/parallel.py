@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_reduction
+from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_interpret, check_reduction
 from torch_heads import _pallas
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward, chunked_lse_target
 from torch_heads.functional import FLOAT_DTYPES, check_label_range, is_dtensor, reduce_loss
@@ -135,11 +135,7 @@ def select_parallel_implementation(hidden: torch.Tensor, impl: str | None, inter
         ValueError: an unknown ``impl``, ``interpret=True`` with another ``impl``, or ``"pallas"``
             that cannot run on these inputs (saying why).
     """
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be a bool, got {interpret!r}")
-    check_parallel_impl(impl)
-    if interpret and impl != "pallas":
-        raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
+    check_interpret(interpret, impl, check_parallel_impl)
     if impl == "chunked":
         return impl
     if interpret:
