@@ -38,15 +38,16 @@ class _Options:
     chunk_rows: int
 
 
-def _split_rows(x: jax.Array, rows: int) -> jax.Array:
-    """``(N, ...)`` -> ``(ceil(N / rows), rows, ...)``, zero-padded at the end."""
+def split_rows(x: jax.Array, rows: int, fill=0) -> jax.Array:
+    """``(N, ...)`` -> ``(ceil(N / rows), rows, ...)``, padded with ``fill`` at the end."""
     pad = -x.shape[0] % rows
     if pad:
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
     return x.reshape(-1, rows, *x.shape[1:])
 
 
-def _logits(h: jax.Array, weight: jax.Array, acc: jnp.dtype) -> jax.Array:
+def chunk_logits(h: jax.Array, weight: jax.Array, acc: jnp.dtype) -> jax.Array:
+    """``h @ weight.T`` accumulated (and returned) in ``acc``."""
     # Products of two float16/bfloat16 numbers are exact in float32, so no upcast copy is needed.
     return jnp.dot(h, weight.T, preferred_element_type=acc, precision=PRECISION)
 
@@ -71,11 +72,11 @@ def chunked_lse_target(hidden, weight, local_labels, chunk_rows: int):
 
     def chunk(_, xs):
         h, idx = xs
-        logits = _logits(h, weight, acc)
+        logits = chunk_logits(h, weight, acc)
         target = jnp.take_along_axis(logits, idx[:, None], axis=1)[:, 0]
         return None, (jax.nn.logsumexp(logits, axis=-1), target)
 
-    xs = (_split_rows(hidden, chunk_rows), _split_rows(index, chunk_rows))
+    xs = (split_rows(hidden, chunk_rows), split_rows(index, chunk_rows))
     _, (lse, target) = lax.scan(chunk, None, xs)
     return lse.reshape(-1)[:n], jnp.where(has_target, target.reshape(-1)[:n], 0.0)
 
@@ -103,13 +104,13 @@ def chunked_grads(hidden, weight, local_labels, lse, g, chunk_rows: int):
 
     def chunk(d_weight, xs):
         h, idx, lse_c, g_c = xs
-        probs = jnp.exp(_logits(h, weight, acc) - lse_c[:, None])
+        probs = jnp.exp(chunk_logits(h, weight, acc) - lse_c[:, None])
         grad_logits = (probs - (columns[None, :] == idx[:, None])) * g_c[:, None]
         d_h = jnp.dot(grad_logits, w, precision=PRECISION).astype(hidden.dtype)
         d_weight = d_weight + jnp.dot(grad_logits.T, h.astype(acc), precision=PRECISION)
         return d_weight, d_h
 
-    xs = tuple(_split_rows(x, chunk_rows) for x in (hidden, local_labels, lse, g.astype(acc)))
+    xs = tuple(split_rows(x, chunk_rows) for x in (hidden, local_labels, lse, g.astype(acc)))
     d_weight, d_hidden = lax.scan(chunk, jnp.zeros(weight.shape, acc), xs)
     return d_hidden.reshape(-1, hidden.shape[1])[:n], d_weight.astype(weight.dtype)
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_heads.chunked import chunk_logits, split_rows
 from jax_heads.reference import PRECISION, math_dtype, safe_labels
 
 DEFAULT_LOGITS_BUDGET_BYTES = 512 * 2**20
@@ -41,17 +42,10 @@ class _Options:
     chunk_rows: int
 
 
-def _chunks(x: jax.Array, rows: int, fill) -> jax.Array:
-    pad = -x.shape[0] % rows
-    if pad:
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape(-1, rows, *x.shape[1:])
-
-
 def _chunk_loss(h, weight, y, ignore_index):
     """Logits, validity, safe index and per-token loss of one chunk."""
     acc = math_dtype(h.dtype)
-    logits = jnp.dot(h, weight.T, preferred_element_type=acc, precision=PRECISION)
+    logits = chunk_logits(h, weight, acc)
     valid, index = safe_labels(y, weight.shape[0], ignore_index)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
@@ -71,9 +65,9 @@ def _forward_only(hidden, weight, labels, nan_rows, o: _Options):
 
 def _token_chunks(hidden, labels, nan_rows, o: _Options):
     return (
-        _chunks(hidden, o.chunk_rows, 0),
-        _chunks(labels, o.chunk_rows, o.ignore_index),
-        _chunks(nan_rows, o.chunk_rows, False),
+        split_rows(hidden, o.chunk_rows),
+        split_rows(labels, o.chunk_rows, o.ignore_index),
+        split_rows(nan_rows, o.chunk_rows, False),
     )
 
 
