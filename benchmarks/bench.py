@@ -287,6 +287,18 @@ def torch_extra_memory_mb(fn, grads_bytes):
     return max(0, peak - grads_bytes) / 2**20
 
 
+def _skip(name, names, regime, first_regime):
+    """Not asked for, or an exact fallback already timed in the workload's first regime."""
+    return bool(names) and name not in names or (name in DATA_INDEPENDENT and regime != first_regime)
+
+
+def loss_err(loss, ref_loss):
+    """Relative error of a per-token loss, or of a summed one (the ``*-sum`` rows) against the sum."""
+    if loss.ndim == 0:
+        return rel(loss.reshape(1), ref_loss.sum().reshape(1))
+    return rel(loss, ref_loss)
+
+
 def bench_workload(workload, n, d, v, regime, args, names=None, first_regime="uniform"):
     rows = []
     h, w, y, scale = make_inputs(n, d, v, regime)
@@ -297,11 +309,7 @@ def bench_workload(workload, n, d, v, regime, args, names=None, first_regime="un
     flops_f, flops_fb = 2 * n * d * v, 8 * n * d * v
 
     for name, (fwd, fwdbwd) in torch_impls(h, w, y).items():
-        if names and name not in names:
-            continue
-        if name == "cce-torch_compile" and args.quick:
-            continue
-        if name in DATA_INDEPENDENT and regime != first_regime:
+        if _skip(name, names, regime, first_regime) or (name == "cce-torch_compile" and args.quick):
             continue
         row = Row(workload, regime, name, n, d, v)
         try:
@@ -310,11 +318,7 @@ def bench_workload(workload, n, d, v, regime, args, names=None, first_regime="un
             row.extra_mem_mb = torch_extra_memory_mb(fwdbwd, grads_bytes)
             if ref is not None:
                 loss, dh, dw = fwdbwd()
-                if loss.ndim == 0:
-                    row.err_loss = rel(loss.reshape(1), ref[0].sum().reshape(1))
-                else:
-                    row.err_loss = rel(loss, ref[0])
-                row.err_dh, row.err_dw = rel(dh, ref[1]), rel(dw, ref[2])
+                row.err_loss, row.err_dh, row.err_dw = loss_err(loss, ref[0]), rel(dh, ref[1]), rel(dw, ref[2])
                 del loss, dh, dw
         except Exception as exc:  # a failing peer must not hide the others' figures
             row.errors.append(f"{type(exc).__name__}: {exc}"[:300])
@@ -323,11 +327,7 @@ def bench_workload(workload, n, d, v, regime, args, names=None, first_regime="un
         rows.append(_finish(row, flops_f, flops_fb))
 
     for name, (fwd, fwdbwd, fwdbwd_j, jargs) in jax_impls(h, w, y).items():
-        if names and name not in names:
-            continue
-        if name == "jax-chunked" and n * v > 2**31 // 2 and args.quick:
-            continue
-        if name in DATA_INDEPENDENT and regime != first_regime:
+        if _skip(name, names, regime, first_regime) or (name == "jax-chunked" and n * v > 2**31 // 2 and args.quick):
             continue
         row = Row(workload, regime, name, n, d, v)
         try:
@@ -337,8 +337,7 @@ def bench_workload(workload, n, d, v, regime, args, names=None, first_regime="un
             if ref is not None:
                 loss = torch.from_dlpack(fwd())
                 dh, dw = (torch.from_dlpack(t) for t in fwdbwd())
-                want = ref[0].sum().reshape(1) if loss.ndim == 0 else ref[0]  # the "-sum" rows
-                row.err_loss, row.err_dh, row.err_dw = rel(loss.reshape(-1), want), rel(dh, ref[1]), rel(dw, ref[2])
+                row.err_loss, row.err_dh, row.err_dw = loss_err(loss, ref[0]), rel(dh, ref[1]), rel(dw, ref[2])
                 del loss, dh, dw
         except Exception as exc:
             row.errors.append(f"{type(exc).__name__}: {exc}"[:300])

@@ -514,6 +514,8 @@ def lce_backward(
             name="lce_filtered_d_weight",
         )
 
+    row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bs.bwd_block_n  # each token's flag row
+
     def body(k, carry):
         d_hidden, d_weight, target_kept = carry
         lo = k * chunk_v
@@ -533,7 +535,6 @@ def lce_backward(
             if separate_targets:  # was each token's target tile (if in this chunk's new columns) flagged?
                 in_chunk = (labels >= lo) & (labels < start + chunk_v)
                 tile = jnp.clip((labels - start) // bs.bwd_block_v, 0, tiles - 1)
-                row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bs.bwd_block_n
                 target_kept = jnp.where(in_chunk, flags[row_block, tile], target_kept)
         # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
         old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
