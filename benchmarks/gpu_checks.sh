@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_checks.sh checks OUTDIR   # GPU tests, sanitizer, large shapes, tuning, 2-GPU run
 #   bash benchmarks/gpu_checks.sh bench OUTDIR    # the benchmark (GPU 0) while GPU 1 runs the kernel tests,
 #                                                 # large shapes, tuning and the vocabulary sweep
+#   bash benchmarks/gpu_checks.sh final OUTDIR    # the benchmark (GPU 0); --quick, the sweep and tuning (GPU 1)
+#   bash benchmarks/gpu_checks.sh last OUTDIR     # the benchmark (GPU 0); kernel tests, sanitizer, sweep (GPU 1)
 #   bash benchmarks/gpu_checks.sh quick OUTDIR    # bench.py --quick, timed
 # Needs .whl/ with the cut-cross-entropy and liger-kernel wheels. Every step has its own time limit
 # and log under OUTDIR, so one failure or overrun does not lose the others.
@@ -19,72 +21,53 @@ stamp() { echo "$(( $(date +%s) - start )) s: $*" >> "$out/timeline.txt"; }
 
 left() { echo $(( $1 - ($(date +%s) - start) )); }   # seconds until $1 s after the start
 
-if [ "$part" = checks ]; then
-  stamp "vocab-parallel start"
-  timeout 210 python benchmarks/vocab_parallel_gpu.py --skip-chunked --timeout 200 --out "$out/vocab_parallel" \
-    > "$out/vocab_parallel.log" 2>&1
-  stamp "vocab-parallel rc=$?"
-  (
-    export CUDA_VISIBLE_DEVICES=0
-    timeout $(left 440) python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
-    timeout $(left 580) python -m pytest -m "gpu and large" -q -p no:cacheprovider tests/test_gpu_large.py > "$out/large.log" 2>&1
-    stamp "large rc=$?"
-  ) &
-  (
-    export CUDA_VISIBLE_DEVICES=1
-    timeout $(left 480) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 8 -rfE \
-      tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_torch_gpu.py > "$out/gpu_tests.log" 2>&1
-    stamp "gpu tests rc=$?"
-    timeout $(left 580) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-      python benchmarks/sanitize_pallas.py > "$out/sanitizer.log" 2>&1
-    stamp "sanitizer rc=$?"
-  ) &
-  wait
-elif [ "$part" = bench ]; then
-  ( export CUDA_VISIBLE_DEVICES=0
-    timeout $(left 575) python benchmarks/bench.py --out "$out/full" > "$out/full.log" 2>&1
-    stamp "full rc=$?" ) &
-  ( export CUDA_VISIBLE_DEVICES=1
-    timeout $(left 210) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 4 -rfE \
-      tests/test_jax_pallas.py tests/test_torch_pallas.py > "$out/gpu_tests.log" 2>&1
-    stamp "gpu tests rc=$?"
-    timeout $(left 280) python -m pytest -m "gpu and large" -q -p no:cacheprovider -rfE tests/test_gpu_large.py \
-      > "$out/large.log" 2>&1
-    stamp "large rc=$?"
-    timeout $(left 420) python benchmarks/tune_pallas.py --bwd > "$out/tune.log" 2>&1; stamp "tune rc=$?"
-    timeout $(left 575) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
-    stamp "sweep rc=$?" ) &
-  wait
-elif [ "$part" = final ]; then
-  ( export CUDA_VISIBLE_DEVICES=0
-    timeout $(left 560) python benchmarks/bench.py --out "$out/full" > "$out/full.log" 2>&1
-    stamp "full rc=$?" ) &
-  ( export CUDA_VISIBLE_DEVICES=1; s=$(date +%s)
-    timeout $(left 200) python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
-    stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)"
-    timeout $(left 330) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
-    stamp "sweep rc=$?"
-    timeout $(left 560) python benchmarks/tune_pallas.py --bwd-only > "$out/tune.log" 2>&1; stamp "tune rc=$?" ) &
-  wait
-elif [ "$part" = last ]; then
-  ( export CUDA_VISIBLE_DEVICES=0
-    timeout $(left 560) python benchmarks/bench.py --out "$out/full" > "$out/full.log" 2>&1
-    stamp "full rc=$?" ) &
-  ( export CUDA_VISIBLE_DEVICES=1
-    timeout $(left 250) python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n 6 -rfE \
-      tests/test_jax_pallas.py tests/test_torch_pallas.py > "$out/gpu_tests.log" 2>&1
-    stamp "gpu tests rc=$?"
-    timeout $(left 320) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-      python benchmarks/sanitize_pallas.py > "$out/sanitizer.log" 2>&1
-    stamp "sanitizer rc=$?"
-    timeout $(left 560) python benchmarks/bench.py --workloads none --sweep --out "$out/sweep" > "$out/sweep.log" 2>&1
-    stamp "sweep rc=$?" ) &
-  wait
-elif [ "$part" = quick ]; then
-  ( export CUDA_VISIBLE_DEVICES=0; s=$(date +%s)
-    timeout 300 python benchmarks/bench.py --quick --out "$out/quick" > "$out/quick.log" 2>&1
-    stamp "quick rc=$? wall $(( $(date +%s) - s )) s (imports included)" ) &
-  wait
-fi
+# step NAME DEADLINE CMD...: run CMD until DEADLINE s after the start, output in NAME.log; rc and
+# wall time go to the timeline.
+step() {
+  local name=$1 deadline=$2 s
+  shift 2
+  s=$(date +%s)
+  timeout "$(left "$deadline")" "$@" > "$out/$name.log" 2>&1
+  stamp "$name rc=$? wall $(( $(date +%s) - s )) s"
+}
+gpu_tests() {  # DEADLINE WORKERS FILES...
+  step gpu_tests "$1" python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n "$2" -rfE "${@:3}"
+}
+large() { step large "$1" python -m pytest -m "gpu and large" -q -p no:cacheprovider -rfE tests/test_gpu_large.py; }
+sanitizer() {
+  step sanitizer "$1" compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+    python benchmarks/sanitize_pallas.py
+}
+tune() { step tune "$1" python benchmarks/tune_pallas.py "${@:2}"; }
+full() { step full "$1" python benchmarks/bench.py --out "$out/full"; }
+sweep() { step sweep "$1" python benchmarks/bench.py --workloads none --sweep --out "$out/sweep"; }
+quick() { step quick "$1" python benchmarks/bench.py --quick --out "$out/quick"; }  # its wall time: the < 2 min check
+
+case "$part" in
+  checks)
+    step vocab_parallel 210 python benchmarks/vocab_parallel_gpu.py --skip-chunked --timeout 200 --out "$out/vocab_parallel"
+    ( export CUDA_VISIBLE_DEVICES=0; tune 440 --bwd; large 580 ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      gpu_tests 480 8 tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_torch_gpu.py; sanitizer 580 ) &
+    wait ;;
+  bench)
+    ( export CUDA_VISIBLE_DEVICES=0; full 575 ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      gpu_tests 210 4 tests/test_jax_pallas.py tests/test_torch_pallas.py; large 280; tune 420 --bwd; sweep 575 ) &
+    wait ;;
+  final)
+    ( export CUDA_VISIBLE_DEVICES=0; full 560 ) &
+    ( export CUDA_VISIBLE_DEVICES=1; quick 200; sweep 330; tune 560 --bwd-only ) &
+    wait ;;
+  last)
+    ( export CUDA_VISIBLE_DEVICES=0; full 560 ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      gpu_tests 250 6 tests/test_jax_pallas.py tests/test_torch_pallas.py; sanitizer 320; sweep 560 ) &
+    wait ;;
+  quick)
+    ( export CUDA_VISIBLE_DEVICES=0; quick 300 ) ;;
+  *)
+    echo "unknown part $part (checks, bench, final, last, quick)" >&2; exit 2 ;;
+esac
 stamp done
 tar czf /tmp/all.tgz -C "$out" . && mv /tmp/all.tgz "$out/all.tgz"  # one file: the return has a file-count limit
