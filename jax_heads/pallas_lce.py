@@ -57,6 +57,11 @@ class BlockSizes:
             options of the two block-sparse products of the filtered backward (``d_hidden``:
             ``bwd_block_n × mm_block_d`` per program; ``d_weight``: ``mm_block_rows × mm_block_d``;
             both step through a flagged tile ``mm_block_k`` at a time).
+        filter_dense_above: filtered backward only. A chunk whose predecessor had more than this
+            fraction of its tiles flagged forms its two products densely (cuBLAS through XLA, the
+            unflagged tiles written as zeros) instead of block-sparse: the same values, at the
+            dense rate where filtering skips little (peaked softmax). ``0`` makes every chunk dense,
+            ``None`` none.
     """
 
     block_n: int = 128
@@ -79,6 +84,7 @@ class BlockSizes:
     mm_block_k: int = 64
     mm_num_warps: int = 8
     mm_num_stages: int = 3
+    filter_dense_above: float | None = 0.5
 
 
     def __post_init__(self):
@@ -95,6 +101,9 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
         if self.sm_count is not None and (not isinstance(self.sm_count, int) or self.sm_count < 1):
             raise ValueError(f"BlockSizes.sm_count must be None or a positive int, got {self.sm_count!r}")
+        dense = self.filter_dense_above
+        if dense is not None and (isinstance(dense, bool) or not isinstance(dense, (int, float)) or not 0 <= dense <= 1):
+            raise ValueError(f"BlockSizes.filter_dense_above must be None or a number in [0, 1], got {dense!r}")
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
@@ -204,7 +213,7 @@ def _grad_logits_kernel(
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
-    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``(lo, start) = bounds_ref``;
+    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``(lo, start, dense) = bounds_ref``;
     columns below ``lo`` (done by the previous chunk) and at or past the real vocabulary size are
     written as zeros.
 
@@ -213,7 +222,9 @@ def _grad_logits_kernel(
     so it holds no target of a counted row — gets flag 0 and is not written at all; the two
     filtered products read only flagged tiles. With ``separate_targets`` the test is on the
     probabilities alone (``|softmax|`` below ``filter_eps``): a tile holding targets but only small
-    probabilities is skipped too, and the caller adds those targets' ``−g`` entries exactly.
+    probabilities is skipped too, and the caller adds those targets' ``−g`` entries exactly. With
+    ``dense`` set, an unflagged tile is written as zeros instead, so that dense products of the
+    chunk give the filtered values.
     """
     i, j = pl.program_id(0), pl.program_id(1)
     lo, start = bounds_ref[0], bounds_ref[1]
@@ -242,9 +253,9 @@ def _grad_logits_kernel(
     keep = flag > 0
     flag_ref[i, j] = flag
 
-    @pl.when(keep)
+    @pl.when(keep | (bounds_ref[2] != 0))
     def _():
-        out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
+        out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = jnp.where(keep, grad, jnp.zeros_like(grad))
 
 
 def _filtered_dh_kernel(
@@ -459,7 +470,9 @@ def lce_backward(
 
     Exact (``filter_eps`` None): the two products are XLA (cuBLAS) matrix products. Filtered: the
     gradient-logits kernel also flags the tiles that hold a value ≥ ``filter_eps``, and two Pallas
-    kernels form the products from flagged tiles only (block-sparse), skipping the rest. With
+    kernels form the products from flagged tiles only (block-sparse), skipping the rest; a chunk
+    after one with more than ``filter_dense_above`` of its tiles flagged uses the dense products on
+    a gradient-logits block whose unflagged tiles are zeros (the same values, the cuBLAS rate). With
     ``separate_targets`` a tile is flagged on its probabilities alone, and the targets that fell in
     unflagged tiles get their ``−g`` entries afterwards, exactly (:func:`_add_skipped_targets`).
     """
@@ -515,37 +528,56 @@ def lce_backward(
         )
 
     row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bs.bwd_block_n  # each token's flag row
+    dense_above = None if filter_eps is None else bs.filter_dense_above
+
+    def dense_products(gl, start, d_hidden):
+        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
+        d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
+        dw_chunk = lax.dot_general(
+            gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
+        )
+        return d_hidden, dw_chunk
+
+    def sparse_products(gl, flags, start, d_hidden, bounds):
+        return d_hidden_product(bounds, flags, gl, weight, d_hidden), d_weight_product(flags, gl, hidden)
 
     def body(k, carry):
-        d_hidden, d_weight, target_kept = carry
+        d_hidden, d_weight, target_kept, dense = carry
         lo = k * chunk_v
         start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
-        bounds = jnp.stack([lo, start]).astype(jnp.int32)
+        bounds = jnp.stack([lo, start, dense]).astype(jnp.int32)
         if filter_eps is None:
             (gl,) = grad_logits(bounds, hidden, weight, labels, lse, g)
-            w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
-            d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
-            dw_chunk = lax.dot_general(
-                gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
-            )
+            d_hidden, dw_chunk = dense_products(gl, start, d_hidden)
         else:
             gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g)
-            d_hidden = d_hidden_product(bounds, flags, gl, weight, d_hidden)
-            dw_chunk = d_weight_product(flags, gl, hidden)
+            if dense_above is None:
+                d_hidden, dw_chunk = sparse_products(gl, flags, start, d_hidden, bounds)
+            elif dense_above == 0:
+                d_hidden, dw_chunk = dense_products(gl, start, d_hidden)
+            else:  # chosen from the previous chunk's share of flagged tiles (this one's G is written for it)
+                d_hidden, dw_chunk = lax.cond(
+                    dense != 0,
+                    lambda gl, flags, start, d_hidden, bounds: dense_products(gl, start, d_hidden),
+                    sparse_products, gl, flags, start, d_hidden, bounds,
+                )
+                dense = (jnp.mean(flags.astype(jnp.float32)) > dense_above).astype(jnp.int32)
             if separate_targets:  # was each token's target tile (if in this chunk's new columns) flagged?
                 in_chunk = (labels >= lo) & (labels < start + chunk_v)
                 tile = jnp.clip((labels - start) // bs.bwd_block_v, 0, tiles - 1)
                 target_kept = jnp.where(in_chunk, flags[row_block, tile], target_kept)
         # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
         old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
-        return d_hidden, lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0), target_kept
+        d_weight = lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0)
+        return d_hidden, d_weight, target_kept, dense
 
     init = (
         jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
         jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
         jnp.ones(labels.shape, jnp.int32),
+        jnp.int32(dense_above == 0),  # the first chunk: sparse unless every chunk is dense
     )
-    d_hidden, d_weight, target_kept = lax.fori_loop(0, num_chunks, body, init)
+    d_hidden, d_weight, target_kept, _ = lax.fori_loop(0, num_chunks, body, init)
     if separate_targets:
         skipped = (labels >= 0) & (labels < plan.v) & (g != 0) & (target_kept == 0)
         d_hidden, d_weight = _add_skipped_targets(

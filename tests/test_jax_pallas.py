@@ -268,3 +268,28 @@ def test_interpret_filter_keeps_tiles_with_nan(separate):
         # One token block holds all 16 rows: every tile of it is kept, so the other rows are exact.
         assert_close("d_hidden, other rows", np.delete(np.asarray(dh), bad, 0), np.delete(np.asarray(exact_dh), bad, 0),
                      "float32")
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["in-tiles", "separate-targets"])
+@pytest.mark.parametrize("dense_above", [0.0, 0.25])
+def test_interpret_filtered_dense_chunks_match_filtered_truth(dense_above, separate):
+    """Chunks whose products run dense (unflagged tiles written as zeros; interpret mode leaves an
+    unwritten tile NaN, so a missing zero shows) give the filtered values. At 0.25 the first chunk is
+    block-sparse and later ones switch by their predecessor's share of flagged tiles."""
+    h, w, y, up = _inputs(50, 40, 257, jnp.float32, seed=31)
+    bs = dataclasses.replace(TINY, filter_dense_above=dense_above)
+    maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), up,
+                                  bs.bwd_block_n, bs.bwd_block_v, separate_targets=separate)
+    share = (maxima >= threshold_between_tiles(maxima, 0.5)).mean(axis=0)  # one 16-row tile per chunk here
+    assert (share[:-1] > dense_above).any() and (share <= 0.25).any(), "both kinds of chunk must occur"
+    _check_filtered(h, w, y, up, "float32", bs, 0.5, separate=separate, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("block_n", 48), ("block_v", 8), ("num_warps", 0), ("chunk_bytes", True), ("sm_count", 0),
+     ("filter_dense_above", 1.5), ("filter_dense_above", -0.1), ("filter_dense_above", "0.5")],
+)
+def test_block_sizes_are_validated(field, value):
+    with pytest.raises(ValueError, match=rf"BlockSizes\.{field} must be"):
+        BlockSizes(**{field: value})
