@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_checks.sh final OUTDIR    # the benchmark (GPU 0); --quick, the sweep and tuning (GPU 1)
 #   bash benchmarks/gpu_checks.sh last OUTDIR     # the benchmark (GPU 0); kernel tests, sanitizer, sweep (GPU 1)
 #   bash benchmarks/gpu_checks.sh quick OUTDIR    # bench.py --quick, timed
+#   bash benchmarks/gpu_checks.sh mosaic OUTDIR   # Mosaic GPU forward: its GPU tests and tuning (GPU 0);
+#                                                 # filtered kernel tests and filtered bench rows (GPU 1)
 # Needs .whl/ with the cut-cross-entropy and liger-kernel wheels. Every step has its own time limit
 # and log under OUTDIR, so one failure or overrun does not lose the others.
 set -u
@@ -66,8 +68,17 @@ case "$part" in
     wait ;;
   quick)
     ( export CUDA_VISIBLE_DEVICES=0; quick 300 ) ;;
+  mosaic)
+    ( export CUDA_VISIBLE_DEVICES=0
+      step mgpu_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_jax_mgpu.py
+      step tune_mgpu 500 python benchmarks/tune_mgpu.py --out "$out/tune_mgpu" ) &
+    ( export CUDA_VISIBLE_DEVICES=1
+      gpu_tests 200 6 tests/test_jax_pallas.py -k filtered
+      step filtered 500 python benchmarks/bench.py --impls jax-pallas,jax-pallas-filtered,cce \
+        --workloads gemma2-2b,llama3-8b --out "$out/filtered" ) &
+    wait ;;
   *)
-    echo "unknown part $part (checks, bench, final, last, quick)" >&2; exit 2 ;;
+    echo "unknown part $part (checks, bench, final, last, quick, mosaic)" >&2; exit 2 ;;
 esac
 stamp done
 tar czf /tmp/all.tgz -C "$out" . && mv /tmp/all.tgz "$out/all.tgz"  # one file: the return has a file-count limit
