@@ -18,15 +18,24 @@ import torch
 
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of the cce and pallas paths
+
+
+def tensor_reason(hidden: torch.Tensor, *, cuda: bool = True) -> str | None:
+    """Why the CUDA paths (``cce``, ``pallas``) cannot take ``hidden``'s device (when ``cuda``)
+    or dtype, or None."""
+    if cuda and hidden.device.type != "cuda":
+        return f"needs CUDA tensors, got device {hidden.device}"
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        return f"supports {[str(d) for d in SUPPORTED_DTYPES]}, got {hidden.dtype}"
+    return None
 
 
 def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
     """Why ``cce`` cannot run on these inputs, or None when it can."""
-    if hidden.device.type != "cuda":
-        return f"needs CUDA tensors, got device {hidden.device}"
-    if hidden.dtype not in SUPPORTED_DTYPES:
-        return f"supports {[str(d) for d in SUPPORTED_DTYPES]}, got {hidden.dtype}"
+    reason = tensor_reason(hidden)
+    if reason is not None:
+        return reason
     try:
         import cut_cross_entropy  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the environment

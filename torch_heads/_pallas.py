@@ -78,9 +78,7 @@ import os
 
 import torch
 
-from torch_heads._cce import _ZeroLoss
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from torch_heads._cce import _ZeroLoss, tensor_reason
 
 # Triton (and XLA, for its entry parameters) assume 16-byte aligned buffers; torch's caching
 # allocator gives 512-byte aligned blocks, but a view with a storage offset may be less aligned.
@@ -97,10 +95,9 @@ def _import_jax():
 
 def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
     """Why ``pallas`` cannot run on these inputs, or None when it can (imports JAX for CUDA inputs)."""
-    if hidden.device.type != "cuda":
-        return f"needs CUDA tensors, got device {hidden.device}"
-    if hidden.dtype not in SUPPORTED_DTYPES:
-        return f"supports {[str(d) for d in SUPPORTED_DTYPES]}, got {hidden.dtype}"
+    reason = tensor_reason(hidden)
+    if reason is not None:
+        return reason
     try:
         jax = _import_jax()
         import interop.dlpack  # noqa: F401

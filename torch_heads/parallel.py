@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_interpret, check_reduction
-from torch_heads import _pallas
+from torch_heads import _cce, _pallas
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward, chunked_lse_target
 from torch_heads.functional import FLOAT_DTYPES, check_label_range, is_dtensor, reduce_loss
 from torch_heads.reference import math_dtype
@@ -139,8 +139,8 @@ def select_parallel_implementation(hidden: torch.Tensor, impl: str | None, inter
     if impl == "chunked":
         return impl
     if interpret:
-        if hidden.dtype not in _pallas.SUPPORTED_DTYPES:
-            reason = f"supports {[str(d) for d in _pallas.SUPPORTED_DTYPES]}, got {hidden.dtype}"
+        reason = _cce.tensor_reason(hidden, cuda=False)
+        if reason is not None:
             raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
         return "pallas"
     # Only CUDA inputs import JAX here: a CPU process never starts it for impl=None.
