@@ -263,6 +263,10 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
             del layout
             return x
 
+    # jax 0.10's interpreter cannot read a transposed SMEM operand of wgmma; interpret mode feeds
+    # it the weight as a (d_pad, v_pad) matrix (tiles (block_k, block_v), B used as is) instead.
+    weight_t = interpret is not None
+
     def iota(shape, dim):
         return cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
@@ -292,8 +296,13 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
 
                 plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(n0, cfg.block_n), pl.ds(k0, bk)], h_smem.at[slot],
                                         loaded.at[slot])
-                plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(v0, bv), pl.ds(k0, bk)], w_smem.at[slot],
-                                        loaded.at[slot])
+                w_src = w_gmem.at[pl.ds(k0, bk), pl.ds(v0, bv)] if weight_t else w_gmem.at[pl.ds(v0, bv), pl.ds(k0, bk)]
+                plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], loaded.at[slot])
+
+            # Observe the last releases too, so that no barrier phase is left unobserved at exit.
+            @pl.loop(jnp.maximum(total - stages, 0), total)
+            def _drain(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
         @pl.when(wg < nwg)
         def _compute():
@@ -313,8 +322,8 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
                         step = base + kk
                         slot = lax.rem(step, stages)
                         plgpu.barrier_wait(loaded.at[slot])
-                        plgpu.wgmma(acc_ref, h_smem.at[slot].at[pl.ds(wg * rows, rows)],
-                                    w_smem.at[slot].transpose((1, 0)))
+                        w_op = w_smem.at[slot] if weight_t else w_smem.at[slot].transpose((1, 0))
+                        plgpu.wgmma(acc_ref, h_smem.at[slot].at[pl.ds(wg * rows, rows)], w_op)
                         plgpu.wgmma_wait(cfg.wgmma_in_flight)
                         if cfg.wgmma_in_flight:
                             @pl.when(kk > 0)
@@ -322,7 +331,6 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
                                 plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
                         else:
                             plgpu.barrier_arrive(consumed.at[slot])
-                        return None
 
                     lax.fori_loop(0, k_iters, kstep, None)
                     logits = acc_ref[...]
@@ -360,7 +368,7 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
     part = jax.ShapeDtypeStruct((splits, n_pad), jnp.float32)
     scratch = (
         plgpu.SMEM((stages, cfg.block_n, bk), dtype, transforms=transforms),
-        plgpu.SMEM((stages, bv, bk), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bk, bv) if weight_t else (stages, bv, bk), dtype, transforms=transforms),
         plgpu.SMEM((nwg, rows), jnp.int32),
         plgpu.SMEM((3, nwg, rows), jnp.float32),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
@@ -379,7 +387,7 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
             approx_math=cfg.approx_math, lowering_semantics=_lowering_semantics(plgpu, cfg.lowering)),
         **({} if interpret is None else {"interpret": interpret}),
     )
-    return call(hidden, weight, labels)
+    return call(hidden, weight.T if weight_t else weight, labels)
 
 
 def combine_partials(m, s, t):
@@ -403,5 +411,11 @@ def flops(n: int, d: int, v: int) -> int:
     return 2 * n * d * v
 
 
-__all__ = ["MgpuConfig", "DEFAULT_MGPU_CONFIG", "choose_grid", "mgpu_forward_partials", "combine_partials",
-           "mgpu_lse_and_target"]
+__all__ = [
+    "DEFAULT_MGPU_CONFIG",
+    "MgpuConfig",
+    "choose_grid",
+    "combine_partials",
+    "mgpu_forward_partials",
+    "mgpu_lse_and_target",
+]
