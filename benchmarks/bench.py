@@ -48,6 +48,7 @@ WORKLOADS = {
 SWEEP_VOCABS = (32_768, 65_536, 131_072, 262_144)
 # --quick: the headline rows only (our kernels from both frameworks and the peers).
 QUICK_IMPLS = ("cce", "cce-exact", "torch_heads-cce", "torch_heads-pallas", "liger-none", "liger-sum", "jax-pallas",
+               "jax-pallas-triton-fwd",
                "jax-pallas-filtered", "jax-pallas-filtered-in-tiles", "jax-fused-sum")
 # Exact fallbacks whose time does not depend on the data: timed in the first regime of a workload only.
 DATA_INDEPENDENT = {"torch-chunked", "jax-chunked", "jax-reference", "torch-materialised", "jax-materialised"}
@@ -189,6 +190,12 @@ def jax_impls(h, w, y):
     impls = {"jax-materialised": _jax_impl(_jax_materialised(jy), jh, jw)}
     for name in ("reference", "chunked", "pallas"):
         impls[f"jax-{name}"] = _jax_impl(lambda a, b, name=name: jax_lce.linear_cross_entropy(a, b, jy, impl=name), jh, jw)
+    # "jax-pallas" takes the Mosaic GPU forward on a Hopper card (forward_kernel="auto"); this row
+    # keeps the Triton forward, for the ratio between the two in the same run.
+    triton_fwd = pallas_lce.BlockSizes(forward_kernel="triton")
+    impls["jax-pallas-triton-fwd"] = _jax_impl(
+        lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, block_sizes=triton_fwd), jh, jw
+    )
     # Gradient filtering at cut-cross-entropy's default threshold for bf16 (its "cce" row): our rule
     # (targets outside the tiles, the default), and CCE's own rule (a tile with a target is kept).
     impls["jax-pallas-filtered"] = _jax_impl(

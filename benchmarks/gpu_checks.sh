@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_checks.sh bench OUTDIR    # the benchmark (GPU 0) while GPU 1 runs the kernel tests,
 #                                                 # large shapes, tuning and the vocabulary sweep
 #   bash benchmarks/gpu_checks.sh final OUTDIR    # the benchmark (GPU 0); --quick, the sweep and tuning (GPU 1)
-#   bash benchmarks/gpu_checks.sh last OUTDIR     # the benchmark (GPU 0); kernel tests, sanitizer, sweep (GPU 1)
+#   bash benchmarks/gpu_checks.sh last OUTDIR     # the benchmark (GPU 0); kernel tests, sanitizer, sweep, --quick (GPU 1)
 #   bash benchmarks/gpu_checks.sh quick OUTDIR    # bench.py --quick, timed
 #   bash benchmarks/gpu_checks.sh mosaic OUTDIR   # Mosaic GPU forward: its GPU tests and tuning (GPU 0);
 #                                                 # filtered kernel tests and filtered bench rows (GPU 1)
@@ -64,7 +64,8 @@ case "$part" in
   last)
     ( export CUDA_VISIBLE_DEVICES=0; full 560 ) &
     ( export CUDA_VISIBLE_DEVICES=1
-      gpu_tests 250 6 tests/test_jax_pallas.py tests/test_torch_pallas.py; sanitizer 320; sweep 560 ) &
+      gpu_tests 250 6 tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_jax_mgpu.py; sanitizer 320
+      sweep 440; quick 560 ) &
     wait ;;
   quick)
     ( export CUDA_VISIBLE_DEVICES=0; quick 300 ) ;;

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 from jax_heads.mgpu_lce import (
     MgpuConfig,
     choose_grid,
-    combine_partials,
     mgpu_forward_partials,
 )
+from jax_heads.pallas_lce import combine_partials
 from jax_heads.pallas_lce import BlockSizes, lce_forward, pad_inputs, plan_for
 
-SHAPES = {"ragged": (1024, 256, 5003), "gemma2": (8192, 2304, 256_000)}
+SHAPES = {"ragged": (1024, 256, 5003), "gemma2": (8192, 2304, 256_000), "llama3": (8192, 4096, 128_256)}
 
 CONFIGS = {
     "default": MgpuConfig(),
@@ -48,6 +48,12 @@ CONFIGS = {
     "k128_s2": MgpuConfig(block_k=128, max_concurrent_steps=2),
     "splits_132": MgpuConfig(min_programs=132),
     "splits_1056": MgpuConfig(min_programs=1056),
+    "splits_64": MgpuConfig(min_programs=64),
+    "splits_132_s3": MgpuConfig(min_programs=132, max_concurrent_steps=3),
+    "n256_v128_splits_64": MgpuConfig(block_n=256, block_v=128, min_programs=64),
+    "n256_v128_splits_132": MgpuConfig(block_n=256, block_v=128, min_programs=132),
+    "n256_v128_splits_132_s3": MgpuConfig(block_n=256, block_v=128, min_programs=132, max_concurrent_steps=3),
+    "splits_132_exact_exp": MgpuConfig(min_programs=132, approx_math=False),
 }
 
 
@@ -147,7 +153,7 @@ def main(argv=None):
         tri_lse = tri_tgt = None
         tri_time = None
         try:
-            bs = BlockSizes()
+            bs = BlockSizes(forward_kernel="triton")
             plan = plan_for(n, v, d, bs)
             hp, wp, yp = pad_inputs(h, w, y, plan)
             tri = jax.jit(lambda a, b, c, bs=bs, plan=plan: lce_forward(a, b, c, block_sizes=bs, plan=plan, interpret=False))
@@ -155,7 +161,7 @@ def main(argv=None):
             res = {}
             if ref_lse is not None:
                 res = {"lse_err_ref": max_err(tri_lse, ref_lse, n), "tgt_err_ref": max_err(tri_tgt, ref_tgt, n)}
-            if shape_name == "gemma2" or args.time_ragged:
+            if shape_name != "ragged" or args.time_ragged:
                 tri_time, times = time_fn(tri, (hp, wp, yp), args.iters)
                 res.update(ms=tri_time * 1e3, tflops=flops / tri_time / 1e12, times_ms=[t * 1e3 for t in times])
             entry["results"]["triton"] = res
@@ -200,7 +206,7 @@ def main(argv=None):
                     res["lse_err_triton"] = max_err(lse, tri_lse, n)
                     res["tgt_err_triton"] = max_err(tgt, tri_tgt, n)
                 res["finite"] = bool(jnp.all(jnp.isfinite(lse[:n])))
-                if shape_name == "gemma2" or args.time_ragged:
+                if shape_name != "ragged" or args.time_ragged:
                     med, times = time_fn(fn, (hm, wm, ym), args.iters)
                     res.update(ms=med * 1e3, tflops=flops / med / 1e12, times_ms=[t * 1e3 for t in times])
                     if tri_time:

@@ -10,9 +10,9 @@ Design (one CTA per (token block, vocabulary split), warp specialised)::
     token block: block_n rows (default 128); compute warpgroup w owns rows
                  [w * block_n/2, (w+1) * block_n/2) (64 rows by default).
     vocabulary tile: block_v rows of the weight (default 256), shared by both compute warpgroups.
-    K pipeline over D in block_k steps (default 64), max_concurrent_steps SMEM slots (default 4):
+    K pipeline over D in block_k steps (default 64), max_concurrent_steps SMEM slots (default 3):
         slot = (hidden tile (block_n, block_k), weight tile (block_v, block_k)), both bf16,
-        tiled (8, 64) and 128-byte swizzled; 48 KiB per slot at the defaults (192 KiB in all).
+        tiled (8, 64) and 128-byte swizzled; 48 KiB per slot at the defaults (144 KiB in all).
 
 The memory warpgroup walks the flat sequence of (vocabulary tile, D step) pairs of its split and
 issues two TMA loads per step into the next slot (one "loaded" barrier per slot counts both), after
@@ -76,19 +76,22 @@ class MgpuConfig:
         approx_math: fast approximate ``ex2`` / reciprocal (``CompilerParams.approx_math``).
         min_programs: :func:`choose_grid` splits the vocabulary until the grid has at least this
             many CTAs (one CTA per multiprocessor fits in shared memory).
+
+    Defaults from the H200 tuning of 2026-11-28 (``docs/kernel-notes.md``, version 3): few long
+    splits (132 → 4 splits of 250 tiles at Gemma-2) and 3 pipeline slots.
     """
 
     block_n: int = 128
     block_v: int = 256
     block_k: int = 64
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 3
     num_compute_wgs: int = 2
     wgmma_in_flight: int = 1
     compute_registers: int = 232
     memory_registers: int = 40
     lowering: str = "warpgroup"
     approx_math: bool = True
-    min_programs: int = 528
+    min_programs: int = 132
 
     def __post_init__(self):
         def positive_int(name):
@@ -390,22 +393,6 @@ def mgpu_forward_partials(hidden, weight, labels, *, vocab_size: int, splits: in
     return call(hidden, weight.T if weight_t else weight, labels)
 
 
-def combine_partials(m, s, t):
-    """``(lse, target_logit)`` per token from the partials (the combine of ``lce_forward``)."""
-    m_max = jnp.max(m, axis=0)
-    lse = m_max + jnp.log(jnp.sum(s * jnp.exp(m - m_max[None, :]), axis=0))
-    return lse, jnp.sum(t, axis=0)
-
-
-@functools.partial(jax.jit, static_argnames=("vocab_size", "config", "sm_count"))
-def mgpu_lse_and_target(hidden, weight, labels, *, vocab_size: int, config: MgpuConfig = DEFAULT_MGPU_CONFIG,
-                        sm_count: int = 132):
-    """Per-token log-sum-exp and target logit of padded inputs via :func:`mgpu_forward_partials`."""
-    splits, tps = choose_grid(hidden.shape[0], weight.shape[0], config, sm_count)
-    return combine_partials(*mgpu_forward_partials(
-        hidden, weight, labels, vocab_size=vocab_size, splits=splits, tiles_per_split=tps, config=config))
-
-
 def flops(n: int, d: int, v: int) -> int:
     """Forward matrix-product FLOPs, ``2·N·D·V``."""
     return 2 * n * d * v
@@ -415,7 +402,5 @@ __all__ = [
     "DEFAULT_MGPU_CONFIG",
     "MgpuConfig",
     "choose_grid",
-    "combine_partials",
     "mgpu_forward_partials",
-    "mgpu_lse_and_target",
 ]

@@ -33,7 +33,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jax_heads.mgpu_lce import DEFAULT_MGPU_CONFIG, MgpuConfig
+
 _NEG_INF = float("-inf")
+FORWARD_KERNELS = ("auto", "mosaic", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,12 @@ class BlockSizes:
             options of the two block-sparse products of the filtered backward (``d_hidden``:
             ``bwd_block_n × mm_block_d`` per program; ``d_weight``: ``mm_block_rows × mm_block_d``;
             both step through a flagged tile ``mm_block_k`` at a time).
+        forward_kernel: ``"triton"`` (the Pallas Triton kernel below), ``"mosaic"`` (the Pallas
+            Mosaic GPU kernel of :mod:`jax_heads.mgpu_lce`: TMA, WGMMA, a warp-specialised loader;
+            Hopper, bfloat16/float16) or ``"auto"``: Mosaic on a Hopper GPU for 16-bit inputs whose
+            padded shapes fit its tiles, outside interpret mode; Triton otherwise. Naming
+            ``"mosaic"`` for inputs it cannot take raises. The backward is the same for both.
+        mosaic: tiles and pipeline of the Mosaic forward (:class:`jax_heads.mgpu_lce.MgpuConfig`).
         filter_dense_above: filtered backward only. A chunk whose predecessor had more than this
             fraction of its tiles flagged forms its two products densely (cuBLAS through XLA, the
             unflagged tiles written as zeros) instead of block-sparse: the same values, at the
@@ -85,6 +94,8 @@ class BlockSizes:
     mm_num_warps: int = 8
     mm_num_stages: int = 3
     filter_dense_above: float | None = 0.5
+    forward_kernel: str = "auto"
+    mosaic: MgpuConfig = DEFAULT_MGPU_CONFIG
 
 
     def __post_init__(self):
@@ -104,6 +115,10 @@ class BlockSizes:
         dense = self.filter_dense_above
         if dense is not None and (isinstance(dense, bool) or not isinstance(dense, (int, float)) or not 0 <= dense <= 1):
             raise ValueError(f"BlockSizes.filter_dense_above must be None or a number in [0, 1], got {dense!r}")
+        if self.forward_kernel not in FORWARD_KERNELS:
+            raise ValueError(f"BlockSizes.forward_kernel must be one of {FORWARD_KERNELS}, got {self.forward_kernel!r}")
+        if not isinstance(self.mosaic, MgpuConfig):
+            raise ValueError(f"BlockSizes.mosaic must be an MgpuConfig, got {type(self.mosaic).__name__}")
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
@@ -354,6 +369,10 @@ def plan_for(n: int, v: int, d: int, bs: BlockSizes) -> _Plan:
     block_n = max(bs.block_n, bs.bwd_block_n)
     block_v = max(bs.block_v, bs.bwd_block_v)
     d_pad = _round_up(d, 16)
+    if bs.forward_kernel == "mosaic":  # named: pad to its tiles too (powers of two, so the max divides)
+        block_n = max(block_n, bs.mosaic.block_n)
+        block_v = max(block_v, bs.mosaic.block_v)
+        d_pad = _round_up(d, max(16, bs.mosaic.block_k))
     return _Plan(
         n=n,
         v=v,
@@ -414,9 +433,64 @@ def choose_splits(n_blocks: int, num_tiles: int, min_programs: int, slots: int) 
     return splits, tiles
 
 
+@functools.cache
+def _is_hopper() -> bool:
+    """Whether JAX's first GPU is a Hopper part (compute capability 9.x)."""
+    try:
+        return str(jax.devices("gpu")[0].compute_capability).startswith("9")
+    except (RuntimeError, AttributeError, IndexError):
+        return False
+
+
+def _mosaic_reason(dtype, plan: _Plan, bs: BlockSizes) -> str | None:
+    """Why the Mosaic forward cannot take these padded inputs, or None."""
+    m = bs.mosaic
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
+    if plan.n_pad % m.block_n or plan.v_pad % m.block_v or plan.d_pad % m.block_k:
+        return (f"the padded shape (N {plan.n_pad}, V {plan.v_pad}, D {plan.d_pad}) is not a whole number of its "
+                f"tiles ({m.block_n}, {m.block_v}, {m.block_k})")
+    return None
+
+
+def forward_kernel_for(dtype, plan: _Plan, bs: BlockSizes, interpret: bool) -> str:
+    """``"mosaic"`` or ``"triton"``: the forward kernel ``bs.forward_kernel`` resolves to."""
+    if bs.forward_kernel == "triton":
+        return "triton"
+    reason = _mosaic_reason(dtype, plan, bs)
+    if bs.forward_kernel == "mosaic":
+        if reason is not None:
+            raise ValueError(f"forward_kernel='mosaic' cannot run on these inputs: {reason}")
+        return "mosaic"
+    return "mosaic" if reason is None and not interpret and _is_hopper() else "triton"
+
+
+def combine_partials(m, s, t):
+    """Per-token ``(lse, target logit)`` from the forward's per-split partials ``(splits, n_pad)``."""
+    m_max = jnp.max(m, axis=0)
+    lse = m_max + jnp.log(jnp.sum(s * jnp.exp(m - m_max[None, :]), axis=0))
+    return lse, jnp.sum(t, axis=0)
+
+
 def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool):
-    """Per-token log-sum-exp and target logit of padded inputs, each ``(n_pad,)`` float32."""
+    """Per-token log-sum-exp and target logit of padded inputs, each ``(n_pad,)`` float32.
+
+    The kernel is the Mosaic GPU one or the Triton one (:func:`forward_kernel_for`).
+    """
     bs = block_sizes
+    if forward_kernel_for(hidden.dtype, plan, bs, interpret) == "mosaic":
+        from jax_heads import mgpu_lce
+
+        splits, tiles_per_split = mgpu_lce.choose_grid(plan.n_pad, plan.v_pad, bs.mosaic, bs.sm_count or _sm_count())
+        mosaic_interpret = None
+        if interpret:
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+            mosaic_interpret = InterpretGPUParams()
+        return combine_partials(*mgpu_lce.mgpu_forward_partials(
+            hidden, weight, labels, vocab_size=plan.v, splits=splits, tiles_per_split=tiles_per_split,
+            config=bs.mosaic, interpret=mosaic_interpret,
+        ))
     n_blocks = plan.n_pad // bs.block_n
     num_tiles = plan.v_pad // bs.block_v
     splits, tiles_per_split = choose_splits(n_blocks, num_tiles, bs.min_programs, _concurrent_programs(bs))
@@ -440,9 +514,7 @@ def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan,
         interpret=interpret,
         name="lce_forward",
     )(hidden, weight, labels)
-    m_max = jnp.max(m, axis=0)
-    lse = m_max + jnp.log(jnp.sum(s * jnp.exp(m - m_max[None, :]), axis=0))
-    return lse, jnp.sum(t, axis=0)
+    return combine_partials(m, s, t)
 
 
 def _chunk_v(plan: _Plan, bs: BlockSizes, itemsize: int) -> int:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_heads.mgpu_lce import MgpuConfig
 from jax_heads.pallas_lce import BlockSizes, pallas_loss, unsupported_reason
 from ground_truth import filtered_tile_maxima, lce_filtered_ground_truth, lce_ground_truth, threshold_between_tiles
 from tolerances import assert_close
@@ -236,7 +237,7 @@ def test_gpu_flat_forward_loop(dtype):
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
     h, w, y, up = _inputs(1000, 256, 32_007, DTYPES[dtype], seed=11)
-    _check(h, w, y, up, dtype, block_sizes=BlockSizes(flat_loop=True))
+    _check(h, w, y, up, dtype, block_sizes=BlockSizes(flat_loop=True, forward_kernel="triton"))
 
 
 def test_backward_chunk_fits_its_memory_budget():
@@ -293,3 +294,76 @@ def test_interpret_filtered_dense_chunks_match_filtered_truth(dense_above, separ
 def test_block_sizes_are_validated(field, value):
     with pytest.raises(ValueError, match=rf"BlockSizes\.{field} must be"):
         BlockSizes(**{field: value})
+
+
+# The Mosaic GPU forward (jax_heads/mgpu_lce.py) behind pallas_loss: smallest tiles it takes.
+MOSAIC_TINY = dataclasses.replace(
+    TINY, forward_kernel="mosaic",
+    mosaic=MgpuConfig(
+        block_n=128, block_v=64, block_k=64, max_concurrent_steps=2, min_programs=4),
+)
+
+
+def test_interpret_mosaic_forward_matches_ground_truth():
+    """Loss and gradients with the Mosaic forward (interpret mode) at a ragged shape: N, V and D are
+    padded to its tiles (130 → 256 tokens, 300 → 320 rows, 70 → 128 columns), 2 token blocks, ignored
+    labels; the backward is the Triton one on the Mosaic forward's log-sum-exp."""
+    h, w, y, up = _inputs(130, 70, 300, jnp.bfloat16, seed=int(np.random.default_rng().integers(1 << 30)))
+    _check(h, w, y, up, "bfloat16", interpret=True, block_sizes=MOSAIC_TINY)
+
+
+def test_forward_kernel_resolution():
+    from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES, forward_kernel_for, plan_for
+
+    plan = plan_for(8192, 256_000, 2304, DEFAULT_BLOCK_SIZES)
+    if jax.default_backend() != "gpu":  # "auto" takes Mosaic only on a Hopper GPU
+        assert forward_kernel_for(jnp.bfloat16, plan, DEFAULT_BLOCK_SIZES, False) == "triton"
+    assert forward_kernel_for(jnp.bfloat16, plan, DEFAULT_BLOCK_SIZES, True) == "triton"  # interpret
+    assert forward_kernel_for(jnp.float32, plan, DEFAULT_BLOCK_SIZES, False) == "triton"
+    mosaic = BlockSizes(forward_kernel="mosaic")
+    assert forward_kernel_for(jnp.bfloat16, plan_for(8192, 256_000, 2304, mosaic), mosaic, False) == "mosaic"
+    with pytest.raises(ValueError, match="forward_kernel='mosaic' cannot run on these inputs: it takes bfloat16"):
+        forward_kernel_for(jnp.float32, plan, mosaic, False)
+    with pytest.raises(ValueError, match=r"BlockSizes\.forward_kernel must be one of"):
+        BlockSizes(forward_kernel="cuda")
+    with pytest.raises(ValueError, match=r"BlockSizes\.mosaic must be an MgpuConfig"):
+        BlockSizes(mosaic={"block_n": 128})
+    # Named, it pads D to its K step (200 → 256) and N, V to its tiles.
+    plan = plan_for(300, 1000, 200, mosaic)
+    assert (plan.n_pad, plan.v_pad, plan.d_pad) == (384, 1024, 256)
+
+
+def test_mosaic_forward_lowers_for_cuda():
+    """pallas_loss with the Mosaic forward and the Triton backward, lowered for CUDA (no GPU needed)."""
+    from jax import export
+
+    disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    h, w, y = jnp.zeros((300, 200), jnp.bfloat16), jnp.zeros((1000, 200), jnp.bfloat16), jnp.zeros((300,), jnp.int32)
+    bs = BlockSizes(forward_kernel="mosaic")
+
+    def f(h, w):
+        return jax.value_and_grad(lambda a, b: pallas_loss(a, b, y, -100, block_sizes=bs).sum(), (0, 1))(h, w)
+
+    module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w).mlir_module()
+    assert "mosaic_gpu" in module and module.count("__gpu$xla.gpu.triton") == 1  # the backward's kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_triton_forward_matches_ground_truth(shape, dtype):
+    """The Triton forward, which "auto" no longer picks for 16-bit inputs on a Hopper GPU."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape) + 21)
+    _check(h, w, y, up, dtype, block_sizes=BlockSizes(forward_kernel="triton"))
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_mosaic_on_hopper():
+    from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES, _is_hopper, forward_kernel_for, plan_for
+
+    if jax.default_backend() != "gpu" or not _is_hopper():
+        pytest.skip("needs a Hopper GPU")
+    plan = plan_for(8192, 256_000, 2304, DEFAULT_BLOCK_SIZES)
+    assert forward_kernel_for(jnp.bfloat16, plan, DEFAULT_BLOCK_SIZES, False) == "mosaic"
