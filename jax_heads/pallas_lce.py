@@ -465,11 +465,28 @@ def forward_kernel_for(dtype, plan: _Plan, bs: BlockSizes, interpret: bool) -> s
     return "mosaic" if reason is None and not interpret and _is_hopper() else "triton"
 
 
+def _sum_in_fixed_order(x):
+    """``x.sum(axis=0)`` as a pairwise tree of elementwise adds of static slices.
+
+    A reduction's summation order is the compiler's choice and can differ between two programs
+    that fuse it differently (the torch path's jitted forward and JAX's own); elementwise adds in
+    a fixed tree give the same bits in both.
+    """
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        pairs = x[:half] + x[half : 2 * half]
+        x = pairs if x.shape[0] % 2 == 0 else jnp.concatenate([pairs, x[2 * half :]])
+    return x[0]
+
+
 def combine_partials(m, s, t):
-    """Per-token ``(lse, target logit)`` from the forward's per-split partials ``(splits, n_pad)``."""
+    """Per-token ``(lse, target logit)`` from the forward's per-split partials ``(splits, n_pad)``.
+
+    The maximum is exact in any order; the two sums run in a fixed order (:func:`_sum_in_fixed_order`).
+    """
     m_max = jnp.max(m, axis=0)
-    lse = m_max + jnp.log(jnp.sum(s * jnp.exp(m - m_max[None, :]), axis=0))
-    return lse, jnp.sum(t, axis=0)
+    lse = m_max + jnp.log(_sum_in_fixed_order(s * jnp.exp(m - m_max[None, :])))
+    return lse, _sum_in_fixed_order(t)
 
 
 def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan, interpret: bool):
