@@ -367,3 +367,30 @@ def test_gpu_auto_picks_mosaic_on_hopper():
         pytest.skip("needs a Hopper GPU")
     plan = plan_for(8192, 256_000, 2304, DEFAULT_BLOCK_SIZES)
     assert forward_kernel_for(jnp.bfloat16, plan, DEFAULT_BLOCK_SIZES, False) == "mosaic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forward_kernel", ["mosaic", "triton"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_gpu_non_finite_hidden_row(value, forward_kernel):
+    """On the GPU (whose max instruction drops a NaN operand, unlike the interpreter's): one token's
+    NaN/inf makes its loss and d_hidden row NaN, an ignored row holding NaN stays 0, and the other
+    rows are as without them."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    h, w, y, up = _inputs(300, 256, 1000, jnp.bfloat16, seed=41)
+    y = y.at[2].set(7).at[4].set(-100)
+    bad = h.at[2, 1].set(value).at[4].set(jnp.nan)
+    bs = BlockSizes(forward_kernel=forward_kernel)
+
+    def run(hidden):
+        loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, block_sizes=bs), hidden, w)
+        return (np.asarray(x, np.float64) for x in (loss, *vjp(jnp.asarray(up, jnp.float32))))
+
+    loss, dh, dw = run(bad)
+    clean_loss, clean_dh, _ = run(h)
+    assert np.isnan(loss[2]) and loss[4] == 0 and np.all(np.isnan(dh[2]))
+    assert not np.all(np.isfinite(dw))
+    keep = np.setdiff1d(np.arange(300), [2, 4])
+    assert_close("loss", loss[keep], clean_loss[keep], "float32")
+    assert_close("d_hidden", dh[keep], clean_dh[keep], "float32")
