@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
+MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # Shared memory per block on Hopper (227 KiB usable by one CTA).
@@ -64,7 +66,8 @@ class MgpuConfig:
 
     Attributes:
         block_n: tokens per CTA; each of the ``num_compute_wgs`` compute warpgroups owns
-            ``block_n // num_compute_wgs`` rows (a multiple of 64: one or two ``m64`` WGMMAs).
+            ``block_n // num_compute_wgs`` rows (a multiple of 64: that many ``m64`` WGMMA row
+            blocks, within the register budget checked below).
         block_v: vocabulary rows per tile (the WGMMA ``N``; a multiple of 64, at most 256).
         block_k: hidden-dimension step of the pipeline (a multiple of 64; D must be padded to it).
         max_concurrent_steps: SMEM slots of the TMA pipeline (>= 2).
@@ -184,7 +187,7 @@ def _check_inputs(hidden, weight, labels, vocab_size, splits, tiles_per_split, c
         raise ValueError(f"hidden and weight disagree on D: {hidden.shape} vs {weight.shape}")
     if labels.shape[0] != n_pad:
         raise ValueError(f"labels has {labels.shape[0]} entries for {n_pad} hidden rows")
-    if jnp.dtype(hidden.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if jnp.dtype(hidden.dtype) not in MOSAIC_DTYPES:
         raise ValueError(f"hidden must be bfloat16 or float16 for WGMMA, got {hidden.dtype}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jax_heads.mgpu_lce import DEFAULT_MGPU_CONFIG, MgpuConfig
+from jax_heads.mgpu_lce import DEFAULT_MGPU_CONFIG, MOSAIC_DTYPES, MgpuConfig
 
 _NEG_INF = float("-inf")
 FORWARD_KERNELS = ("auto", "mosaic", "triton")
@@ -46,16 +47,17 @@ FORWARD_KERNELS = ("auto", "mosaic", "triton")
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile shapes and launch options of the two kernels.
+    """Tile shapes and launch options of the kernels.
 
     Attributes:
-        block_n: tokens per program (forward and gradient-logits kernels).
-        block_v: vocabulary rows per tile.
+        block_n: tokens per program of the Triton forward (the gradient-logits kernel has
+            ``bwd_block_n``; the Mosaic forward ``mosaic.block_n``).
+        block_v: vocabulary rows per tile of the Triton forward.
         block_d: hidden-dimension step of the inner product loop (a divisor of the padded ``D``).
         num_warps, num_stages: Triton launch options.
-        flat_loop: the forward runs one loop over (vocabulary tile, D step) pairs rather than
+        flat_loop: the Triton forward runs one loop over (vocabulary tile, D step) pairs rather than
             two nested loops (see ``_forward_kernel``).
-        min_programs, programs_per_sm: the forward splits the vocabulary until the grid has at
+        min_programs, programs_per_sm: the Triton forward splits the vocabulary until the grid has at
             least ``min_programs`` programs (4 per multiprocessor on a 132-SM Hopper part), then
             picks the split count by whole waves of ``programs_per_sm`` × multiprocessors
             programs (:func:`choose_splits`). ``sm_count``: None asks the first GPU.
@@ -374,10 +376,10 @@ def plan_for(n: int, v: int, d: int, bs: BlockSizes) -> _Plan:
     block_n = max(bs.block_n, bs.bwd_block_n)
     block_v = max(bs.block_v, bs.bwd_block_v)
     d_pad = _round_up(d, 16)
-    if bs.forward_kernel == "mosaic":  # named: pad to its tiles too (powers of two, so the max divides)
-        block_n = max(block_n, bs.mosaic.block_n)
-        block_v = max(block_v, bs.mosaic.block_v)
-        d_pad = _round_up(d, max(16, bs.mosaic.block_k))
+    if bs.forward_kernel == "mosaic":  # named: pad to its tiles too (multiples of 64, not always powers of two)
+        block_n = math.lcm(block_n, bs.mosaic.block_n)
+        block_v = math.lcm(block_v, bs.mosaic.block_v)
+        d_pad = _round_up(d, math.lcm(16, bs.mosaic.block_k))
     return _Plan(
         n=n,
         v=v,
@@ -439,27 +441,56 @@ def choose_splits(n_blocks: int, num_tiles: int, min_programs: int, slots: int) 
 
 
 @functools.cache
-def _is_hopper() -> bool:
-    """Whether JAX's first GPU is a Hopper part (compute capability 9.x)."""
+def _gpu_capabilities() -> tuple[str, ...]:
+    """Compute capabilities of JAX's local GPUs (empty without a GPU backend)."""
     try:
-        return str(jax.devices("gpu")[0].compute_capability).startswith("9")
-    except (RuntimeError, AttributeError, IndexError):
-        return False
+        return tuple(str(gpu.compute_capability) for gpu in jax.local_devices(backend="gpu"))
+    except (RuntimeError, AttributeError):
+        return ()
+
+
+def _is_hopper() -> bool:
+    """Whether JAX has GPUs and every one is a Hopper part (compute capability 9.x): on a host with
+    mixed GPUs ``"auto"`` keeps the Triton forward, which runs on any of them."""
+    caps = _gpu_capabilities()
+    return bool(caps) and all(c.startswith("9") for c in caps)
 
 
 def _mosaic_reason(dtype, plan: _Plan, bs: BlockSizes) -> str | None:
     """Why the Mosaic forward cannot take these padded inputs, or None."""
     m = bs.mosaic
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if jnp.dtype(dtype) not in MOSAIC_DTYPES:
         return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
     if plan.n_pad % m.block_n or plan.v_pad % m.block_v or plan.d_pad % m.block_k:
         return (f"the padded shape (N {plan.n_pad}, V {plan.v_pad}, D {plan.d_pad}) is not a whole number of its "
                 f"tiles ({m.block_n}, {m.block_v}, {m.block_k})")
+    if plan.v_pad - plan.v >= m.block_v:  # a tile of padding only would make its split's sum NaN
+        return (f"the vocabulary is padded by {plan.v_pad - plan.v} rows (to {plan.v_pad}, for the other kernels' "
+                f"tiles), a whole {m.block_v}-row tile of its own or more")
+    caps = _gpu_capabilities()
+    if caps and not all(c.startswith("9") for c in caps):
+        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
     return None
 
 
 def forward_kernel_for(dtype, plan: _Plan, bs: BlockSizes, interpret: bool) -> str:
-    """``"mosaic"`` or ``"triton"``: the forward kernel ``bs.forward_kernel`` resolves to."""
+    """The forward kernel that ``bs.forward_kernel`` resolves to for these inputs.
+
+    Args:
+        dtype: the inputs' dtype.
+        plan: the call's padded geometry (:func:`plan_for`).
+        bs: the block sizes; ``bs.forward_kernel`` is ``"auto"``, ``"mosaic"`` or ``"triton"``.
+        interpret: Pallas interpret mode.
+
+    Returns:
+        ``"mosaic"`` or ``"triton"``. ``"auto"`` gives ``"mosaic"`` for 16-bit inputs whose padded
+        shapes fit its tiles, on a host whose GPUs are all Hopper parts, outside interpret mode.
+
+    Raises:
+        ValueError: ``"mosaic"`` named for inputs it cannot take (dtype, padding) or on a GPU
+            that is not a Hopper part. Without any GPU (lowering with ``jax.export``, interpret
+            mode) a named ``"mosaic"`` is kept.
+    """
     if bs.forward_kernel == "triton":
         return "triton"
     reason = _mosaic_reason(dtype, plan, bs)
@@ -484,6 +515,16 @@ def _sum_in_fixed_order(x):
     return x[0]
 
 
+def _mosaic_interpret_params():
+    """Mosaic GPU's interpret-mode parameters (public in jax 0.11, private in 0.10)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
 def combine_partials(m, s, t):
     """Per-token ``(lse, target logit)`` from the forward's per-split partials ``(splits, n_pad)``.
 
@@ -504,11 +545,7 @@ def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan,
         from jax_heads import mgpu_lce
 
         splits, tiles_per_split = mgpu_lce.choose_grid(plan.n_pad, plan.v_pad, bs.mosaic, bs.sm_count or _sm_count())
-        mosaic_interpret = None
-        if interpret:
-            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-            mosaic_interpret = InterpretGPUParams()
+        mosaic_interpret = _mosaic_interpret_params() if interpret else None
         return combine_partials(*mgpu_lce.mgpu_forward_partials(
             hidden, weight, labels, vocab_size=plan.v, splits=splits, tiles_per_split=tiles_per_split,
             config=bs.mosaic, interpret=mosaic_interpret,

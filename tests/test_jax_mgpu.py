@@ -55,7 +55,7 @@ def test_interpret_matches_reference():
     n, d, v = 256, 192, 600
     cfg = MgpuConfig(max_concurrent_steps=2)
     v_pad = 768
-    h, w, y = _inputs(n, d, v, v_pad, seed=int(np.random.default_rng().integers(1 << 30)))
+    h, w, y = _inputs(n, d, v, v_pad, seed=17)
     m, s, t = mgpu_forward_partials(h, w, y, vocab_size=v, splits=2, tiles_per_split=2, config=cfg,
                                     interpret=InterpretGPUParams())
     assert m.shape == s.shape == t.shape == (2, n)

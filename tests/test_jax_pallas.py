@@ -272,6 +272,16 @@ def test_interpret_filter_keeps_tiles_with_nan(separate):
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["in-tiles", "separate-targets"])
+@pytest.mark.parametrize("dense_above", [0.0, 0.25, None])
+def test_interpret_filtered_dense_chunks_with_overlapping_last_chunk(dense_above, separate):
+    """Chunks of two tiles (32 rows) over a vocabulary padded to 272: the last chunk overlaps the one
+    before, in dense and in block-sparse mode alike (its columns already done must add nothing)."""
+    h, w, y, up = _inputs(50, 40, 257, jnp.float32, seed=33)
+    bs = dataclasses.replace(TINY, filter_dense_above=dense_above, chunk_bytes=640 * 32)
+    _check_filtered(h, w, y, up, "float32", bs, 0.5, separate=separate, interpret=True)
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["in-tiles", "separate-targets"])
 @pytest.mark.parametrize("dense_above", [0.0, 0.25])
 def test_interpret_filtered_dense_chunks_match_filtered_truth(dense_above, separate):
     """Chunks whose products run dense (unflagged tiles written as zeros; interpret mode leaves an
@@ -308,7 +318,7 @@ def test_interpret_mosaic_forward_matches_ground_truth():
     """Loss and gradients with the Mosaic forward (interpret mode) at a ragged shape: N, V and D are
     padded to its tiles (130 → 256 tokens, 300 → 320 rows, 70 → 128 columns), 2 token blocks, ignored
     labels; the backward is the Triton one on the Mosaic forward's log-sum-exp."""
-    h, w, y, up = _inputs(130, 70, 300, jnp.bfloat16, seed=int(np.random.default_rng().integers(1 << 30)))
+    h, w, y, up = _inputs(130, 70, 300, jnp.bfloat16, seed=35)
     _check(h, w, y, up, "bfloat16", interpret=True, block_sizes=MOSAIC_TINY)
 
 
@@ -331,6 +341,45 @@ def test_forward_kernel_resolution():
     # Named, it pads D to its K step (200 → 256) and N, V to its tiles.
     plan = plan_for(300, 1000, 200, mosaic)
     assert (plan.n_pad, plan.v_pad, plan.d_pad) == (384, 1024, 256)
+    # Tiles that are multiples of 64 but not powers of two: padded to a common multiple, so the
+    # backward's grid still covers every row (a max would leave rows 256-383 unwritten here).
+    odd = BlockSizes(forward_kernel="mosaic", bwd_block_n=256,
+                     mosaic=MgpuConfig(block_n=384, block_v=64, max_concurrent_steps=2))
+    plan = plan_for(300, 1000, 200, odd)
+    assert plan.n_pad % 256 == 0 and plan.n_pad % 384 == 0 and plan.v_pad % 256 == 0
+
+
+def test_auto_on_hopper_takes_mosaic_where_it_fits(monkeypatch):
+    """The "auto" branch as on an H200 (the GPU query patched): Mosaic where it fits, Triton where
+    the padding would leave it a tile of padding only or a GPU is not a Hopper part; a named
+    "mosaic" on such a GPU raises. End to end: the lowered program holds the Mosaic kernel."""
+    from jax import export
+
+    from jax_heads import pallas_lce
+    from jax_heads.pallas_lce import DEFAULT_BLOCK_SIZES, forward_kernel_for, plan_for
+
+    monkeypatch.setattr(pallas_lce, "_gpu_capabilities", lambda: ("9.0",))
+    gemma = plan_for(8192, 256_000, 2304, DEFAULT_BLOCK_SIZES)
+    assert forward_kernel_for(jnp.bfloat16, gemma, DEFAULT_BLOCK_SIZES, False) == "mosaic"
+    assert forward_kernel_for(jnp.bfloat16, plan_for(300, 1000, 200, DEFAULT_BLOCK_SIZES), DEFAULT_BLOCK_SIZES,
+                              False) == "triton"  # D = 200: no weight copy to pad it to 64
+    wide = BlockSizes(bwd_block_v=512)  # V 32 000 padded to 32 256: a 256-row tile of padding
+    assert forward_kernel_for(jnp.bfloat16, plan_for(8192, 32_000, 2304, wide), wide, False) == "triton"
+    named = BlockSizes(forward_kernel="mosaic", bwd_block_v=512)
+    with pytest.raises(ValueError, match="padded by 256 rows"):
+        forward_kernel_for(jnp.bfloat16, plan_for(8192, 32_000, 2304, named), named, False)
+
+    disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    h, w, y = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((1000, 128), jnp.bfloat16), jnp.zeros((256,), jnp.int32)
+    module = export.export(jax.jit(lambda a, b: pallas_loss(a, b, y, -100)), platforms=["cuda"],
+                           disabled_checks=disabled)(h, w).mlir_module()
+    assert "mosaic_gpu" in module and "__gpu$xla.gpu.triton" not in module
+
+    monkeypatch.setattr(pallas_lce, "_gpu_capabilities", lambda: ("9.0", "8.0"))
+    assert forward_kernel_for(jnp.bfloat16, gemma, DEFAULT_BLOCK_SIZES, False) == "triton"
+    mosaic = BlockSizes(forward_kernel="mosaic")
+    with pytest.raises(ValueError, match=r"needs a Hopper GPU \(compute capability 9.x\), found 9.0, 8.0"):
+        forward_kernel_for(jnp.bfloat16, plan_for(8192, 256_000, 2304, mosaic), mosaic, False)
 
 
 def test_mosaic_forward_lowers_for_cuda():
