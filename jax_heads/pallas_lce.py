@@ -74,7 +74,7 @@ class BlockSizes:
             ``"mosaic"`` for inputs it cannot take raises. The backward is the same for both.
         mosaic: tiles and pipeline of the Mosaic forward (:class:`jax_heads.mgpu_lce.MgpuConfig`).
         filter_dense_above: filtered backward only. A chunk whose predecessor had more than this
-            fraction of its tiles flagged forms its two products densely (cuBLAS through XLA, the
+            fraction of its tiles flagged (counting the token blocks that hold a counted row) forms its two products densely (cuBLAS through XLA, the
             unflagged tiles written as zeros) instead of block-sparse: the same values, at the
             dense rate where filtering skips little (peaked softmax). ``0`` makes every chunk dense,
             ``None`` none.
@@ -660,6 +660,10 @@ def lce_backward(
 
     row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bs.bwd_block_n  # each token's flag row
     dense_above = None if filter_eps is None else bs.filter_dense_above
+    # Token blocks holding a counted row: the share of flagged tiles is taken over these only (a
+    # block of ignored or padding rows is never flagged, and would otherwise dilute the share).
+    active_blocks = jnp.any((g != 0).reshape(n_blocks, bs.bwd_block_n), axis=1)
+    active_tiles = jnp.maximum(jnp.sum(active_blocks.astype(jnp.float32)), 1.0) * tiles
 
     def dense_products(gl, start, d_hidden):
         w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
@@ -692,7 +696,7 @@ def lce_backward(
                     lambda gl, flags, start, d_hidden, bounds: dense_products(gl, start, d_hidden),
                     sparse_products, gl, flags, start, d_hidden, bounds,
                 )
-                dense = (jnp.mean(flags.astype(jnp.float32)) > dense_above).astype(jnp.int32)
+                dense = (jnp.sum(flags.astype(jnp.float32)) / active_tiles > dense_above).astype(jnp.int32)
             if separate_targets:  # was each token's target tile (if in this chunk's new columns) flagged?
                 in_chunk = (labels >= lo) & (labels < start + chunk_v)
                 tile = jnp.clip((labels - start) // bs.bwd_block_v, 0, tiles - 1)
