@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jax_heads import mgpu_lce
 from jax_heads.mgpu_lce import DEFAULT_MGPU_CONFIG, MOSAIC_DTYPES, MgpuConfig
 
 _NEG_INF = float("-inf")
@@ -468,7 +469,7 @@ def _mosaic_reason(dtype, plan: _Plan, bs: BlockSizes) -> str | None:
         return (f"the vocabulary is padded by {plan.v_pad - plan.v} rows (to {plan.v_pad}, for the other kernels' "
                 f"tiles), a whole {m.block_v}-row tile of its own or more")
     caps = _gpu_capabilities()
-    if caps and not all(c.startswith("9") for c in caps):
+    if caps and not _is_hopper():
         return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
     return None
 
@@ -542,8 +543,6 @@ def lce_forward(hidden, weight, labels, *, block_sizes: BlockSizes, plan: _Plan,
     """
     bs = block_sizes
     if forward_kernel_for(hidden.dtype, plan, bs, interpret) == "mosaic":
-        from jax_heads import mgpu_lce
-
         splits, tiles_per_split = mgpu_lce.choose_grid(plan.n_pad, plan.v_pad, bs.mosaic, bs.sm_count or _sm_count())
         mosaic_interpret = _mosaic_interpret_params() if interpret else None
         return combine_partials(*mgpu_lce.mgpu_forward_partials(
@@ -660,10 +659,11 @@ def lce_backward(
 
     row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bs.bwd_block_n  # each token's flag row
     dense_above = None if filter_eps is None else bs.filter_dense_above
-    # Token blocks holding a counted row: the share of flagged tiles is taken over these only (a
-    # block of ignored or padding rows is never flagged, and would otherwise dilute the share).
-    active_blocks = jnp.any((g != 0).reshape(n_blocks, bs.bwd_block_n), axis=1)
-    active_tiles = jnp.maximum(jnp.sum(active_blocks.astype(jnp.float32)), 1.0) * tiles
+    if dense_above:  # chunks choose between dense and sparse products at run time
+        # Token blocks holding a counted row: the share of flagged tiles is taken over these only (a
+        # block of ignored or padding rows is never flagged, and would otherwise dilute the share).
+        active_blocks = jnp.any((g != 0).reshape(n_blocks, bs.bwd_block_n), axis=1)
+        active_tiles = jnp.maximum(jnp.sum(active_blocks.astype(jnp.float32)), 1.0) * tiles
 
     def dense_products(gl, start, d_hidden):
         w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
@@ -673,7 +673,7 @@ def lce_backward(
         )
         return d_hidden, dw_chunk
 
-    def sparse_products(gl, flags, start, d_hidden, bounds):
+    def sparse_products(gl, flags, d_hidden, bounds):
         return d_hidden_product(bounds, flags, gl, weight, d_hidden), d_weight_product(flags, gl, hidden)
 
     def body(k, carry):
@@ -687,14 +687,14 @@ def lce_backward(
         else:
             gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g)
             if dense_above is None:
-                d_hidden, dw_chunk = sparse_products(gl, flags, start, d_hidden, bounds)
+                d_hidden, dw_chunk = sparse_products(gl, flags, d_hidden, bounds)
             elif dense_above == 0:
                 d_hidden, dw_chunk = dense_products(gl, start, d_hidden)
             else:  # chosen from the previous chunk's share of flagged tiles (this one's G is written for it)
                 d_hidden, dw_chunk = lax.cond(
                     dense != 0,
-                    lambda gl, flags, start, d_hidden, bounds: dense_products(gl, start, d_hidden),
-                    sparse_products, gl, flags, start, d_hidden, bounds,
+                    lambda: dense_products(gl, start, d_hidden),
+                    lambda: sparse_products(gl, flags, d_hidden, bounds),
                 )
                 dense = (jnp.sum(flags.astype(jnp.float32)) / active_tiles > dense_above).astype(jnp.int32)
             if separate_targets:  # was each token's target tile (if in this chunk's new columns) flagged?
