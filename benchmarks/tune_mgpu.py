@@ -29,36 +29,43 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from jax_heads.mgpu_lce import (
-    MgpuConfig,
-    choose_grid,
-    mgpu_forward_partials,
-)
-from jax_heads.pallas_lce import combine_partials
-from jax_heads.pallas_lce import BlockSizes, lce_forward, pad_inputs, plan_for
+from jax_heads.mgpu_lce import MgpuConfig, choose_grid
+from jax_heads.pallas_lce import BlockSizes, _sm_count, lce_forward, pad_inputs, plan_for
+from tune_pallas import time_samples
 
 SHAPES = {"ragged": (1024, 256, 5003), "gemma2": (8192, 2304, 256_000), "llama3": (8192, 4096, 128_256)}
 
+
+def _first(**changes) -> MgpuConfig:
+    """The configuration of the first GPU run with ``changes``: the names below (and in
+    docs/tune-mgpu-*.log) are relative to it (4 slots, splits until 528 CTAs), not to today's default."""
+    return MgpuConfig(**{"max_concurrent_steps": 4, "min_programs": 528, **changes})
+
+
 CONFIGS = {
-    "default": MgpuConfig(),
-    "lane": MgpuConfig(lowering="lane"),
-    "wait0": MgpuConfig(wgmma_in_flight=0),
-    "stages3": MgpuConfig(max_concurrent_steps=3),
-    "n256_v128": MgpuConfig(block_n=256, block_v=128),
-    "k128_s2": MgpuConfig(block_k=128, max_concurrent_steps=2),
-    "splits_132": MgpuConfig(min_programs=132),
-    "splits_1056": MgpuConfig(min_programs=1056),
-    "splits_64": MgpuConfig(min_programs=64),
-    "splits_132_s3": MgpuConfig(min_programs=132, max_concurrent_steps=3),
-    "n256_v128_splits_64": MgpuConfig(block_n=256, block_v=128, min_programs=64),
-    "n256_v128_splits_132": MgpuConfig(block_n=256, block_v=128, min_programs=132),
-    "n256_v128_splits_132_s3": MgpuConfig(block_n=256, block_v=128, min_programs=132, max_concurrent_steps=3),
-    "splits_132_exact_exp": MgpuConfig(min_programs=132, approx_math=False),
+    "default": _first(),
+    "lane": _first(lowering="lane"),
+    "wait0": _first(wgmma_in_flight=0),
+    "stages3": _first(max_concurrent_steps=3),
+    "n256_v128": _first(block_n=256, block_v=128),
+    "k128_s2": _first(block_k=128, max_concurrent_steps=2),
+    "splits_132": _first(min_programs=132),
+    "splits_1056": _first(min_programs=1056),
+    "splits_64": _first(min_programs=64),
+    "splits_132_s3": _first(min_programs=132, max_concurrent_steps=3),  # today's default (MgpuConfig())
+    "n256_v128_splits_64": _first(block_n=256, block_v=128, min_programs=64),
+    "n256_v128_splits_132": _first(block_n=256, block_v=128, min_programs=132),
+    "n256_v128_splits_132_s3": _first(block_n=256, block_v=128, min_programs=132, max_concurrent_steps=3),
+    "splits_132_exact_exp": _first(min_programs=132, approx_math=False),
 }
 
 
-def _round_up(x, m):
-    return -(-x // m) * m
+def _forward(h, w, y, bs: BlockSizes):
+    """The jitted ``lce_forward`` with block sizes ``bs``, its padded inputs and plan."""
+    n, d = h.shape
+    plan = plan_for(n, w.shape[0], d, bs)
+    fn = jax.jit(lambda a, b, c: lce_forward(a, b, c, block_sizes=bs, plan=plan, interpret=False))
+    return fn, pad_inputs(h, w, y, plan), plan
 
 
 def make_inputs(n, d, v, seed=0):
@@ -93,14 +100,9 @@ def reference(h, w, y, chunk=8192):
     return m + jnp.log(s), t
 
 
-def time_fn(fn, args, iters, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+def time_fn(fn, args, iters):
+    """(median seconds, samples in seconds) of ``fn(*args)``."""
+    times = [t / 1e3 for t in time_samples(lambda: fn(*args), iters)]
     return statistics.median(times), times
 
 
@@ -121,11 +123,7 @@ def main(argv=None):
     start = time.perf_counter()
     report = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "shapes": {}, "errors": []}
     print(f"jax {jax.__version__}  devices {report['devices']}", flush=True)
-    sm = 132
-    try:
-        sm = int(jax.devices()[0].core_count)
-    except Exception:  # noqa: BLE001
-        pass
+    sm = _sm_count()
     report["sm_count"] = sm
     rows = []
 
@@ -153,10 +151,7 @@ def main(argv=None):
         tri_lse = tri_tgt = None
         tri_time = None
         try:
-            bs = BlockSizes(forward_kernel="triton")
-            plan = plan_for(n, v, d, bs)
-            hp, wp, yp = pad_inputs(h, w, y, plan)
-            tri = jax.jit(lambda a, b, c, bs=bs, plan=plan: lce_forward(a, b, c, block_sizes=bs, plan=plan, interpret=False))
+            tri, (hp, wp, yp), _ = _forward(h, w, y, BlockSizes(forward_kernel="triton", sm_count=sm))
             tri_lse, tri_tgt = jax.block_until_ready(tri(hp, wp, yp))
             res = {}
             if ref_lse is not None:
@@ -182,20 +177,9 @@ def main(argv=None):
             cfg = CONFIGS[name]
             res = {"config": dataclasses.asdict(cfg)}
             try:
-                n_pad = _round_up(n, cfg.block_n)
-                v_pad = _round_up(v, cfg.block_v)
-                d_pad = _round_up(d, cfg.block_k)
-                hm = jnp.pad(h, ((0, n_pad - n), (0, d_pad - d)))
-                wm = jnp.pad(w, ((0, v_pad - v), (0, d_pad - d)))
-                ym = jnp.pad(y, (0, n_pad - n), constant_values=-1)
-                splits, tps = choose_grid(n_pad, v_pad, cfg, sm)
+                fn, (hm, wm, ym), plan = _forward(h, w, y, BlockSizes(forward_kernel="mosaic", mosaic=cfg, sm_count=sm))
+                splits, tps = choose_grid(plan.n_pad, plan.v_pad, cfg, sm)
                 res.update(splits=splits, tiles_per_split=tps, smem_bytes=cfg.smem_bytes(jnp.bfloat16))
-
-                def fwd(a, b, c, cfg=cfg, splits=splits, tps=tps, v=v):
-                    return combine_partials(*mgpu_forward_partials(
-                        a, b, c, vocab_size=v, splits=splits, tiles_per_split=tps, config=cfg))
-
-                fn = jax.jit(fwd)
                 t0 = time.perf_counter()
                 lse, tgt = jax.block_until_ready(fn(hm, wm, ym))
                 res["first_call_s"] = time.perf_counter() - t0

@@ -44,7 +44,8 @@ BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
 ]
 
 
-def timeit(fn, iters=10, warmup=2):
+def time_samples(fn, iters=10, warmup=2):
+    """Milliseconds of ``iters`` calls of ``fn()`` (blocked until ready), after ``warmup`` calls."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
     ts = []
@@ -52,7 +53,12 @@ def timeit(fn, iters=10, warmup=2):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return ts
+
+
+def timeit(fn, iters=10, warmup=2):
+    """Median milliseconds of :func:`time_samples`."""
+    return statistics.median(time_samples(fn, iters, warmup))
 
 
 def main():
