@@ -1,15 +1,20 @@
 """``linear_cross_entropy`` for JAX: one entry point, a registry of implementations.
 
-Implementations (``impl=``):
+Implementations (``impl=``), each an :class:`~heads_common.registry.Implementation` record of
+``REGISTRY`` with its own support check:
 
-* ``"pallas"`` — GPU, our Pallas kernels (``jax_heads/pallas_lce.py``, imported on first use);
-  on CPU only in Pallas interpret mode (``interpret=True``, for tests).
+* ``"pallas"`` — GPU, our Pallas kernels (:mod:`jax_heads.pallas`, imported on first use); on CPU
+  only in Pallas interpret mode (``interpret=True``, for tests). The only one with gradient
+  filtering (a float ``filter_eps``).
 * ``"chunked"`` — any backend, ``lax.scan`` over token chunks under ``jax.custom_vjp``.
-* ``"reference"`` — materialised logits, float32 math; the test oracle.
+* ``"reference"`` — materialised logits, float32 math; the test oracle. Named only.
+* ``"fused"`` — reductions ``"sum"``/``"mean"`` only: gradients formed in the forward
+  (:mod:`jax_heads.fused`). Named only.
 
-``impl=None`` picks the first of ``AUTO_ORDER`` that supports the inputs (``"pallas"`` on GPU,
-``"chunked"`` elsewhere); a named implementation that cannot run raises ``ValueError`` saying why,
-never falling back silently.
+``impl=None`` picks the first record marked ``auto`` (``"pallas"``, then ``"chunked"``) that supports
+the inputs and options; a named implementation that cannot run raises ``ValueError`` saying why,
+never falling back silently. With ``mesh``/``vocab_axis`` the same records run per vocabulary shard
+(:mod:`jax_heads.parallel`).
 
 Labels out of range: concrete labels are checked on the host (``ValueError``, the message
 ``torch_heads`` gives). Under ``jit``/``vmap`` the labels are tracers and cannot raise: the loss
@@ -20,6 +25,7 @@ out of bounds for it. ``docs/robustness.md`` lists every bad input and edge case
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -33,14 +39,13 @@ from heads_common import (
     LM_IGNORE_INDEX,
     check_filter_eps,
     check_ignore_index,
-    check_interpret,
     check_ignore_index_fits,
+    check_interpret,
     check_lce_shapes,
     check_reduction,
-    choose_implementation,
     label_range_message,
-    unknown_impl_message,
 )
+from heads_common.registry import Implementation, LossOptions, Registry
 from jax_heads.chunked import chunked_loss
 from jax_heads.reference import reference_loss
 
@@ -49,33 +54,76 @@ FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float
 Reduction = Literal["none", "sum", "mean"]
 
 
-def _runs_anywhere(hidden: jax.Array, interpret: bool) -> str | None:
+def _pallas_reason(hidden: jax.Array, options: LossOptions) -> str | None:
+    if options.filtered and options.sharding is not None:
+        return f"gradient filtering (filter_eps={options.filter_eps}) is not supported with vocab_axis"
+    try:
+        from jax_heads.pallas import unsupported_reason
+    except ImportError as exc:  # pragma: no cover - depends on the checkout
+        return f"jax_heads.pallas is not importable ({exc})"
+    return unsupported_reason(hidden, interpret=options.interpret)
+
+
+def _exact_reason(hidden: jax.Array, options: LossOptions) -> str | None:
+    if options.filtered:
+        return (f"computes exact gradients only (filter_eps={options.filter_eps} asks for gradient filtering, "
+                "which needs impl='pallas')")
     return None
 
 
-def _pallas_unsupported(hidden: jax.Array, interpret: bool) -> str | None:
-    try:
-        from jax_heads.pallas_lce import unsupported_reason
-    except ImportError as exc:  # pragma: no cover - depends on the checkout
-        return f"jax_heads.pallas_lce is not importable ({exc})"
-    return unsupported_reason(hidden, interpret=interpret)
+def _fused_reason(hidden: jax.Array, options: LossOptions) -> str | None:
+    from jax_heads.fused import REDUCTIONS as FUSED_REDUCTIONS
+
+    if options.reduction not in FUSED_REDUCTIONS:
+        return (f"forms the gradients in the forward and needs a uniform upstream gradient: reduction in "
+                f"{FUSED_REDUCTIONS}, got {options.reduction!r}")
+    if options.sharding is not None:
+        return "has no vocabulary-parallel form; pass impl='pallas' or 'chunked' with vocab_axis"
+    return _exact_reason(hidden, options)
 
 
-def _pallas_loss(hidden, weight, labels, ignore_index: int, interpret: bool, filter_eps: float | None = None):
-    from jax_heads.pallas_lce import pallas_loss
+def _pallas_tokens(hidden, weight, labels, options: LossOptions):
+    from jax_heads.pallas import pallas_loss
 
+    eps = options.filter_eps if options.filtered else None
     # Labels reach here in [0, V) or equal to ignore_index (see linear_cross_entropy), so int32 is exact.
-    return pallas_loss(hidden, weight, labels.astype(jnp.int32), ignore_index, interpret=interpret, filter_eps=filter_eps)
+    return pallas_loss(hidden, weight, labels.astype(jnp.int32), options.ignore_index, interpret=options.interpret,
+                       filter_eps=eps)
 
 
-# name -> (why it cannot run on these inputs or None, flat per-token loss function)
-_IMPLEMENTATIONS: dict[str, tuple[Callable[..., str | None], Callable[..., jax.Array]]] = {
-    "pallas": (_pallas_unsupported, _pallas_loss),
-    "chunked": (_runs_anywhere, lambda h, w, y, ignore_index, interpret: chunked_loss(h, w, y, ignore_index)),
-    "reference": (_runs_anywhere, lambda h, w, y, ignore_index, interpret: reference_loss(h, w, y, ignore_index)),
-}
-AUTO_ORDER = ("pallas", "chunked")
-IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
+def _per_token(name: str, single: Callable[..., jax.Array]):
+    """The registry's loss function of a per-token implementation: single-device or sharded, then
+    :func:`finish_loss` (NaN rows, reduction)."""
+
+    def loss(hidden, weight, labels, options: LossOptions, bad):
+        if options.sharding is None:
+            per_token = single(hidden, weight, labels, options)
+        else:
+            from jax_heads.parallel import sharded_loss
+
+            per_token = sharded_loss(hidden, weight, labels, options, name)
+        return finish_loss(per_token, labels != options.ignore_index, bad, options.reduction)
+
+    return loss
+
+
+def _fused(hidden, weight, labels, options: LossOptions, bad):
+    from jax_heads.fused import fused_loss
+
+    # Out-of-range labels: NaN loss and NaN gradient rows there only (the other rows exact).
+    loss = fused_loss(hidden, weight, labels, options.ignore_index, options.reduction, nan_rows=bad)
+    return loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
+
+
+REGISTRY = Registry([
+    Implementation("pallas", _pallas_reason, _per_token("pallas", _pallas_tokens)),
+    Implementation("chunked", _exact_reason, _per_token(
+        "chunked", lambda h, w, y, o: chunked_loss(h, w, y, o.ignore_index))),
+    Implementation("reference", _exact_reason, _per_token(
+        "reference", lambda h, w, y, o: reference_loss(h, w, y, o.ignore_index)), auto=False),
+    Implementation("fused", _fused_reason, _fused, auto=False),
+])
+IMPLEMENTATIONS = REGISTRY.names
 
 
 def _check_arrays(hidden: object, weight: object, labels: object) -> None:
@@ -124,31 +172,18 @@ def check_label_range(labels: jax.Array, vocab_size: int, ignore_index: int) -> 
     return None
 
 
-def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool = False) -> str:
-    """The implementation that will run for ``hidden`` (and a weight of its dtype and device).
+@dataclasses.dataclass(frozen=True)
+class VocabSharding:
+    """A vocabulary-parallel call: the weight split along the vocabulary over ``mesh[vocab_axis]``,
+    the tokens over ``mesh[batch_axis]`` (or not split, None)."""
 
-    Args:
-        hidden: the hidden states (concrete or traced; a tracer is judged by the default backend).
-        impl: a name of ``IMPLEMENTATIONS`` or None for the best available.
-        interpret: run ``"pallas"`` in Pallas interpret mode; only with ``impl="pallas"``.
-
-    Raises:
-        ValueError: ``impl`` is unknown, ``interpret=True`` with another ``impl``, or it (or, with
-            ``impl=None``, every candidate) cannot run.
-    """
-    check_interpret(interpret, impl, _check_known_impl)
-    return choose_implementation(
-        impl, IMPLEMENTATIONS, AUTO_ORDER, lambda name: _IMPLEMENTATIONS[name][0](hidden, interpret)
-    )
+    mesh: Mesh
+    vocab_axis: str
+    batch_axis: str | None = None
 
 
-def _check_known_impl(impl: object) -> None:
-    if impl is not None and impl not in _IMPLEMENTATIONS:
-        raise ValueError(unknown_impl_message(impl, IMPLEMENTATIONS))
-
-
-def check_mesh_options(mesh: object, vocab_axis: object, batch_axis: object) -> bool:
-    """Whether the options ask for a vocabulary-parallel call (``mesh`` and ``vocab_axis`` come together).
+def check_mesh_options(mesh: object, vocab_axis: object, batch_axis: object) -> VocabSharding | None:
+    """The :class:`VocabSharding` the options ask for, or None for a single-device call.
 
     Raises:
         TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
@@ -160,10 +195,53 @@ def check_mesh_options(mesh: object, vocab_axis: object, batch_axis: object) -> 
     if mesh is None:
         if batch_axis is not None:
             raise ValueError(f"batch_axis={batch_axis!r} needs mesh and vocab_axis (a vocabulary-parallel call)")
-        return False
+        return None
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    return True
+    return VocabSharding(mesh, vocab_axis, batch_axis)
+
+
+def loss_options(
+    impl: object,
+    *,
+    ignore_index: object = LM_IGNORE_INDEX,
+    reduction: object = "none",
+    filter_eps: object = None,
+    interpret: object = False,
+    mesh: object = None,
+    vocab_axis: object = None,
+    batch_axis: object = None,
+) -> LossOptions:
+    """Validate the options of :func:`linear_cross_entropy` into a :class:`~heads_common.registry.LossOptions`.
+
+    Raises:
+        TypeError, ValueError: as :func:`linear_cross_entropy` documents.
+    """
+    check_interpret(interpret, impl, REGISTRY.check_name)
+    return LossOptions(
+        ignore_index=check_ignore_index(ignore_index),
+        reduction=check_reduction(reduction),
+        filter_eps=check_filter_eps(filter_eps),
+        interpret=interpret,
+        sharding=check_mesh_options(mesh, vocab_axis, batch_axis),
+    )
+
+
+def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool = False, **options) -> str:
+    """The implementation that will run for ``hidden`` (and a weight of its dtype and device).
+
+    Args:
+        hidden: the hidden states (concrete or traced; a tracer is judged by the default backend).
+        impl: a name of ``IMPLEMENTATIONS`` or None for the best available.
+        interpret: run ``"pallas"`` in Pallas interpret mode; only with ``impl="pallas"``.
+        **options: the other keyword options of :func:`linear_cross_entropy` (``reduction``,
+            ``filter_eps``, ``mesh``, ``vocab_axis``, ``batch_axis``, ``ignore_index``).
+
+    Raises:
+        ValueError: ``impl`` is unknown, ``interpret=True`` with another ``impl``, or it (or, with
+            ``impl=None``, every candidate) cannot run.
+    """
+    return REGISTRY.choose(impl, hidden, loss_options(impl, interpret=interpret, **options)).name
 
 
 def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
@@ -174,6 +252,19 @@ def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
     if reduction == "sum":
         return total
     return total / jnp.maximum(valid.sum(), 1).astype(total.dtype)
+
+
+def finish_loss(loss: jax.Array, valid: jax.Array, bad: jax.Array | None, reduction: str) -> jax.Array:
+    """The per-token loss's NaN rows, then ``reduction``.
+
+    ``bad`` (out-of-range traced labels) rows become NaN in loss and gradients. A row with
+    non-finite logits (inf/NaN in its hidden state) is NaN in every implementation (some
+    log-sum-exps give inf there); adding a constant keeps the gradient flowing unchanged.
+    """
+    if bad is not None:
+        loss = loss * jnp.where(bad, jnp.nan, 1.0)
+    loss = loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
+    return reduce_loss(loss, valid, reduction)
 
 
 def linear_cross_entropy(
@@ -252,73 +343,34 @@ def linear_cross_entropy(
     """
     _check_arrays(hidden, weight, labels)
     check_lce_shapes(hidden.shape, weight.shape, labels.shape)
-    check_reduction(reduction)
-    ignore_index = check_ignore_index(ignore_index)
-    parallel = check_mesh_options(mesh, vocab_axis, batch_axis)
-    fused = impl == "fused"
-    if fused:
-        from jax_heads.fused import REDUCTIONS as FUSED_REDUCTIONS
+    options = loss_options(
+        impl, ignore_index=ignore_index, reduction=reduction, filter_eps=filter_eps, interpret=interpret,
+        mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis,
+    )
+    if options.sharding is not None:
+        from jax_heads.parallel import check_mesh_layout
 
-        if reduction not in FUSED_REDUCTIONS:
-            raise ValueError(
-                f"impl='fused' forms the gradients in the forward and needs a uniform upstream gradient: "
-                f"reduction in {FUSED_REDUCTIONS}, got {reduction!r}"
-            )
-        if parallel:
-            raise ValueError("impl='fused' has no vocabulary-parallel form; pass impl='pallas' or 'chunked' with vocab_axis")
-        check_interpret(interpret, impl)
-    eps = check_filter_eps(filter_eps)
-    eps = eps if isinstance(eps, float) else None
-    if eps is not None:
-        if parallel:
-            raise ValueError(f"filter_eps={eps} (gradient filtering) is not supported with vocab_axis; pass None")
-        if impl not in (None, "pallas"):  # "fused" included: its gradients are exact
-            raise ValueError(
-                f"impl={impl!r} computes exact gradients only (filter_eps={eps} asks for gradient filtering); "
-                "gradient filtering needs impl='pallas'"
-            )
-        impl = "pallas"
-    if fused:
-        name = "fused"
-    elif parallel:
-        from jax_heads import parallel as vocab_parallel
+        s = options.sharding
+        check_mesh_layout(weight.shape[0], math.prod(hidden.shape[:-1]), s.mesh, s.vocab_axis, s.batch_axis)
+    implementation = REGISTRY.choose(impl, hidden, options)
 
-        vocab_parallel.check_mesh_layout(weight.shape[0], math.prod(hidden.shape[:-1]), mesh, vocab_axis, batch_axis)
-        name = vocab_parallel.select_parallel_implementation(hidden, impl, interpret)
-    else:
-        name = select_implementation(hidden, impl, interpret)
-    vocab = weight.shape[0]
+    flat_labels, bad = _checked_labels(labels, weight.shape[0], options.ignore_index)
+    loss = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, options, bad)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def _checked_labels(labels: jax.Array, vocab: int, ignore_index: int) -> tuple[jax.Array, jax.Array | None]:
+    """Flat labels safe to index with, and the mask of out-of-range ones (None when concrete: those raise).
+
+    Out-of-range traced labels reach the implementation as an in-range label (nothing is read out of
+    bounds); the ``bad`` mask then makes both their loss and their gradients NaN.
+    """
     labels = widen_labels(labels)
     info = jnp.iinfo(labels.dtype)
     check_ignore_index_fits(ignore_index, str(labels.dtype), int(info.min), int(info.max))
     bad = check_label_range(labels, vocab, ignore_index)
-
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1)
-    if bad is not None:
-        # Out-of-range labels reach the implementation as an in-range label (nothing is read out of
-        # bounds); the NaN factor below then makes both their loss and their gradients NaN.
-        bad = bad.reshape(-1)
-        flat_labels = jnp.where(bad, 0 if ignore_index != 0 else vocab - 1, flat_labels)
-    if fused:
-        from jax_heads.fused import fused_loss
-
-        # Out-of-range labels: NaN loss and NaN gradient rows there only (the other rows exact).
-        loss = fused_loss(flat_hidden, weight, flat_labels, ignore_index, reduction, nan_rows=bad)
-        return loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
-    if parallel:
-        loss = vocab_parallel.vocab_parallel_linear_cross_entropy(
-            flat_hidden, weight, flat_labels, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis,
-            ignore_index=ignore_index, impl=name, interpret=interpret,
-        )
-    elif eps is not None:
-        loss = _pallas_loss(flat_hidden, weight, flat_labels, ignore_index, interpret, filter_eps=eps)
-    else:
-        loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, interpret)
-    if bad is not None:
-        loss = loss * jnp.where(bad, jnp.nan, 1.0)
-    # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
-    # (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged.
-    loss = loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
-    loss = reduce_loss(loss, labels.reshape(-1) != ignore_index, reduction)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    flat = labels.reshape(-1)
+    if bad is None:
+        return flat, None
+    bad = bad.reshape(-1)
+    return jnp.where(bad, 0 if ignore_index != 0 else vocab - 1, flat), bad

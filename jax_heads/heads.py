@@ -375,11 +375,10 @@ class SplitLanguageModellingHead(nnx.Module):
 
     def implementation_for(self, hidden_states: jax.Array) -> str:
         """The implementation the forward would run for these hidden states (per shard, with a mesh)."""
-        if self.vocab_axis is not None:
-            from jax_heads.parallel import select_parallel_implementation
-
-            return select_parallel_implementation(hidden_states, self.impl, self.interpret)
-        return select_implementation(hidden_states, self.impl, self.interpret)
+        return select_implementation(
+            hidden_states, self.impl, self.interpret, mesh=self.mesh, vocab_axis=self.vocab_axis,
+            batch_axis=self.batch_axis,
+        )
 
     def shard_kernels(self) -> None:
         """Place each kernel ``(H, V_split)`` on the mesh, split along its vocabulary over ``vocab_axis``.

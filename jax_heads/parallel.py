@@ -28,17 +28,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from heads_common import (
-    LM_IGNORE_INDEX,
-    check_ignore_index,
-    check_interpret,
-    check_lce_shapes,
-    check_reduction,
-    unknown_impl_message,
-)
+from heads_common import LM_IGNORE_INDEX
+from heads_common.registry import LossOptions
 from jax_heads import pallas_lce
 from jax_heads.chunked import chunk_rows_for, chunked_grads, chunked_lse_target
-from jax_heads.functional import reduce_loss
 from jax_heads.reference import PRECISION, math_dtype
 
 PARALLEL_IMPLEMENTATIONS = ("pallas", "chunked", "reference")
@@ -190,6 +183,16 @@ def _bwd(o: _Options, residuals, grad_loss):
 _vocab_parallel.defvjp(_fwd, _bwd)
 
 
+def sharded_loss(hidden: jax.Array, weight: jax.Array, labels: jax.Array, options: LossOptions, impl: str) -> jax.Array:
+    """Per-token ``(N,)`` float32 loss of flat, validated inputs with ``options.sharding`` (a
+    :class:`~jax_heads.functional.VocabSharding`), each shard on the building blocks of ``impl``
+    (``"pallas"``, ``"chunked"`` or ``"reference"``). The registry of :mod:`jax_heads.functional`
+    calls it; labels are in ``[0, V)`` or ``options.ignore_index``."""
+    s = options.sharding
+    o = _Options(s.mesh, s.vocab_axis, s.batch_axis, options.ignore_index, impl, options.interpret)
+    return _vocab_parallel(hidden, weight, labels.astype(jnp.int32), o)
+
+
 def vocab_parallel_linear_cross_entropy(
     hidden: jax.Array,
     weight: jax.Array,
@@ -204,6 +207,9 @@ def vocab_parallel_linear_cross_entropy(
     interpret: bool = False,
 ) -> jax.Array:
     """Linear cross-entropy with the weight split along the vocabulary over ``mesh[vocab_axis]``.
+
+    The same call as ``jax_heads.linear_cross_entropy(..., mesh=mesh, vocab_axis=vocab_axis)`` on
+    ``(N, D)`` hidden states.
 
     Args:
         hidden: ``(N, D)`` float array; split over ``batch_axis`` (if given), replicated over
@@ -226,42 +232,17 @@ def vocab_parallel_linear_cross_entropy(
         sharding (each device gets its own shard's gradient); ``d_hidden`` is complete on every
         device of the vocabulary axis.
 
-    Works under ``jax.jit``. Labels are not range-checked here (they may be traced): validate them
-    beforehand, e.g. with :func:`jax_heads.functional.check_label_range`.
-    """
-    check_lce_shapes(hidden.shape, weight.shape, labels.shape)
-    check_reduction(reduction)
-    ignore_index = check_ignore_index(ignore_index)
-    if hidden.ndim != 2:
-        raise ValueError(f"hidden must be (N, D) for the vocabulary-parallel op, got shape {hidden.shape}")
-    impl = select_parallel_implementation(hidden, impl, interpret)
-    check_mesh_layout(weight.shape[0], hidden.shape[0], mesh, vocab_axis, batch_axis)
-    options = _Options(mesh, vocab_axis, batch_axis, ignore_index, impl, bool(interpret))
-    loss = _vocab_parallel(hidden, weight, labels.astype(jnp.int32), options)
-    return reduce_loss(loss, labels != ignore_index, reduction)
-
-
-def _check_parallel_impl(impl: object) -> None:
-    if impl is not None and impl not in PARALLEL_IMPLEMENTATIONS:
-        raise ValueError(unknown_impl_message(impl, PARALLEL_IMPLEMENTATIONS))
-
-
-def select_parallel_implementation(hidden: jax.Array, impl: str | None, interpret: bool = False) -> str:
-    """The per-shard implementation :func:`vocab_parallel_linear_cross_entropy` runs for ``hidden``.
-
     Raises:
-        TypeError: ``interpret`` is not a bool.
-        ValueError: an unknown ``impl``, ``interpret=True`` with another ``impl``, or ``"pallas"``
-            that cannot run on these inputs (saying why).
+        TypeError, ValueError: as ``jax_heads.linear_cross_entropy``; also for ``hidden`` that is not 2-D.
     """
-    check_interpret(interpret, impl, _check_parallel_impl)
-    if impl is None:
-        return "chunked" if pallas_lce.unsupported_reason(hidden) else "pallas"
-    if impl == "pallas":
-        reason = pallas_lce.unsupported_reason(hidden, interpret=interpret)
-        if reason is not None:
-            raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
-    return impl
+    from jax_heads.functional import linear_cross_entropy
+
+    if getattr(hidden, "ndim", None) != 2:
+        raise ValueError(f"hidden must be (N, D) for the vocabulary-parallel op, got shape {getattr(hidden, 'shape', None)}")
+    return linear_cross_entropy(
+        hidden, weight, labels, mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis, ignore_index=ignore_index,
+        reduction=reduction, impl=impl, interpret=interpret,
+    )
 
 
 def check_mesh_layout(vocab_size: int, tokens: int, mesh: Mesh, vocab_axis: str, batch_axis: str | None) -> None:

@@ -337,7 +337,7 @@ def test_select_implementation():
         select_implementation(hidden, "chunked", interpret=True)
     with pytest.raises(ValueError, match="interpret=True applies to impl='pallas' only"):
         select_implementation(hidden, None, interpret=True)
-    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\)"):
         select_implementation(hidden, "cce")
 
 
@@ -397,7 +397,7 @@ def test_mesh_options_on_a_one_device_mesh():
         linear_cross_entropy(hidden, weight, labels, batch_axis="data")
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         linear_cross_entropy(hidden, weight, labels, mesh="mesh", vocab_axis="vocab")
-    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference'\), got 'cce'"):
+    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\), got 'cce'"):
         linear_cross_entropy(hidden, weight, labels, mesh=mesh, vocab_axis="vocab", impl="cce")
 
 

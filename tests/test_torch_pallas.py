@@ -41,7 +41,7 @@ from torch_heads import (
     select_implementation,
 )
 from torch_heads._pallas import pallas_loss
-from torch_heads.functional import AUTO_ORDER, IMPLEMENTATIONS, reduce_loss
+from torch_heads.functional import IMPLEMENTATIONS, REGISTRY, reduce_loss
 
 IGNORE = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -236,7 +236,7 @@ def test_second_call_at_a_shape_does_not_retrace():
 
 def test_registry_and_auto_order():
     assert "pallas" in IMPLEMENTATIONS
-    assert AUTO_ORDER == ("cce", "chunked")  # impl=None never picks pallas: the benchmark decides
+    assert REGISTRY.auto_order == ("cce", "chunked")  # impl=None never picks pallas: the benchmark decides
 
 
 _CPU_SCRIPT = """

@@ -1,23 +1,23 @@
 """``linear_cross_entropy`` for PyTorch: one entry point, a registry of implementations.
 
-Implementations (``impl=``):
+Implementations (``impl=``), each an :class:`~heads_common.registry.Implementation` record of
+``REGISTRY`` with its own support check:
 
 * ``"cce"`` — CUDA, through ``cut_cross_entropy`` (float16/bfloat16/float32).
 * ``"chunked"`` — any device, our own chunked ``autograd.Function`` (all float dtypes).
-* ``"reference"`` — materialised logits, float32 math; the test oracle.
-* ``"pallas"`` — CUDA (float16/bfloat16/float32, exact gradients), our JAX Pallas kernels called
-  through ``interop`` zero-copy (``torch_heads/_pallas.py``; JAX is imported on first use).
+* ``"reference"`` — materialised logits, float32 math; the test oracle. Named only.
+* ``"pallas"`` — CUDA (float16/bfloat16/float32), our JAX Pallas kernels called through
+  ``interop`` zero-copy (``torch_heads/_pallas.py``; JAX is imported on first use). Named only.
 
-``impl=None`` picks the first of ``AUTO_ORDER`` that supports the inputs; a named implementation
-that cannot run raises ``ValueError`` saying why, never falling back silently. ``"pallas"`` is
-not in ``AUTO_ORDER``: on CUDA ``impl=None`` stays ``"cce"`` until the benchmark
-(``benchmarks/bench.py``, rows ``torch_heads-pallas`` against ``cce`` and ``jax-pallas``) shows
-otherwise, and choosing it would start JAX in a PyTorch process.
+``impl=None`` picks the first record marked ``auto`` (``"cce"``, then ``"chunked"``) that supports
+the inputs and options; a named implementation that cannot run raises ``ValueError`` saying why,
+never falling back silently. ``"pallas"`` is never picked by None: choosing it would start JAX in a
+PyTorch process, and on near-uniform batches CCE's default gradient filter is faster than exact
+gradients (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -29,9 +29,9 @@ from heads_common import (
     check_ignore_index_fits,
     check_lce_shapes,
     check_reduction,
-    choose_implementation,
     label_range_message,
 )
+from heads_common.registry import Implementation, LossOptions, Registry
 from torch_heads import _cce, _pallas
 from torch_heads.chunked import chunked_loss
 from torch_heads.reference import reference_loss
@@ -41,27 +41,41 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Reduction = Literal["none", "sum", "mean"]
 
 
-def _exact_only(hidden: torch.Tensor, filter_eps: object) -> str | None:
-    if isinstance(filter_eps, float):
-        return f"computes exact gradients only (filter_eps={filter_eps} asks for gradient filtering)"
+def _exact_reason(hidden: torch.Tensor, options: LossOptions) -> str | None:
+    if options.filtered:
+        return f"computes exact gradients only (filter_eps={options.filter_eps} asks for gradient filtering)"
     return None
 
 
-# name -> (why it cannot run on these inputs or None, flat per-token loss function)
-_IMPLEMENTATIONS: dict[str, tuple[Callable[..., str | None], Callable[..., torch.Tensor]]] = {
-    "cce": (_cce.unsupported_reason, _cce.cce_loss),
-    "chunked": (_exact_only, lambda h, w, y, ignore_index, filter_eps: chunked_loss(h, w, y, ignore_index)),
-    "reference": (_exact_only, lambda h, w, y, ignore_index, filter_eps: reference_loss(h, w, y, ignore_index)),
-    "pallas": (
-        _pallas.unsupported_reason,
-        # "auto" is exact for our kernel; a float turns its gradient filtering on.
-        lambda h, w, y, ignore_index, filter_eps: _pallas.pallas_loss(
-            h, w, y, ignore_index, filter_eps=filter_eps if isinstance(filter_eps, float) else None
-        ),
-    ),
-}
-AUTO_ORDER = ("cce", "chunked")
-IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
+def _per_token(single):
+    """The registry's loss function of a per-token implementation: the loss, its NaN rows, ``reduction``."""
+
+    def loss(hidden, weight, labels, options: LossOptions, bad=None):
+        per_token = single(hidden, weight, labels, options)
+        # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
+        # (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged.
+        per_token = per_token + torch.where(torch.isinf(per_token), float("nan"), 0.0)
+        return reduce_loss(per_token, labels != options.ignore_index, options.reduction)
+
+    return loss
+
+
+def _pallas_tokens(hidden, weight, labels, options: LossOptions):
+    # "auto" is exact for our kernel; a float turns its gradient filtering on.
+    eps = options.filter_eps if options.filtered else None
+    return _pallas.pallas_loss(hidden, weight, labels, options.ignore_index, filter_eps=eps)
+
+
+REGISTRY = Registry([
+    Implementation("cce", lambda h, o: _cce.unsupported_reason(h, o.filter_eps),
+                   _per_token(lambda h, w, y, o: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps))),
+    Implementation("chunked", _exact_reason, _per_token(lambda h, w, y, o: chunked_loss(h, w, y, o.ignore_index))),
+    Implementation("reference", _exact_reason,
+                   _per_token(lambda h, w, y, o: reference_loss(h, w, y, o.ignore_index)), auto=False),
+    Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps), _per_token(_pallas_tokens),
+                   auto=False),
+])
+IMPLEMENTATIONS = REGISTRY.names
 
 
 def _check_tensors(hidden: object, weight: object, labels: object) -> None:
@@ -114,15 +128,31 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
         raise ValueError(label_range_message(int(labels[tuple(position)]), position, vocab_size, ignore_index))
 
 
-def select_implementation(hidden: torch.Tensor, impl: str | None, filter_eps: object = "auto") -> str:
+def loss_options(
+    impl: object, *, ignore_index: object = LM_IGNORE_INDEX, reduction: object = "none", filter_eps: object = "auto"
+) -> LossOptions:
+    """Validate the options of :func:`linear_cross_entropy` into a :class:`~heads_common.registry.LossOptions`.
+
+    Raises:
+        TypeError, ValueError: as :func:`linear_cross_entropy` documents.
+    """
+    REGISTRY.check_name(impl)
+    return LossOptions(
+        ignore_index=check_ignore_index(ignore_index),
+        reduction=check_reduction(reduction),
+        filter_eps=check_filter_eps(filter_eps),
+    )
+
+
+def select_implementation(hidden: torch.Tensor, impl: str | None, filter_eps: object = "auto", **options) -> str:
     """The implementation that will run for ``hidden`` (and a weight of its dtype and device).
+
+    ``**options``: the other keyword options of :func:`linear_cross_entropy` (``reduction``, ``ignore_index``).
 
     Raises:
         ValueError: ``impl`` is unknown, or it (or, with ``impl=None``, every candidate) cannot run.
     """
-    return choose_implementation(
-        impl, IMPLEMENTATIONS, AUTO_ORDER, lambda name: _IMPLEMENTATIONS[name][0](hidden, filter_eps)
-    )
+    return REGISTRY.choose(impl, hidden, loss_options(impl, filter_eps=filter_eps, **options)).name
 
 
 def reduce_loss(loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -181,21 +211,13 @@ def linear_cross_entropy(
     """
     _check_tensors(hidden, weight, labels)
     check_lce_shapes(hidden.shape, weight.shape, labels.shape)
-    check_reduction(reduction)
-    ignore_index = check_ignore_index(ignore_index)
-    filter_eps = check_filter_eps(filter_eps)
-    name = select_implementation(hidden, impl, filter_eps)
+    options = loss_options(impl, ignore_index=ignore_index, reduction=reduction, filter_eps=filter_eps)
+    implementation = REGISTRY.choose(impl, hidden, options)
     # Comparisons with a Python int wrap in narrow and unsigned dtypes (a uint8 label 156 equals
     # -100; an int8 label 50 is >= 300), so labels are widened to int64 before any check.
     labels = labels.long()
-    check_ignore_index_fits(ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
-    check_label_range(labels, weight.shape[0], ignore_index)
+    check_ignore_index_fits(options.ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
+    check_label_range(labels, weight.shape[0], options.ignore_index)
 
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1)
-    loss = _IMPLEMENTATIONS[name][1](flat_hidden, weight, flat_labels, ignore_index, filter_eps)
-    # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
-    # (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged.
-    loss = loss + torch.where(torch.isinf(loss), float("nan"), 0.0)
-    loss = reduce_loss(loss, flat_labels != ignore_index, reduction)
+    loss = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), options, None)
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -1,0 +1,125 @@
+"""The implementation registry both frameworks share: one record per implementation, one dispatch.
+
+Pure Python: importing it pulls in neither torch nor JAX. Each framework's ``functional`` module
+builds a :class:`Registry` of :class:`Implementation` records; its ``linear_cross_entropy`` then
+reads as validate (:class:`LossOptions`), choose (:meth:`Registry.choose`), call
+(``implementation.loss``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The validated, static options of one ``linear_cross_entropy`` call (hashable).
+
+    Attributes:
+        ignore_index: label value with loss 0 and gradient 0.
+        reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+        filter_eps: ``"auto"`` (the implementation's default), None (exact gradients) or a float in
+            (0, 1): the gradient-filter threshold.
+        interpret: run Pallas kernels in interpret mode (JAX ``"pallas"`` and torch ``"pallas"``).
+        sharding: a framework-specific, hashable description of a vocabulary-parallel call (JAX: the
+            mesh and its axes), or None for a single-device call.
+    """
+
+    ignore_index: int
+    reduction: str
+    filter_eps: float | str | None = "auto"
+    interpret: bool = False
+    sharding: Hashable | None = None
+
+    @property
+    def filtered(self) -> bool:
+        """Whether the call asks for gradient filtering (a float ``filter_eps``)."""
+        return isinstance(self.filter_eps, float)
+
+
+# (hidden (N, D), weight (V, D), labels (N,), options, bad (N,) bool or None) -> the reduced loss
+LossFn = Callable[[Any, Any, Any, LossOptions, Any], Any]
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of ``linear_cross_entropy``.
+
+    Attributes:
+        name: the ``impl=`` name.
+        unsupported_reason: ``(hidden, options) -> None`` when it can run on these inputs and options,
+            else a sentence saying why not (shown to the user).
+        loss: ``(hidden (N, D), weight (V, D), labels (N,), options, bad) -> loss``: flat inputs with
+            labels in ``[0, V)`` or ``options.ignore_index``; ``bad`` is None or an ``(N,)`` bool mask of
+            tokens whose loss and gradient rows must be NaN (JAX: out-of-range traced labels, already
+            replaced by an in-range label). Returns the per-token ``(N,)`` loss for reduction
+            ``"none"``, else the reduced scalar; float32 (float64 for float64 inputs).
+        auto: whether ``impl=None`` may pick it (in registration order).
+    """
+
+    name: str
+    unsupported_reason: Callable[[Any, LossOptions], str | None]
+    loss: LossFn
+    auto: bool = True
+
+
+def no_implementation_message(reasons: dict[str, str]) -> str:
+    lines = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    return f"no linear_cross_entropy implementation supports these inputs ({lines})"
+
+
+def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
+    return f"impl must be None or one of {tuple(known)}, got {impl!r}"
+
+
+class Registry:
+    """Implementations by name, and the one dispatch rule.
+
+    ``impl=None`` picks the first ``auto`` implementation that supports the inputs; a named one that
+    cannot run raises with its reason (never a silent fallback); an unknown name raises listing the
+    known ones.
+    """
+
+    def __init__(self, implementations: Sequence[Implementation]):
+        self._by_name = {impl.name: impl for impl in implementations}
+        if len(self._by_name) != len(implementations):
+            raise ValueError("implementation names must be unique")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._by_name)
+
+    @property
+    def auto_order(self) -> tuple[str, ...]:
+        return tuple(name for name, impl in self._by_name.items() if impl.auto)
+
+    def __getitem__(self, name: str) -> Implementation:
+        return self._by_name[name]
+
+    def check_name(self, impl: object) -> None:
+        """Raise ``ValueError`` for an ``impl`` that is neither None nor a registered name."""
+        if impl is not None and impl not in self._by_name:
+            raise ValueError(unknown_impl_message(impl, self.names))
+
+    def choose(self, impl: str | None, hidden: Any, options: LossOptions) -> Implementation:
+        """The implementation that runs for ``hidden`` (and a weight of its dtype and device) with ``options``.
+
+        Raises:
+            ValueError: an unknown ``impl``; a named ``impl`` that cannot run (saying why); with
+                ``impl=None``, no candidate that can run (listing each one's reason).
+        """
+        self.check_name(impl)
+        if impl is None:
+            reasons = {}
+            for name in self.auto_order:
+                reason = self._by_name[name].unsupported_reason(hidden, options)
+                if reason is None:
+                    return self._by_name[name]
+                reasons[name] = reason
+            raise ValueError(no_implementation_message(reasons))
+        reason = self._by_name[impl].unsupported_reason(hidden, options)
+        if reason is not None:
+            raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
+        return self._by_name[impl]
