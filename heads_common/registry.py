@@ -25,6 +25,12 @@ class LossOptions:
         interpret: run Pallas kernels in interpret mode (JAX ``"pallas"`` and torch ``"pallas"``).
         sharding: a framework-specific, hashable description of a vocabulary-parallel call (JAX: the
             mesh and its axes), or None for a single-device call.
+        softcap: None, or ``c > 0``: logits become ``c·tanh(logits / c)`` (after the bias).
+        label_smoothing: ``ε`` in ``[0, 1)``.
+        lse_square_scale: ``λ >= 0``: adds ``λ·lse²`` per counted token (z-loss).
+        shift: ``k >= 0``: hidden position ``t`` predicts ``labels[..., t + k]``.
+        return_lse: also return the per-token log-sum-exp.
+        has_bias: a ``(V,)`` bias is added to the logits.
     """
 
     ignore_index: int
@@ -32,6 +38,18 @@ class LossOptions:
     filter_eps: float | str | None = "auto"
     interpret: bool = False
     sharding: Hashable | None = None
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    shift: int = 0
+    return_lse: bool = False
+    has_bias: bool = False
+
+    @property
+    def transformed(self) -> bool:
+        """Whether any option changes the plain cross-entropy of ``hidden @ weight.T`` per token."""
+        return (self.softcap is not None or self.label_smoothing != 0.0 or self.lse_square_scale != 0.0
+                or self.return_lse or self.has_bias)
 
     @property
     def filtered(self) -> bool:
