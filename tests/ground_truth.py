@@ -130,3 +130,38 @@ def threshold_between_tiles(tile_maxima, quantile: float = 0.5) -> float:
     gaps = values[lo : k + 4] / values[lo - 1 : k + 3]
     j = lo + int(np.argmax(gaps))
     return float(np.sqrt(values[j - 1] * values[j]))
+
+
+def lce_options_ground_truth(hidden, weight, labels, upstream, *, bias=None, softcap=None, label_smoothing=0.0,
+                             lse_square_scale=0.0, upstream_lse=None, ignore_index: int = -100):
+    """:func:`lce_ground_truth` with the loss options, written out by hand in float64.
+
+    Per token: ``z = h·Wᵀ + b``; ``z' = c·tanh(z / c)`` with ``softcap`` ``c``; ``lse = logsumexp(z')``;
+    ``loss = (1 − ε)(lse − z'_y) + ε(lse − mean_v z') + λ·lse²`` (0 where ignored). The gradients are
+    those of ``sum(upstream · loss) + sum(upstream_lse · lse)`` (``lse`` 0 where ignored).
+
+    Returns:
+        ``(loss (N,), lse (N,), d_hidden (N, D), d_weight (V, D), d_bias (V,))`` in float64.
+    """
+    h = np.asarray(hidden, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    vocab = w.shape[0]
+    valid = y != ignore_index
+    safe = np.where(valid, y, 0)
+    g = np.where(valid, np.asarray(upstream, dtype=np.float64), 0.0)
+    g_lse = np.zeros_like(g) if upstream_lse is None else np.where(valid, np.asarray(upstream_lse, np.float64), 0.0)
+    z = h @ w.T + (0.0 if bias is None else np.asarray(bias, dtype=np.float64)[None, :])
+    zc = z if softcap is None else softcap * np.tanh(z / softcap)
+    m = zc.max(axis=-1, keepdims=True)
+    lse = (m + np.log(np.exp(zc - m).sum(axis=-1, keepdims=True)))[:, 0]
+    target = zc[np.arange(len(y)), safe]
+    eps, lam = float(label_smoothing), float(lse_square_scale)
+    loss = (1 - eps) * (lse - target) + eps * (lse - zc.mean(axis=-1)) + lam * lse**2
+    loss = np.where(valid, loss, 0.0)
+    probs = np.exp(zc - lse[:, None])
+    grad = probs * (g * (1 + 2 * lam * lse) + g_lse)[:, None] - (g * eps / vocab)[:, None]
+    grad[np.arange(len(y)), safe] -= g * (1 - eps)
+    if softcap is not None:
+        grad *= 1 - (zc / softcap) ** 2
+    return loss, np.where(valid, lse, 0.0), grad @ w, grad.T @ h, grad.sum(axis=0)
