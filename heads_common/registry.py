@@ -46,10 +46,16 @@ class LossOptions:
     has_bias: bool = False
 
     @property
-    def transformed(self) -> bool:
-        """Whether any option changes the plain cross-entropy of ``hidden @ weight.T`` per token."""
-        return (self.softcap is not None or self.label_smoothing != 0.0 or self.lse_square_scale != 0.0
-                or self.return_lse or self.has_bias)
+    def loss_options(self) -> frozenset[str]:
+        """The names of the loss options this call sets (see :data:`LOSS_OPTIONS`)."""
+        given = {
+            "bias": self.has_bias,
+            "softcap": self.softcap is not None,
+            "label_smoothing": self.label_smoothing != 0.0,
+            "lse_square_scale": self.lse_square_scale != 0.0,
+            "return_lse": self.return_lse,
+        }
+        return frozenset(name for name, on in given.items() if on)
 
     @property
     def filtered(self) -> bool:
@@ -57,8 +63,12 @@ class LossOptions:
         return isinstance(self.filter_eps, float)
 
 
-# (hidden (N, D), weight (V, D), labels (N,), options, bad (N,) bool or None) -> the reduced loss
-LossFn = Callable[[Any, Any, Any, LossOptions, Any], Any]
+# The loss options an implementation must support itself (``shift`` is applied to the labels by the
+# functional entry point, the same for every implementation).
+LOSS_OPTIONS = ("bias", "softcap", "label_smoothing", "lse_square_scale", "return_lse")
+
+# (hidden (N, D), weight (V, D), labels (N,), options, *, bias, bad) -> the reduced loss [, lse]
+LossFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -69,18 +79,23 @@ class Implementation:
         name: the ``impl=`` name.
         unsupported_reason: ``(hidden, options) -> None`` when it can run on these inputs and options,
             else a sentence saying why not (shown to the user).
-        loss: ``(hidden (N, D), weight (V, D), labels (N,), options, bad) -> loss``: flat inputs with
-            labels in ``[0, V)`` or ``options.ignore_index``; ``bad`` is None or an ``(N,)`` bool mask of
-            tokens whose loss and gradient rows must be NaN (JAX: out-of-range traced labels, already
-            replaced by an in-range label). Returns the per-token ``(N,)`` loss for reduction
-            ``"none"``, else the reduced scalar; float32 (float64 for float64 inputs).
+        loss: ``(hidden (N, D), weight (V, D), labels (N,), options, *, bias, bad) -> loss``: flat
+            inputs with labels in ``[0, V)`` or ``options.ignore_index``; ``bias`` None or ``(V,)``;
+            ``bad`` None or an ``(N,)`` bool mask of tokens whose loss and gradient rows must be NaN
+            (JAX: out-of-range traced labels, already replaced by an in-range label). Returns the
+            per-token ``(N,)`` loss for reduction ``"none"``, else the reduced scalar; float32
+            (float64 for float64 inputs). With ``options.return_lse``: ``(loss, lse)``, ``lse`` the
+            per-token ``(N,)`` float32 log-sum-exp, 0 where ignored, differentiable.
         auto: whether ``impl=None`` may pick it (in registration order).
+        options: the names of :data:`LOSS_OPTIONS` it supports; a call setting another is refused
+            by :meth:`Registry.choose` (naming the implementations that support it).
     """
 
     name: str
     unsupported_reason: Callable[[Any, LossOptions], str | None]
     loss: LossFn
     auto: bool = True
+    options: frozenset[str] = frozenset()
 
 
 def no_implementation_message(reasons: dict[str, str]) -> str:
@@ -121,6 +136,21 @@ class Registry:
         if impl is not None and impl not in self._by_name:
             raise ValueError(unknown_impl_message(impl, self.names))
 
+    def supporting(self, option: str) -> tuple[str, ...]:
+        """The implementations that support the loss option ``option``."""
+        return tuple(name for name, impl in self._by_name.items() if option in impl.options)
+
+    def reason(self, name: str, hidden: Any, options: LossOptions) -> str | None:
+        """Why implementation ``name`` cannot run on ``hidden`` with ``options``, or None."""
+        impl = self._by_name[name]
+        missing = sorted(options.loss_options - impl.options)
+        if missing:
+            return "; ".join(
+                f"does not support {option} (implementations that do: {', '.join(self.supporting(option)) or 'none'})"
+                for option in missing
+            )
+        return impl.unsupported_reason(hidden, options)
+
     def choose(self, impl: str | None, hidden: Any, options: LossOptions) -> Implementation:
         """The implementation that runs for ``hidden`` (and a weight of its dtype and device) with ``options``.
 
@@ -132,12 +162,12 @@ class Registry:
         if impl is None:
             reasons = {}
             for name in self.auto_order:
-                reason = self._by_name[name].unsupported_reason(hidden, options)
+                reason = self.reason(name, hidden, options)
                 if reason is None:
                     return self._by_name[name]
                 reasons[name] = reason
             raise ValueError(no_implementation_message(reasons))
-        reason = self._by_name[impl].unsupported_reason(hidden, options)
+        reason = self.reason(impl, hidden, options)
         if reason is not None:
             raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
         return self._by_name[impl]

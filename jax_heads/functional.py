@@ -45,7 +45,16 @@ from heads_common import (
     check_reduction,
     label_range_message,
 )
-from heads_common.registry import Implementation, LossOptions, Registry
+from heads_common.options import (
+    check_bias_shape,
+    check_label_smoothing,
+    check_lse_square_scale,
+    check_return_lse,
+    check_shift,
+    check_shift_fits,
+    check_softcap,
+)
+from heads_common.registry import LOSS_OPTIONS, Implementation, LossOptions, Registry
 from jax_heads.chunked import chunked_loss
 from jax_heads.reference import reference_loss
 
@@ -54,9 +63,17 @@ FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float
 Reduction = Literal["none", "sum", "mean"]
 
 
+def _sharding_reason(options: LossOptions) -> str | None:
+    if options.sharding is not None and options.loss_options:
+        return f"the vocabulary-parallel op does not support {', '.join(sorted(options.loss_options))}"
+    return None
+
+
 def _pallas_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     if options.filtered and options.sharding is not None:
         return f"gradient filtering (filter_eps={options.filter_eps}) is not supported with vocab_axis"
+    if _sharding_reason(options):
+        return _sharding_reason(options)
     try:
         from jax_heads.pallas import unsupported_reason
     except ImportError as exc:  # pragma: no cover - depends on the checkout
@@ -68,7 +85,7 @@ def _exact_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     if options.filtered:
         return (f"computes exact gradients only (filter_eps={options.filter_eps} asks for gradient filtering, "
                 "which needs impl='pallas')")
-    return None
+    return _sharding_reason(options)
 
 
 def _fused_reason(hidden: jax.Array, options: LossOptions) -> str | None:
@@ -82,7 +99,7 @@ def _fused_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     return _exact_reason(hidden, options)
 
 
-def _pallas_tokens(hidden, weight, labels, options: LossOptions):
+def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     from jax_heads.pallas import pallas_loss
 
     eps = options.filter_eps if options.filtered else None
@@ -93,21 +110,35 @@ def _pallas_tokens(hidden, weight, labels, options: LossOptions):
 
 def _per_token(name: str, single: Callable[..., jax.Array]):
     """The registry's loss function of a per-token implementation: single-device or sharded, then
-    :func:`finish_loss` (NaN rows, reduction)."""
+    :func:`finish_loss` (NaN rows, reduction). ``single(hidden, weight, labels, options, bias)``
+    returns the per-token loss, or ``(loss, lse)`` when ``options.return_lse``."""
 
-    def loss(hidden, weight, labels, options: LossOptions, bad):
+    def loss(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
         if options.sharding is None:
-            per_token = single(hidden, weight, labels, options)
+            out = single(hidden, weight, labels, options, bias)
         else:
             from jax_heads.parallel import sharded_loss
 
-            per_token = sharded_loss(hidden, weight, labels, options, name)
-        return finish_loss(per_token, labels != options.ignore_index, bad, options.reduction)
+            out = sharded_loss(hidden, weight, labels, options, name)
+        per_token, lse = out if options.return_lse else (out, None)
+        valid = labels != options.ignore_index
+        loss = finish_loss(per_token, valid, bad, options.reduction)
+        if lse is None:
+            return loss
+        return loss, (lse if bad is None else lse * jnp.where(bad, jnp.nan, 1.0))
 
     return loss
 
 
-def _fused(hidden, weight, labels, options: LossOptions, bad):
+def _reference_tokens(hidden, weight, labels, o: LossOptions, bias):
+    loss, lse = reference_loss(
+        hidden, weight, labels, o.ignore_index, bias, softcap=o.softcap, label_smoothing=o.label_smoothing,
+        lse_square_scale=o.lse_square_scale,
+    )
+    return (loss, lse) if o.return_lse else loss
+
+
+def _fused(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
     from jax_heads.fused import fused_loss
 
     # Out-of-range labels: NaN loss and NaN gradient rows there only (the other rows exact).
@@ -118,9 +149,9 @@ def _fused(hidden, weight, labels, options: LossOptions, bad):
 REGISTRY = Registry([
     Implementation("pallas", _pallas_reason, _per_token("pallas", _pallas_tokens)),
     Implementation("chunked", _exact_reason, _per_token(
-        "chunked", lambda h, w, y, o: chunked_loss(h, w, y, o.ignore_index))),
-    Implementation("reference", _exact_reason, _per_token(
-        "reference", lambda h, w, y, o: reference_loss(h, w, y, o.ignore_index)), auto=False),
+        "chunked", lambda h, w, y, o, b: chunked_loss(h, w, y, o.ignore_index))),
+    Implementation("reference", _exact_reason, _per_token("reference", _reference_tokens), auto=False,
+                   options=frozenset(LOSS_OPTIONS)),
     Implementation("fused", _fused_reason, _fused, auto=False),
 ])
 IMPLEMENTATIONS = REGISTRY.names
@@ -211,6 +242,12 @@ def loss_options(
     mesh: object = None,
     vocab_axis: object = None,
     batch_axis: object = None,
+    softcap: object = None,
+    label_smoothing: object = 0.0,
+    lse_square_scale: object = 0.0,
+    shift: object = 0,
+    return_lse: object = False,
+    has_bias: bool = False,
 ) -> LossOptions:
     """Validate the options of :func:`linear_cross_entropy` into a :class:`~heads_common.registry.LossOptions`.
 
@@ -224,6 +261,12 @@ def loss_options(
         filter_eps=check_filter_eps(filter_eps),
         interpret=interpret,
         sharding=check_mesh_options(mesh, vocab_axis, batch_axis),
+        softcap=check_softcap(softcap),
+        label_smoothing=check_label_smoothing(label_smoothing),
+        lse_square_scale=check_lse_square_scale(lse_square_scale),
+        shift=check_shift(shift),
+        return_lse=check_return_lse(return_lse),
+        has_bias=has_bias,
     )
 
 
@@ -272,15 +315,21 @@ def linear_cross_entropy(
     weight: jax.Array,
     labels: jax.Array,
     *,
+    bias: jax.Array | None = None,
     ignore_index: int = LM_IGNORE_INDEX,
     reduction: Reduction = "none",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    shift: bool | int = 0,
+    return_lse: bool = False,
     impl: str | None = None,
     interpret: bool = False,
     mesh: Mesh | None = None,
     vocab_axis: str | None = None,
     batch_axis: str | None = None,
     filter_eps: float | Literal["auto"] | None = None,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the logits.
 
     Works eagerly and under ``jax.jit``, ``jax.vmap`` and ``jax.grad`` (``reduction``, ``impl``,
@@ -293,9 +342,19 @@ def linear_cross_entropy(
         hidden: ``(..., D)`` float16/bfloat16/float32/float64 array.
         weight: ``(V, D)`` array, same dtype as ``hidden``.
         labels: ``(...)`` integer array (``hidden.shape[:-1]``), values in ``[0, V)`` or ``ignore_index``.
+        bias: None or ``(V,)`` of the weight's dtype, added to the logits first; differentiable.
         ignore_index: label value that contributes loss 0 and gradient 0.
         reduction: ``"none"`` (per-token loss, shape of ``labels``), ``"sum"`` or ``"mean"``
             (mean over non-ignored tokens; 0 when every label is ignored).
+        softcap: None or ``c > 0``: logits become ``c·tanh(logits / c)`` (after the bias).
+        label_smoothing: ``ε`` in ``[0, 1)``: per counted token
+            ``(1 − ε)·nll + ε·(lse − mean over V of the logits)``.
+        lse_square_scale: ``λ >= 0``: adds ``λ·lse²`` per counted token (z-loss).
+        shift: ``k >= 0`` (``True`` is 1): hidden position ``t`` predicts ``labels[..., t + k]`` (the
+            labels are shifted, the hidden states are not copied); with ``"none"`` the loss has the
+            shape of ``labels[..., k:]``. ``k`` must be smaller than the labels' last dimension.
+        return_lse: also return the per-token log-sum-exp (float32, the per-token loss's shape
+            whatever the reduction, 0 where ignored; differentiable).
         impl: ``"pallas"``, ``"chunked"``, ``"reference"`` or None for the best available (with
             ``vocab_axis``: the per-shard computation, same names and default). ``"fused"``
             (reductions ``"sum"``/``"mean"`` only, never chosen by None): the gradients are formed
@@ -317,7 +376,8 @@ def linear_cross_entropy(
             not with ``vocab_axis``. The loss is unchanged.
 
     Returns:
-        float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
+        float32 loss (float64 for float64 inputs): shape ``labels.shape`` (``labels[..., k:].shape``
+        with ``shift``) for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``.
         Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. Under a
         transformation, the loss at an out-of-range label is NaN (see the module docstring). A
         token whose hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the other
@@ -343,10 +403,13 @@ def linear_cross_entropy(
     """
     _check_arrays(hidden, weight, labels)
     check_lce_shapes(hidden.shape, weight.shape, labels.shape)
+    _check_bias(bias, weight)
     options = loss_options(
         impl, ignore_index=ignore_index, reduction=reduction, filter_eps=filter_eps, interpret=interpret,
-        mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis,
+        mesh=mesh, vocab_axis=vocab_axis, batch_axis=batch_axis, softcap=softcap, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, shift=shift, return_lse=return_lse, has_bias=bias is not None,
     )
+    check_shift_fits(options.shift, labels.shape)
     if options.sharding is not None:
         from jax_heads.parallel import check_mesh_layout
 
@@ -354,23 +417,55 @@ def linear_cross_entropy(
         check_mesh_layout(weight.shape[0], math.prod(hidden.shape[:-1]), s.mesh, s.vocab_axis, s.batch_axis)
     implementation = REGISTRY.choose(impl, hidden, options)
 
-    flat_labels, bad = _checked_labels(labels, weight.shape[0], options.ignore_index)
-    loss = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, options, bad)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    flat_labels, bad = _checked_labels(labels, weight.shape[0], options.ignore_index, options.shift)
+    out = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, options, bias=bias, bad=bad)
+    loss, lse = out if options.return_lse else (out, None)
+    if reduction == "none":
+        loss = _unshift(loss.reshape(labels.shape), options.shift)
+    if lse is None:
+        return loss
+    return loss, _unshift(lse.reshape(labels.shape), options.shift)
 
 
-def _checked_labels(labels: jax.Array, vocab: int, ignore_index: int) -> tuple[jax.Array, jax.Array | None]:
+def _check_bias(bias: object, weight: jax.Array) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, jax.Array):
+        raise TypeError(f"bias must be a jax.Array or None, got {type(bias).__name__}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must equal the weight dtype {weight.dtype}")
+    check_bias_shape(bias.shape, weight.shape[0])
+
+
+def _unshift(x: jax.Array, shift: int) -> jax.Array:
+    """The positions that have a target under ``shift``: ``x[..., :S - shift]``."""
+    return x[..., : x.shape[-1] - shift] if shift else x
+
+
+def _checked_labels(
+    labels: jax.Array, vocab: int, ignore_index: int, shift: int = 0
+) -> tuple[jax.Array, jax.Array | None]:
     """Flat labels safe to index with, and the mask of out-of-range ones (None when concrete: those raise).
 
     Out-of-range traced labels reach the implementation as an in-range label (nothing is read out of
-    bounds); the ``bad`` mask then makes both their loss and their gradients NaN.
+    bounds); the ``bad`` mask then makes both their loss and their gradients NaN. With ``shift`` ``k``
+    position ``t`` gets ``labels[..., t + k]`` and the last ``k`` positions ``ignore_index``.
     """
     labels = widen_labels(labels)
     info = jnp.iinfo(labels.dtype)
     check_ignore_index_fits(ignore_index, str(labels.dtype), int(info.min), int(info.max))
     bad = check_label_range(labels, vocab, ignore_index)
+    if shift:
+        labels = _shift_left(labels, shift, ignore_index)
+        bad = None if bad is None else _shift_left(bad, shift, False)
     flat = labels.reshape(-1)
     if bad is None:
         return flat, None
     bad = bad.reshape(-1)
     return jnp.where(bad, 0 if ignore_index != 0 else vocab - 1, flat), bad
+
+
+def _shift_left(x: jax.Array, shift: int, fill) -> jax.Array:
+    """``x[..., t + shift]`` at position ``t``, ``fill`` at the last ``shift`` positions."""
+    tail = jnp.full((*x.shape[:-1], shift), fill, x.dtype)
+    return jnp.concatenate([x[..., shift:], tail], axis=-1)

@@ -34,21 +34,61 @@ def safe_labels(labels: jax.Array, vocab_size: int, ignore_index: int) -> tuple[
     return valid, jnp.clip(jnp.where(valid, labels, 0), 0, vocab_size - 1)
 
 
-@functools.partial(jax.jit, static_argnames="ignore_index")
-def reference_loss(hidden: jax.Array, weight: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
-    """Per-token loss of flat inputs.
+def transform_logits(logits: jax.Array, bias: jax.Array | None, softcap: float | None) -> jax.Array:
+    """``logits + bias``, then ``softcap·tanh(· / softcap)`` (each only when given), in the logits' dtype."""
+    if bias is not None:
+        logits = logits + bias.astype(logits.dtype)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    return logits
+
+
+def loss_terms(lse, target, row_sum, vocab_size: int, label_smoothing: float, lse_square_scale: float):
+    """Per-token loss from its log-sum-exp, target logit and (for label smoothing) the row sum of the
+    (transformed) logits: ``(1 − ε)(lse − target) + ε(lse − row_sum / V) + λ·lse²``; with the
+    defaults exactly ``lse − target``."""
+    loss = lse - target
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - row_sum / vocab_size)
+    if lse_square_scale:
+        loss = loss + lse_square_scale * lse * lse
+    return loss
+
+
+@functools.partial(
+    jax.jit, static_argnames=("ignore_index", "softcap", "label_smoothing", "lse_square_scale")
+)
+def reference_loss(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    ignore_index: int,
+    bias: jax.Array | None = None,
+    *,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token loss and log-sum-exp of flat inputs.
 
     Args:
         hidden: ``(N, D)`` floating array.
         weight: ``(V, D)`` array of the same dtype.
         labels: ``(N,)`` integer array, each in ``[0, V)`` or ``ignore_index``.
         ignore_index: label value that gives loss 0 and gradient 0.
+        bias: None or ``(V,)``, added to the logits.
+        softcap, label_smoothing, lse_square_scale: the loss options (``jax_heads.linear_cross_entropy``).
 
     Returns:
-        ``(N,)`` loss in float32 (float64 for float64 inputs); differentiable in both inputs.
+        ``(loss, lse)``, each ``(N,)`` in float32 (float64 for float64 inputs), 0 where ignored;
+        differentiable in ``hidden``, ``weight`` and ``bias``.
     """
     acc = math_dtype(hidden.dtype)
     logits = jnp.dot(hidden.astype(acc), weight.astype(acc).T, precision=PRECISION)
+    logits = transform_logits(logits, bias, softcap)
     valid, index = safe_labels(labels, weight.shape[0], ignore_index)
     target = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
-    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    row_sum = jnp.sum(logits, axis=-1) if label_smoothing else None
+    loss = loss_terms(lse, target, row_sum, weight.shape[0], label_smoothing, lse_square_scale)
+    return jnp.where(valid, loss, 0.0), jnp.where(valid, lse, 0.0)

@@ -127,9 +127,9 @@ def test_jax_out_of_range_label_under_jit_is_nan_in_loss_and_gradient(impl, monk
     seen = []
     record = jax_heads.functional.REGISTRY[impl]
 
-    def spy(h, w, y, options, bad):
+    def spy(h, w, y, options, **arrays):
         jax.debug.callback(lambda y: seen.append(np.asarray(y)), y)
-        return record.loss(h, w, y, options, bad)
+        return record.loss(h, w, y, options, **arrays)
 
     monkeypatch.setitem(jax_heads.functional.REGISTRY._by_name, impl, dataclasses.replace(record, loss=spy))
 

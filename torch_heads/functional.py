@@ -31,7 +31,16 @@ from heads_common import (
     check_reduction,
     label_range_message,
 )
-from heads_common.registry import Implementation, LossOptions, Registry
+from heads_common.options import (
+    check_bias_shape,
+    check_label_smoothing,
+    check_lse_square_scale,
+    check_return_lse,
+    check_shift,
+    check_shift_fits,
+    check_softcap,
+)
+from heads_common.registry import LOSS_OPTIONS, Implementation, LossOptions, Registry
 from torch_heads import _cce, _pallas
 from torch_heads.chunked import chunked_loss
 from torch_heads.reference import reference_loss
@@ -47,20 +56,34 @@ def _exact_reason(hidden: torch.Tensor, options: LossOptions) -> str | None:
     return None
 
 
-def _per_token(single):
-    """The registry's loss function of a per-token implementation: the loss, its NaN rows, ``reduction``."""
+def nan_for_inf(loss: torch.Tensor) -> torch.Tensor:
+    """A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
+    (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged."""
+    return loss + torch.where(torch.isinf(loss), float("nan"), 0.0)
 
-    def loss(hidden, weight, labels, options: LossOptions, bad=None):
-        per_token = single(hidden, weight, labels, options)
-        # A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
-        # (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged.
-        per_token = per_token + torch.where(torch.isinf(per_token), float("nan"), 0.0)
-        return reduce_loss(per_token, labels != options.ignore_index, options.reduction)
+
+def _per_token(single):
+    """The registry's loss function of a per-token implementation: the loss, its NaN rows, ``reduction``.
+    ``single(hidden, weight, labels, options, bias)`` returns the per-token loss, or ``(loss, lse)``
+    when ``options.return_lse``."""
+
+    def loss(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
+        out = single(hidden, weight, labels, options, bias)
+        per_token, lse = out if options.return_lse else (out, None)
+        loss = reduce_loss(nan_for_inf(per_token), labels != options.ignore_index, options.reduction)
+        return loss if lse is None else (loss, lse)
 
     return loss
 
 
-def _pallas_tokens(hidden, weight, labels, options: LossOptions):
+def _reference_tokens(hidden, weight, labels, o: LossOptions, bias):
+    return reference_loss(
+        hidden, weight, labels, o.ignore_index, bias, softcap=o.softcap, label_smoothing=o.label_smoothing,
+        lse_square_scale=o.lse_square_scale, return_lse=o.return_lse,
+    )
+
+
+def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     # "auto" is exact for our kernel; a float turns its gradient filtering on.
     eps = options.filter_eps if options.filtered else None
     return _pallas.pallas_loss(hidden, weight, labels, options.ignore_index, filter_eps=eps)
@@ -68,10 +91,11 @@ def _pallas_tokens(hidden, weight, labels, options: LossOptions):
 
 REGISTRY = Registry([
     Implementation("cce", lambda h, o: _cce.unsupported_reason(h, o.filter_eps),
-                   _per_token(lambda h, w, y, o: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps))),
-    Implementation("chunked", _exact_reason, _per_token(lambda h, w, y, o: chunked_loss(h, w, y, o.ignore_index))),
-    Implementation("reference", _exact_reason,
-                   _per_token(lambda h, w, y, o: reference_loss(h, w, y, o.ignore_index)), auto=False),
+                   _per_token(lambda h, w, y, o, b: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps))),
+    Implementation("chunked", _exact_reason,
+                   _per_token(lambda h, w, y, o, b: chunked_loss(h, w, y, o.ignore_index))),
+    Implementation("reference", _exact_reason, _per_token(_reference_tokens), auto=False,
+                   options=frozenset(LOSS_OPTIONS)),
     Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps), _per_token(_pallas_tokens),
                    auto=False),
 ])
@@ -129,7 +153,17 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
 
 
 def loss_options(
-    impl: object, *, ignore_index: object = LM_IGNORE_INDEX, reduction: object = "none", filter_eps: object = "auto"
+    impl: object,
+    *,
+    ignore_index: object = LM_IGNORE_INDEX,
+    reduction: object = "none",
+    filter_eps: object = "auto",
+    softcap: object = None,
+    label_smoothing: object = 0.0,
+    lse_square_scale: object = 0.0,
+    shift: object = 0,
+    return_lse: object = False,
+    has_bias: bool = False,
 ) -> LossOptions:
     """Validate the options of :func:`linear_cross_entropy` into a :class:`~heads_common.registry.LossOptions`.
 
@@ -141,6 +175,12 @@ def loss_options(
         ignore_index=check_ignore_index(ignore_index),
         reduction=check_reduction(reduction),
         filter_eps=check_filter_eps(filter_eps),
+        softcap=check_softcap(softcap),
+        label_smoothing=check_label_smoothing(label_smoothing),
+        lse_square_scale=check_lse_square_scale(lse_square_scale),
+        shift=check_shift(shift),
+        return_lse=check_return_lse(return_lse),
+        has_bias=has_bias,
     )
 
 
@@ -170,20 +210,36 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
     ignore_index: int = LM_IGNORE_INDEX,
     reduction: Reduction = "none",
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    shift: bool | int = 0,
+    return_lse: bool = False,
     impl: str | None = None,
     filter_eps: float | Literal["auto"] | None = "auto",
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the logits.
 
     Args:
         hidden: ``(..., D)`` float16/bfloat16/float32/float64 tensor.
         weight: ``(V, D)`` tensor, same dtype and device as ``hidden``.
         labels: ``(...)`` integer tensor (``hidden.shape[:-1]``), values in ``[0, V)`` or ``ignore_index``.
+        bias: None or ``(V,)`` of the weight's dtype and device, added to the logits first; differentiable.
         ignore_index: label value that contributes loss 0 and gradient 0.
         reduction: ``"none"`` (per-token loss, shape of ``labels``), ``"sum"`` or ``"mean"``
             (mean over non-ignored tokens; 0 when every label is ignored).
+        softcap: None or ``c > 0``: logits become ``c·tanh(logits / c)`` (after the bias).
+        label_smoothing: ``ε`` in ``[0, 1)``: per counted token
+            ``(1 − ε)·nll + ε·(lse − mean over V of the logits)`` (``F.cross_entropy``'s definition).
+        lse_square_scale: ``λ >= 0``: adds ``λ·lse²`` per counted token (z-loss).
+        shift: ``k >= 0`` (``True`` is 1): hidden position ``t`` predicts ``labels[..., t + k]`` (the
+            labels are shifted, the hidden states are not copied); with ``"none"`` the loss has the
+            shape of ``labels[..., k:]``. ``k`` must be smaller than the labels' last dimension.
+        return_lse: also return the per-token log-sum-exp (float32, the per-token loss's shape
+            whatever the reduction, 0 where ignored; differentiable).
         impl: ``"cce"``, ``"chunked"``, ``"reference"``, ``"pallas"`` or None for the best
             available (``"cce"`` on CUDA, ``"chunked"`` elsewhere; ``"pallas"`` only when named).
         filter_eps: gradient filtering. ``"auto"``: the implementation's default (CCE filters
@@ -192,7 +248,8 @@ def linear_cross_entropy(
             (``cce`` and ``pallas``; ``pallas`` is exact under ``"auto"``).
 
     Returns:
-        float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
+        float32 loss (float64 for float64 inputs): shape ``labels.shape`` (``labels[..., k:].shape``
+        with ``shift``) for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``.
         Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. A token whose
         hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the other tokens' losses
         and ``hidden`` gradients are unaffected. See ``docs/robustness.md``.
@@ -211,13 +268,48 @@ def linear_cross_entropy(
     """
     _check_tensors(hidden, weight, labels)
     check_lce_shapes(hidden.shape, weight.shape, labels.shape)
-    options = loss_options(impl, ignore_index=ignore_index, reduction=reduction, filter_eps=filter_eps)
+    _check_bias(bias, weight)
+    options = loss_options(
+        impl, ignore_index=ignore_index, reduction=reduction, filter_eps=filter_eps, softcap=softcap,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, shift=shift, return_lse=return_lse,
+        has_bias=bias is not None,
+    )
+    check_shift_fits(options.shift, tuple(labels.shape))
     implementation = REGISTRY.choose(impl, hidden, options)
     # Comparisons with a Python int wrap in narrow and unsigned dtypes (a uint8 label 156 equals
     # -100; an int8 label 50 is >= 300), so labels are widened to int64 before any check.
     labels = labels.long()
     check_ignore_index_fits(options.ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
     check_label_range(labels, weight.shape[0], options.ignore_index)
+    if options.shift:
+        labels = shift_labels(labels, options.shift, options.ignore_index)
 
-    loss = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), options, None)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
+    out = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), options, bias=bias)
+    loss, lse = out if options.return_lse else (out, None)
+    if reduction == "none":
+        loss = _unshift(loss.reshape(labels.shape), options.shift)
+    if lse is None:
+        return loss
+    return loss, _unshift(lse.reshape(labels.shape), options.shift)
+
+
+def shift_labels(labels: torch.Tensor, shift: int, ignore_index: int) -> torch.Tensor:
+    """``labels[..., t + shift]`` at position ``t``, ``ignore_index`` at the last ``shift`` positions."""
+    return torch.nn.functional.pad(labels[..., shift:], (0, shift), value=ignore_index)
+
+
+def _unshift(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """The positions that have a target under ``shift``: ``x[..., :S - shift]``."""
+    return x[..., : x.shape[-1] - shift] if shift else x
+
+
+def _check_bias(bias: object, weight: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} must equal the weight dtype {weight.dtype}")
+    if bias.device != weight.device:
+        raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
+    check_bias_shape(tuple(bias.shape), weight.shape[0])

@@ -14,18 +14,65 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def reference_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Per-token loss of flat inputs.
+def transform_logits(logits: torch.Tensor, bias: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+    """``logits + bias``, then ``softcap·tanh(· / softcap)`` (each only when given), in the logits' dtype."""
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def loss_terms(lse, target, row_sum, vocab_size: int, label_smoothing: float, lse_square_scale: float):
+    """Per-token loss from its log-sum-exp, target logit and (for label smoothing) the row sum of the
+    (transformed) logits: ``(1 − ε)(lse − target) + ε(lse − row_sum / V) + λ·lse²``; with the
+    defaults exactly ``lse − target``."""
+    loss = lse - target
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - row_sum / vocab_size)
+    if lse_square_scale:
+        loss = loss + lse_square_scale * lse * lse
+    return loss
+
+
+def reference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    bias: torch.Tensor | None = None,
+    *,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss and log-sum-exp of flat inputs.
 
     Args:
         hidden: ``(N, D)`` floating tensor.
         weight: ``(V, D)`` tensor of the same dtype.
         labels: ``(N,)`` integer tensor, each in ``[0, V)`` or ``ignore_index``.
         ignore_index: label value that gives loss 0 and gradient 0.
+        bias: None or ``(V,)``, added to the logits.
+        softcap, label_smoothing, lse_square_scale: the loss options (``torch_heads.linear_cross_entropy``).
+        return_lse: also return the per-token log-sum-exp.
 
     Returns:
-        ``(N,)`` loss in float32 (float64 for float64 inputs); differentiable in both inputs.
+        ``(N,)`` loss in float32 (float64 for float64 inputs), 0 where ignored; with ``return_lse``,
+        ``(loss, lse)`` (``lse`` 0 where ignored). Differentiable in ``hidden``, ``weight`` and ``bias``.
     """
     acc = math_dtype(hidden.dtype)
-    logits = hidden.to(acc) @ weight.to(acc).T
-    return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+    logits = transform_logits(hidden.to(acc) @ weight.to(acc).T, bias, softcap)
+    if not (return_lse or label_smoothing or lse_square_scale):
+        return F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+    labels = labels.long()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    target = logits.gather(1, safe[:, None]).squeeze(1)
+    row_sum = logits.sum(dim=-1) if label_smoothing else None
+    loss = loss_terms(lse, target, row_sum, weight.shape[0], label_smoothing, lse_square_scale)
+    zero = torch.zeros((), dtype=acc, device=hidden.device)
+    loss = torch.where(valid, loss, zero)
+    return (loss, torch.where(valid, lse, zero)) if return_lse else loss
