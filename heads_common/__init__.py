@@ -8,6 +8,7 @@ in either framework.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,23 @@ LM_IGNORE_INDEX = -100
 """Label value that contributes loss 0 and gradient 0."""
 
 REDUCTIONS = ("none", "sum", "mean")
+
+# The public attribute names of the containers that hold the splits, torch's ``nn.ModuleDict`` and
+# Flax's ``nnx.Dict``: torch refuses a split of that name ("attribute 'training' already exists"),
+# ``nnx.Dict`` lets it shadow a method (a split named "keys" breaks ``keys()``). Both frameworks
+# refuse all of them, so a head builds, and ports, in either. The head tests check that this covers
+# every such attribute of the installed torch and Flax.
+RESERVED_SPLIT_NAMES = frozenset(
+    """T_destination add_module apply bfloat16 buffers call_super_init children clear compile cpu cuda double
+    dump_patches eval extra_repr float forward get get_buffer get_extra_state get_parameter get_submodule half ipu
+    items iter_children iter_modules keys load_state_dict modules mtia named_buffers named_children named_modules
+    named_parameters parameters perturb pop popitem register_backward_hook register_buffer register_forward_hook
+    register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
+    register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module register_parameter
+    register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_attributes set_extra_state
+    set_submodule setdefault share_memory sow state_dict to to_empty train training type update values xpu
+    zero_grad""".split()
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,32 @@ def check_dropout(dropout: object) -> float:
     return float(dropout)
 
 
+def check_split_name(name: object) -> str:
+    """Return ``name`` if both frameworks can hold a split of that name, else raise naming it.
+
+    A split name must be a non-empty ``str`` without ``"."`` (it joins the parts of state-dict keys
+    and parameter paths), not starting with ``"_"`` (the containers' own attributes) and not in
+    :data:`RESERVED_SPLIT_NAMES`.
+
+    Raises:
+        TypeError: ``name`` is not a ``str``.
+        ValueError: any other rule is broken (the message names the split and the rule).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"split_order entries must be str, got {name!r}")
+    if not name:
+        why = "it is empty"
+    elif "." in name:
+        why = "it contains '.', which joins the parts of state-dict keys and parameter paths"
+    elif name.startswith("_"):
+        why = "it starts with '_', which the module containers keep for their own attributes"
+    elif name in RESERVED_SPLIT_NAMES:
+        why = "it is an attribute of the containers that hold the splits (torch's nn.ModuleDict, Flax's nnx.Dict)"
+    else:
+        return name
+    raise ValueError(f"split name {name!r} cannot be used: {why}")
+
+
 def check_split_config(split_vocab_size: Mapping[str, int], split_order: Sequence[str]) -> SplitLayout:
     """Validate a split vocabulary and return its layout.
 
@@ -67,8 +111,7 @@ def check_split_config(split_vocab_size: Mapping[str, int], split_order: Sequenc
         raise TypeError(f"split_order must be a sequence of split names, got {split_order!r}")
     order = tuple(split_order)
     for name in order:
-        if not isinstance(name, str):
-            raise TypeError(f"split_order entries must be str, got {name!r}")
+        check_split_name(name)
     if not order:
         raise ValueError("split_order must name at least one split")
     duplicates = sorted({n for n in order if order.count(n) > 1})
@@ -92,9 +135,22 @@ def check_reduction(reduction: object) -> str:
 
 
 def check_ignore_index(ignore_index: object) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    return ignore_index
+    """Return ``ignore_index`` as a Python int.
+
+    Any integral scalar is accepted: an ``int``, a NumPy integer, a 0-d integer array or tensor
+    (through ``operator.index``). A bool (Python, NumPy or a bool array) is refused, as is anything
+    with dimensions.
+
+    Raises:
+        TypeError: ``ignore_index`` is not an integral scalar (a traced array included).
+    """
+    is_bool = isinstance(ignore_index, bool) or str(getattr(ignore_index, "dtype", "")) in ("bool", "torch.bool")
+    if not is_bool and getattr(ignore_index, "ndim", 0) == 0:
+        try:
+            return operator.index(ignore_index)
+        except TypeError:
+            pass
+    raise TypeError(f"ignore_index must be an int (or an integer scalar), got {ignore_index!r}")
 
 
 def check_ignore_index_fits(ignore_index: int, labels_dtype: str, low: int, high: int) -> None:
@@ -162,6 +218,13 @@ def no_implementation_message(reasons: Mapping[str, str]) -> str:
 
 def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
     return f"impl must be None or one of {tuple(known)}, got {impl!r}"
+
+
+def check_impl_name(impl: object, known: Sequence[str]) -> str | None:
+    """Return ``impl`` if it is None or one of ``known``, else raise ``ValueError`` listing them."""
+    if impl is not None and (not isinstance(impl, str) or impl not in known):
+        raise ValueError(unknown_impl_message(impl, known))
+    return impl
 
 
 def check_interpret(interpret: object, impl: object, check_impl: Callable[[object], None] | None = None) -> None:

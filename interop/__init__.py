@@ -4,19 +4,34 @@
 - :func:`port_torch_to_flax` / :func:`port_flax_to_torch`: weights between matching heads.
 - :func:`run_parity` (and ``python -m interop.parity``): the cross-framework parity check.
 
-Imports both torch and JAX.
+Importing this package imports nothing else: each name is loaded from its submodule on first use.
+``interop.dlpack`` (what ``torch_heads``' ``impl="pallas"`` needs at run time) imports torch and
+JAX only; ``interop.porting`` and ``interop.parity`` also import Flax and both head packages.
 """
 
-from interop.dlpack import to_jax, to_torch
-from interop.parity import ParityConfig, ParityReport, run_parity
-from interop.porting import port_flax_to_torch, port_torch_to_flax
+import importlib
 
-__all__ = [
-    "ParityConfig",
-    "ParityReport",
-    "port_flax_to_torch",
-    "port_torch_to_flax",
-    "run_parity",
-    "to_jax",
-    "to_torch",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "to_jax": "interop.dlpack",
+    "to_torch": "interop.dlpack",
+    "port_flax_to_torch": "interop.porting",
+    "port_torch_to_flax": "interop.porting",
+    "ParityConfig": "interop.parity",
+    "ParityReport": "interop.parity",
+    "run_parity": "interop.parity",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'interop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -4,23 +4,31 @@ Both functions hand the tensor or array object itself to the other framework's
 ``from_dlpack`` (the ``__dlpack__`` protocol), so on CUDA the consumer's stream waits for the
 producer's pending work; no host synchronisation is added.
 
-Copy and alias semantics of :func:`to_jax`:
+Copy and alias semantics of :func:`to_jax`, which decide whether a later in-place update of the
+tensor shows through the array:
 
-- A contiguous tensor whose dtype JAX keeps is aliased (zero-copy), CPU and CUDA alike.
+- A contiguous tensor whose dtype JAX keeps, at a buffer address the backend accepts, is aliased
+  (zero-copy), CPU and CUDA alike. Tensors torch allocates on CPU start 64-byte aligned (one
+  made by ``torch.from_numpy`` need not).
 - A tensor that requires grad (an ``nn.Parameter``, say) is detached first; it is still
   aliased.
-- A non-contiguous view (``t[:, ::2]``, ``expand``, ``.T``) or a lazily negated view is copied
-  into a fresh contiguous tensor. (JAX itself refuses strided and broadcast views and would
-  accept a transpose as a column-major array; we always hand it row-major memory.)
-- On CPU, data that is not 64-byte aligned (a slice with an offset, ``t[1:]``) is copied by
-  JAX, because XLA's CPU buffers need that alignment. On CUDA such a slice is aliased.
-- With JAX's 64-bit mode off, an int64 tensor is range-checked and copied as int32, and a
-  float64 tensor raises ``TypeError`` unless ``allow_narrowing=True`` copies it as float32.
+- Copied, with the reason ``copy=False`` gives:
 
-Every copy above is made silently under ``copy=None`` (the default). Pass ``copy=False`` to
-make any copy an error instead (the array-API convention), so a caller that relies on
-aliasing (a kernel writing into the tensor, say) cannot get an unrelated buffer by accident;
-``copy=True`` always returns independent memory.
+  - a non-contiguous view (``t[:, ::2]``, ``expand``, ``.T``): "it is not contiguous". (JAX
+    itself refuses strided and broadcast views and would accept a transpose as a column-major
+    array; we always hand it row-major memory.)
+  - a lazily negated view (``t._neg_view()``): "it is a negated view".
+  - on CPU, data that does not start on a 64-byte boundary (a slice with an offset, ``t[1:]``
+    of a float32 tensor): JAX copies it, because XLA's CPU buffers need that alignment; "its
+    data address ... is not 64-byte aligned". On CUDA such a slice is aliased.
+  - with JAX's 64-bit mode off, an int64 tensor, range-checked and copied as int32 ("int64 is
+    narrowed to int32"), and a float64 tensor with ``allow_narrowing=True``, copied as float32
+    ("float64 is narrowed to float32"; without ``allow_narrowing`` it raises ``TypeError``).
+
+Each copy above is made silently under ``copy=None`` (the default). Pass ``copy=False`` to
+make any copy a ``ValueError`` naming the reason instead (the array-API convention), so a
+caller that relies on aliasing (a kernel writing into the tensor, say) cannot get an unrelated
+buffer by accident; ``copy=True`` always returns independent memory.
 
 :func:`to_torch` always aliases the array's buffer unless ``copy=True``: JAX arrays are dense
 and single-device arrays map onto one torch tensor exactly.
@@ -62,6 +70,7 @@ _TORCH_DTYPES = (
 _JAX_DTYPES = frozenset(jnp.dtype(str(dtype).removeprefix("torch.")) for dtype in _TORCH_DTYPES)
 _SUPPORTED_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in _TORCH_DTYPES)
 _INT32 = torch.iinfo(torch.int32)
+_CPU_ALIGNMENT = 64  # bytes: XLA:CPU copies a DLPack buffer that starts elsewhere
 
 
 def to_jax(
@@ -86,9 +95,12 @@ def to_jax(
         int64, float16, bfloat16, float32 or float64; any shape, including 0-d and empty.
       allow_narrowing: when JAX's 64-bit mode is off, cast a float64 tensor to float32 instead
         of raising. Has no effect on int64, which is always range-checked.
-      copy: ``None`` (default) aliases ``tensor``'s memory when possible and copies in the
-        cases the module docstring lists; ``False`` raises instead of copying; ``True``
-        always returns an array with its own memory.
+      copy: ``None`` (default) aliases ``tensor``'s memory when possible and copies otherwise:
+        a non-contiguous or negated view, on CPU a tensor whose data is not 64-byte aligned
+        (``t[1:]``), and an int64/float64 tensor narrowed while JAX's 64-bit mode is off (the
+        module docstring lists the cases). ``False`` raises ``ValueError`` naming the reason
+        instead of copying, so the array surely aliases ``tensor``; ``True`` always returns an
+        array with its own memory.
 
     Returns:
       A ``jax.Array`` of ``tensor``'s shape on the matching device, with ``tensor``'s dtype
@@ -131,10 +143,7 @@ def to_jax(
     array = jax.dlpack.from_dlpack(prepared)
     if copy is False and prepared.numel() and array.unsafe_buffer_pointer() != prepared.data_ptr():
         # JAX copies data that its backend cannot use in place (on CPU, XLA's 64-byte alignment).
-        raise ValueError(
-            f"to_jax: copy=False, but JAX copied the data: address {prepared.data_ptr():#x} "
-            f"is not aligned as the {tensor.device.type} backend requires"
-        )
+        raise ValueError(f"to_jax: copy=False, but a copy is needed because {_why_jax_copied(prepared)}")
     return array
 
 
@@ -189,6 +198,18 @@ def to_torch(array: jax.Array, *, copy: bool | None = None) -> torch.Tensor:
 
     tensor = torch.from_dlpack(array)
     return tensor.clone() if copy else tensor
+
+
+def _why_jax_copied(tensor: torch.Tensor) -> str:
+    """Why JAX's ``from_dlpack`` did not alias ``tensor``'s memory (it copied instead)."""
+    address = tensor.data_ptr()
+    if tensor.device.type == "cpu" and address % _CPU_ALIGNMENT:
+        return (
+            f"its data address {address:#x} is not {_CPU_ALIGNMENT}-byte aligned ({address % _CPU_ALIGNMENT} bytes "
+            f"past a boundary; a slice such as t[1:] starts inside its storage), and XLA's CPU buffers need that "
+            "alignment, so JAX copied it; pass copy=None to accept the copy, or align it with t.clone()"
+        )
+    return f"JAX's {tensor.device.type} backend could not use the memory at {address:#x} in place and copied it"
 
 
 def _check_copy_arg(copy: object) -> None:

@@ -6,8 +6,16 @@ place, and return the destination. Values go through host NumPy copies (no memor
 the source) and are cast to the destination's dtype; ``nnx.Linear`` kernels ``(in, out)`` are
 transposed to and from torch's ``(out, in)`` weights. Both heads must describe the same
 configuration — head type, hidden size, ``num_labels``, presence and size of ``embedding_dim``,
-``normalize``, split names, order and sizes — or a ``ValueError`` names the mismatch before
-anything is copied.
+``normalize``, split names, order and sizes — or a ``ValueError`` names the mismatch.
+
+A port is atomic: every parameter is read, converted to the destination's dtype and placement and
+checked first (one converted copy of each parameter is held meanwhile), and only then written,
+so on any error the destination is untouched. Besides a
+mismatch, a port refuses (``ValueError`` naming the parameter) a torch parameter on the ``meta``
+device (it holds no values), a deleted Flax array (e.g. donated to a jitted call), and a narrowing
+that would create non-finite values: a float32 ``1e5`` becomes ``inf`` in a float16 head, so the
+message gives how many values would turn non-finite. Non-finite values the source already holds
+are copied as they are.
 
 Dropout rates and the LM head's ``impl`` are not weights and are not compared.
 
@@ -46,6 +54,7 @@ TorchHead = TypeVar("TorchHead", bound=torch.nn.Module)
 class _Pair:
     """One parameter on both sides; ``transpose``: the flax value is the torch value transposed."""
 
+    kind: str  # the head's class name, for messages
     name: str
     torch_param: torch.nn.Parameter
     flax_variable: nnx.Variable
@@ -73,7 +82,7 @@ def _linear_pair(kind: str, name: str, torch_linear: torch.nn.Linear, flax_linea
     torch_out = torch_linear.weight.shape[0]
     flax_out = flax_linear.kernel[...].shape[1]
     _check_equal(kind, what, torch_out, flax_out)
-    return _Pair(f"{name}.weight", torch_linear.weight, flax_linear.kernel, transpose=True)
+    return _Pair(kind, f"{name}.weight", torch_linear.weight, flax_linear.kernel, transpose=True)
 
 
 def _split_pairs(kind: str, torch_module, flax_module, attribute: str, torch_name: str, flax_name: str) -> list[_Pair]:
@@ -86,6 +95,7 @@ def _split_pairs(kind: str, torch_module, flax_module, attribute: str, torch_nam
     torch_layers, flax_layers = getattr(torch_module, attribute), getattr(flax_module, attribute)
     return [
         _Pair(
+            kind,
             f"{attribute}.{name}.weight",
             getattr(torch_layers[name], torch_name),
             getattr(flax_layers[name], flax_name),
@@ -146,8 +156,41 @@ def _host_copy(value: torch.Tensor | jax.Array) -> np.ndarray:
     return np.array(value, dtype=np.float64 if value.dtype == jnp.float64 else np.float32)
 
 
+def _read_torch(pair: _Pair) -> np.ndarray:
+    """The torch value in the flax layout (transposed for kernels), on the host."""
+    if pair.torch_param.is_meta:
+        raise ValueError(f"cannot port {pair.kind}: torch {pair.name} is on the meta device and holds no values")
+    host = _host_copy(pair.torch_param)
+    return host.T if pair.transpose else host
+
+
+def _read_flax(pair: _Pair) -> np.ndarray:
+    """The flax value in the torch layout, on the host."""
+    value = pair.flax_variable[...]
+    if value.is_deleted():
+        raise ValueError(
+            f"cannot port {pair.kind}: the flax array for {pair.name} has been deleted (donated to a jitted call?)"
+        )
+    host = _host_copy(value)
+    return host.T if pair.transpose else host
+
+
+def _check_finite(pair: _Pair, source: np.ndarray, finite: np.ndarray, dtype: object) -> None:
+    """Refuse a conversion that turned finite source values into inf (narrowing past the dtype's range)."""
+    produced = np.isfinite(source) & ~finite
+    count = int(np.count_nonzero(produced))
+    if count:
+        dtype_name, largest = str(dtype).removeprefix("torch."), float(np.abs(source[produced]).max())
+        raise ValueError(
+            f"cannot port {pair.kind}: {pair.name} would hold {count} non-finite value(s) that the source does "
+            f"not: {dtype_name} cannot represent magnitudes up to {largest:.6g}; port into a head of a wider dtype"
+        )
+
+
 def port_torch_to_flax(torch_module: TorchHead, flax_module: FlaxHead) -> FlaxHead:
     """Copy a ``torch_heads`` head's weights into the matching ``jax_heads`` head, in place.
+
+    Atomic: nothing is written unless every parameter converts (see the module docstring).
 
     Args:
         torch_module: a ``torch_heads`` head (any device and dtype).
@@ -159,18 +202,27 @@ def port_torch_to_flax(torch_module: TorchHead, flax_module: FlaxHead) -> FlaxHe
 
     Raises:
         TypeError: an argument is not a head of its family.
-        ValueError: the heads differ in type or configuration (the message names what differs).
+        ValueError: the heads differ in type or configuration, a torch parameter is on the ``meta``
+            device, or a value would become non-finite in the destination's dtype (the message
+            names the parameter and counts the values). ``flax_module`` is then unchanged.
     """
+    writes = []
     for pair in _matched_parameters(torch_module, flax_module):
-        host = _host_copy(pair.torch_param)
+        host = _read_torch(pair)
         old = pair.flax_variable[...]
-        new = jnp.asarray(host.T if pair.transpose else host, dtype=old.dtype)
-        pair.flax_variable[...] = jax.device_put(new, old.sharding)
+        with np.errstate(over="ignore"):  # an overflow is counted and refused just below
+            new = jax.device_put(jnp.asarray(host, dtype=old.dtype), old.sharding)
+        _check_finite(pair, host, np.asarray(jnp.isfinite(new)), old.dtype)
+        writes.append((pair.flax_variable, new))
+    for variable, new in writes:
+        variable[...] = new
     return flax_module
 
 
 def port_flax_to_torch(flax_module: FlaxHead, torch_module: TorchHead) -> TorchHead:
     """Copy a ``jax_heads`` head's weights into the matching ``torch_heads`` head, in place.
+
+    Atomic: nothing is written unless every parameter converts (see the module docstring).
 
     Args:
         flax_module: a ``jax_heads`` head.
@@ -182,11 +234,24 @@ def port_flax_to_torch(flax_module: FlaxHead, torch_module: TorchHead) -> TorchH
 
     Raises:
         TypeError: an argument is not a head of its family.
-        ValueError: the heads differ in type or configuration (the message names what differs).
+        ValueError: the heads differ in type or configuration, a flax array was deleted, a torch
+            parameter is on the ``meta`` device (it cannot hold the values), or a value would
+            become non-finite in the destination's dtype (the message names the parameter and
+            counts the values). ``torch_module`` is then unchanged.
     """
-    pairs = _matched_parameters(torch_module, flax_module)
+    writes = []
+    for pair in _matched_parameters(torch_module, flax_module):
+        host = _read_flax(pair)
+        param = pair.torch_param
+        if param.is_meta:
+            raise ValueError(
+                f"cannot port {pair.kind}: torch {pair.name} is on the meta device and cannot hold values; "
+                "materialise the head first (module.to_empty(device=...))"
+            )
+        new = torch.from_numpy(np.ascontiguousarray(host)).to(param.device, param.dtype)
+        _check_finite(pair, host, torch.isfinite(new).cpu().numpy(), param.dtype)
+        writes.append((param, new))
     with torch.no_grad():
-        for pair in pairs:
-            host = _host_copy(pair.flax_variable[...])
-            pair.torch_param.copy_(torch.from_numpy(np.ascontiguousarray(host.T if pair.transpose else host)))
+        for param, new in writes:
+            param.copy_(new)
     return torch_module

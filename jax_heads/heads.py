@@ -27,11 +27,19 @@ from heads_common import (
     LM_IGNORE_INDEX,
     check_dropout,
     check_hidden_size,
+    check_impl_name,
+    check_interpret,
     check_mask_shape,
     check_split_config,
     token_id_range_message,
 )
-from jax_heads.functional import check_mesh_options, linear_cross_entropy, select_implementation, widen_labels
+from jax_heads.functional import (
+    IMPLEMENTATIONS,
+    check_mesh_options,
+    linear_cross_entropy,
+    select_implementation,
+    widen_labels,
+)
 from jax_heads.reference import PRECISION
 
 # torch's nn.Linear init, kaiming_uniform(a=sqrt(5)): uniform(-b, b) with b = sqrt(3 * (1/3) / fan_in).
@@ -286,6 +294,11 @@ class SplitLanguageModellingHead(nnx.Module):
     Parameters: ``lm_head[<split>].kernel`` ``(H, V_split)`` (torch's ``lm_head.<split>.weight``
     transposed).
 
+    Raises (at construction, with the same text as ``torch_heads``): ``ValueError``/``TypeError``
+    for a bad split configuration or split name (``heads_common.check_split_name``), an unknown
+    ``impl`` (listing the known ones; with ``vocab_axis``, the per-shard ones), ``impl="fused"``
+    (it needs a ``sum``/``mean`` reduction), or ``interpret=True`` with another ``impl``.
+
     Example:
         >>> head = SplitLanguageModellingHead({"text": 1000, "special": 4}, ["text", "special"], 64,
         ...                                   rngs=nnx.Rngs(0))
@@ -317,11 +330,19 @@ class SplitLanguageModellingHead(nnx.Module):
         self._layout = check_split_config(split_vocab_size, split_order)
         self._hidden_size = check_hidden_size(hidden_size)
         self._split_order = self._layout.order
+        known = tuple(dict.fromkeys((*IMPLEMENTATIONS, "fused")))
         if check_mesh_options(mesh, vocab_axis, batch_axis):
-            from jax_heads.parallel import check_mesh_layout
+            from jax_heads.parallel import PARALLEL_IMPLEMENTATIONS, check_mesh_layout
 
             # The token count is only known per call; the vocabulary's fit is checked here.
             check_mesh_layout(self._layout.total, 0, mesh, vocab_axis, batch_axis)
+            known = PARALLEL_IMPLEMENTATIONS
+        check_interpret(interpret, impl, lambda name: check_impl_name(name, known))
+        if impl == "fused":
+            raise ValueError(
+                "impl='fused' cannot run in the head: it forms the gradients in the forward and needs reduction "
+                "'sum' or 'mean', while the head returns the per-token loss (reduction 'none')"
+            )
         self.impl = impl
         self.interpret = interpret
         self.mesh = mesh

@@ -1,6 +1,10 @@
-"""Tests for ``interop.dlpack``: exact values, aliasing, copies, narrowing, errors."""
+"""Tests for ``interop.dlpack``: exact values, aliasing, copies, narrowing, errors; a leaf import."""
 
 import contextlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +52,36 @@ def as_float64(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().to(torch.float64).numpy()
     return np.asarray(x).astype(np.float64)
+
+
+def test_importing_the_bridge_imports_torch_and_jax_only():
+    """``import interop.dlpack`` (what torch's ``impl="pallas"`` needs) pulls in no Flax and no heads."""
+    script = (
+        "import json, sys; import interop.dlpack; "
+        "print(json.dumps({'file': interop.dlpack.__file__, 'modules': sorted(sys.modules)}))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(report["file"]).resolve() == root / "interop" / "dlpack.py"
+    tops = {name.split(".")[0] for name in report["modules"]}
+    assert {"torch", "jax"} <= tops
+    assert not tops & {"flax", "torch_heads", "jax_heads"}
+    assert not set(report["modules"]) & {"interop.parity", "interop.porting"}
+
+
+def test_interop_exposes_the_rest_lazily():
+    import interop
+    import interop.parity
+    import interop.porting
+
+    assert set(interop.__all__) <= set(dir(interop))
+    assert interop.to_jax is to_jax and interop.to_torch is to_torch
+    assert interop.port_torch_to_flax is interop.porting.port_torch_to_flax
+    assert interop.run_parity is interop.parity.run_parity and interop.ParityConfig is interop.parity.ParityConfig
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        interop.nope  # noqa: B018
 
 
 def test_enable_x64_helper_toggles_and_restores():
@@ -171,7 +205,7 @@ def test_cpu_slice_with_unaligned_offset_is_copied_by_jax():
     array = to_jax(unaligned)
     assert ptr(array) != unaligned.data_ptr()
     np.testing.assert_array_equal(np.asarray(array), np.arange(1, 9, dtype=np.float32))
-    with pytest.raises(ValueError, match="not aligned"):
+    with pytest.raises(ValueError, match="not 64-byte aligned"):
         to_jax(unaligned, copy=False)
 
 
@@ -183,6 +217,56 @@ def test_tensor_that_requires_grad_is_detached_and_still_aliased():
     assert weight.requires_grad and weight.grad is None
     non_leaf = weight * 2
     np.testing.assert_array_equal(np.asarray(to_jax(non_leaf)), non_leaf.detach().numpy())
+
+
+# --- which cases copy: copy=None shares exactly when copy=False succeeds ------------------------
+
+_STORAGE = torch.arange(80, dtype=torch.float32)  # torch's CPU allocations start 64-byte aligned
+COPY_CASES = {
+    # name: (tensor maker, allow_narrowing, the reason copy=False gives, or None: aliased)
+    "contiguous": (lambda: torch.arange(12, dtype=torch.float32), False, None),
+    "aligned-slice": (lambda: _STORAGE.clone()[16:24], False, None),  # 64-byte offset
+    "requires-grad": (lambda: torch.nn.Parameter(torch.ones(6)), False, None),
+    "strided": (lambda: torch.arange(24, dtype=torch.float32).reshape(3, 8)[:, ::2], False, "not contiguous"),
+    "negated": (lambda: torch.arange(6, dtype=torch.float32)._neg_view(), False, "negated view"),
+    "unaligned-slice": (lambda: _STORAGE.clone()[1:9], False, "is not 64-byte aligned"),
+    "int64-narrowed": (lambda: torch.arange(6), False, "int64 is narrowed to int32"),
+    "float64-narrowed": (lambda: torch.arange(6, dtype=torch.float64), True, "float64 is narrowed to float32"),
+}
+
+
+@pytest.mark.parametrize("case", COPY_CASES.values(), ids=COPY_CASES.keys())
+def test_copy_false_refuses_exactly_the_cases_that_copy_and_names_why(case):
+    make, allow_narrowing, reason = case
+    tensor = make()
+    if reason is None:
+        array = to_jax(tensor, allow_narrowing=allow_narrowing, copy=False)
+        assert ptr(array) == tensor.data_ptr()
+    else:
+        with pytest.raises(ValueError, match=f"copy=False, but a copy is needed because .*{reason}"):
+            to_jax(tensor, allow_narrowing=allow_narrowing, copy=False)
+
+
+@pytest.mark.parametrize("case", COPY_CASES.values(), ids=COPY_CASES.keys())
+def test_in_place_update_shows_through_exactly_when_aliased(case):
+    make, allow_narrowing, reason = case
+    tensor = make()
+    array = to_jax(tensor, allow_narrowing=allow_narrowing)
+    independent = to_jax(tensor, allow_narrowing=allow_narrowing, copy=True)
+    before = np.asarray(array).copy()
+    with torch.no_grad():
+        tensor.add_(1)
+    np.testing.assert_array_equal(np.asarray(independent), before)  # copy=True: never shared
+    shared = (ptr(array) == tensor.data_ptr()) and not np.array_equal(np.asarray(array), before)
+    assert shared == (reason is None)
+
+
+def test_unaligned_cpu_slice_message_says_how_far_off_and_what_to_do():
+    storage = torch.arange(80, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"not 64-byte aligned \(4 bytes past a boundary.*t\.clone\(\)"):
+        to_jax(storage[1:9], copy=False)
+    aligned_copy = storage[1:9].clone()
+    assert ptr(to_jax(aligned_copy, copy=False)) == aligned_copy.data_ptr()
 
 
 # --- 64-bit dtypes -----------------------------------------------------------------------------

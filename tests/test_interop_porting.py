@@ -1,7 +1,8 @@
 """interop.porting: torch_heads <-> jax_heads weight porting.
 
 Round trips give bit-identical weights, ported heads compute the same outputs within
-``PARITY_FLOAT32``, and any configuration mismatch raises before anything is copied.
+``PARITY_FLOAT32``, and any error (a configuration mismatch, a parameter without values, a
+narrowing that would create infinities) raises before anything is copied.
 """
 
 from __future__ import annotations
@@ -240,3 +241,112 @@ def test_non_heads_are_type_errors():
         port_torch_to_flax(torch.nn.Linear(H, 5), flax_head)
     with pytest.raises(TypeError, match="flax_module must be a jax_heads head .* got Linear"):
         port_flax_to_torch(nnx.Linear(H, 5, rngs=nnx.Rngs(0)), torch_head)
+
+
+# --- atomic ports: on any error the destination is untouched --------------------------------------
+
+
+def flax_values(module) -> list[np.ndarray]:
+    return [np.array(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+
+
+def assert_flax_unchanged(module, before: list[np.ndarray]) -> None:
+    after = flax_values(module)
+    assert len(after) == len(before)
+    for old, new in zip(before, after):
+        np.testing.assert_array_equal(old, new)
+
+
+def assert_torch_unchanged(module, before: dict[str, torch.Tensor]) -> None:
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_torch_to_flax_with_a_split_on_the_meta_device_writes_nothing():
+    torch_head, flax_head = make_pair("SplitLanguageModellingHead")
+    torch_head.lm_head["special"].to("meta")  # the second split: the first would be written first
+    before = flax_values(flax_head)
+    with pytest.raises(ValueError, match=r"torch lm_head\.special\.weight is on the meta device and holds no values"):
+        port_torch_to_flax(torch_head, flax_head)
+    assert_flax_unchanged(flax_head, before)
+
+
+def test_flax_to_torch_with_a_deleted_kernel_writes_nothing():
+    torch_head, flax_head = make_pair("SplitLanguageModellingHead")
+    flax_head.lm_head["special"].kernel[...].delete()
+    before = torch_weights(torch_head)
+    with pytest.raises(ValueError, match=r"flax array for lm_head\.special\.weight has been deleted"):
+        port_flax_to_torch(flax_head, torch_head)
+    assert_torch_unchanged(torch_head, before)
+
+
+def test_flax_to_torch_into_a_split_on_the_meta_device_writes_nothing():
+    torch_head, flax_head = make_pair("SplitTokenEmbeddings")
+    torch_head.token_embedding["special"].to("meta")
+    text_before = torch_head.token_embedding["text"].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"token_embedding\.special\.weight is on the meta device and cannot hold"):
+        port_flax_to_torch(flax_head, torch_head)
+    assert torch.equal(torch_head.token_embedding["text"].weight, text_before)
+
+
+def _narrowing_pair(direction: str, wide: str, narrow: str):
+    """``(source, destination)`` LM heads: the source ``wide`` with 3 values of 1e5 in its second split."""
+    torch_dtypes = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
+    torch.manual_seed(0)
+    torch_dtype = torch_dtypes[wide if direction == "torch_to_flax" else narrow]
+    torch_head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H).to(torch_dtype)
+    flax_dtype = jnp.dtype(narrow if direction == "torch_to_flax" else wide)  # float32 or float16
+    flax_head = jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, rngs=nnx.Rngs(1), param_dtype=flax_dtype)
+    if direction == "torch_to_flax":
+        with torch.no_grad():
+            torch_head.lm_head["special"].weight[0, :3] = 1e5 if narrow == "float16" else 1e300
+        return torch_head, flax_head
+    kernel = flax_head.lm_head["special"].kernel
+    kernel[...] = kernel[...].at[:3, 0].set(1e5)
+    return flax_head, torch_head
+
+
+@pytest.mark.parametrize("direction", ["torch_to_flax", "flax_to_torch"])
+def test_narrowing_into_infinities_is_refused_with_the_count(direction):
+    source, destination = _narrowing_pair(direction, "float32", "float16")
+    port = port_torch_to_flax if direction == "torch_to_flax" else port_flax_to_torch
+    before = flax_values(destination) if direction == "torch_to_flax" else torch_weights(destination)
+    with pytest.raises(
+        ValueError,
+        match=r"lm_head\.special\.weight would hold 3 non-finite value\(s\) that the source does not: "
+        r"float16 cannot represent magnitudes up to 100000",
+    ):
+        port(source, destination)
+    if direction == "torch_to_flax":
+        assert_flax_unchanged(destination, before)
+    else:
+        assert_torch_unchanged(destination, before)
+
+
+def test_float64_to_float32_past_its_range_is_refused():
+    source, destination = _narrowing_pair("torch_to_flax", "float64", "float32")
+    before = flax_values(destination)
+    with pytest.raises(ValueError, match=r"3 non-finite value\(s\) .* float32 cannot represent magnitudes up to 1e\+3"):
+        port_torch_to_flax(source, destination)
+    assert_flax_unchanged(destination, before)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_flax", "flax_to_torch"])
+def test_non_finite_values_the_source_holds_are_ported_as_they_are(direction):
+    torch_head, flax_head = make_pair("SplitLanguageModellingHead")
+    special = [np.nan, np.inf, -np.inf]
+    if direction == "torch_to_flax":
+        with torch.no_grad():
+            torch_head.lm_head["special"].weight[:, 0] = torch.tensor(special)
+        flax16 = jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, rngs=nnx.Rngs(1), param_dtype=jnp.float16)
+        port_torch_to_flax(torch_head, flax16)
+        ported = np.asarray(flax16.lm_head["special"].kernel[...], np.float64)[0]
+    else:
+        kernel = flax_head.lm_head["special"].kernel
+        kernel[...] = kernel[...].at[0, :].set(jnp.array(special))
+        torch16 = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H).half()
+        port_flax_to_torch(flax_head, torch16)
+        ported = torch16.lm_head["special"].weight[:, 0].detach().double().numpy()
+    np.testing.assert_array_equal(ported, special)

@@ -273,6 +273,12 @@ BAD_CONFIGS = [
     ("SplitLanguageModellingHead", ({"a": 3}, ["a"], -1)),
     ("SplitTokenEmbeddings", ([("a", 3)], ["a"], H)),
     ("SplitTokenEmbeddings", ({"a": True}, ["a"], H)),
+    # split names neither framework may hold: one check (heads_common.check_split_name), one message
+    *(
+        (name, ({"a": 3, split: 2}, ["a", split], H))
+        for name in ("SplitLanguageModellingHead", "SplitTokenEmbeddings")
+        for split in ("a.b", "", "training", "keys", "sow", "_x", 7)
+    ),
 ]
 
 
@@ -285,6 +291,54 @@ def test_config_errors_mirror_torch(name, args):
         getattr(jax_heads, name)(*args, rngs=nnx.Rngs(0))
     assert type(jax_error.value) is type(torch_error.value)
     assert str(jax_error.value) == str(torch_error.value)
+
+
+def test_reserved_split_names_cover_every_nnx_dict_attribute():
+    from heads_common import RESERVED_SPLIT_NAMES
+
+    public = {name for name in dir(nnx.Dict()) if not name.startswith("_")}
+    assert public <= RESERVED_SPLIT_NAMES, sorted(public - RESERVED_SPLIT_NAMES)
+
+
+def test_unusual_split_names_that_both_frameworks_hold_are_accepted():
+    names = ["a-b", "1x", "é", "with space", "Training"]
+    head = SplitLanguageModellingHead(dict.fromkeys(names, 2), names, H, rngs=nnx.Rngs(0))
+    assert list(head.lm_head) == names and head.weight().shape == (10, H)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param({"impl": "bogus"}, r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\)",
+                     id="impl-bogus"),
+        pytest.param({"impl": "cce"}, r"impl must be None or one of .*, got 'cce'", id="impl-torch-only"),
+        pytest.param({"impl": "fused"}, "impl='fused' cannot run in the head: .* reduction 'sum' or 'mean'",
+                     id="impl-fused"),
+        pytest.param({"interpret": True}, "interpret=True applies to impl='pallas' only, got impl=None",
+                     id="interpret-without-pallas"),
+    ],
+)
+def test_lm_head_checks_impl_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SplitLanguageModellingHead({"a": 3}, ["a"], H, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_vocab_parallel_lm_head_checks_impl_against_the_per_shard_ones():
+    parallel = dict(rngs=nnx.Rngs(0), mesh=jax.make_mesh((1,), ("vocab",)), vocab_axis="vocab")
+    with pytest.raises(ValueError, match=r"one of \('pallas', 'chunked', 'reference'\), got 'fused'"):
+        SplitLanguageModellingHead({"a": 3}, ["a"], H, impl="fused", **parallel)
+    assert SplitLanguageModellingHead({"a": 3}, ["a"], H, impl="chunked", **parallel).impl == "chunked"
+
+
+def test_unknown_impl_message_is_the_same_text_in_both_frameworks():
+    import torch_heads
+
+    with pytest.raises(ValueError) as torch_error:
+        torch_heads.SplitLanguageModellingHead({"a": 3}, ["a"], H, impl="bogus")
+    with pytest.raises(ValueError) as jax_error:
+        SplitLanguageModellingHead({"a": 3}, ["a"], H, rngs=nnx.Rngs(0), impl="bogus")
+    # Each lists its own registry; the sentence around the list is the same.
+    assert [str(e.value).split("(")[0] for e in (torch_error, jax_error)] == ["impl must be None or one of "] * 2
 
 
 def test_forward_errors_mirror_torch():

@@ -71,3 +71,55 @@ def test_module_entry_point_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "PASS" in result.stdout and "float64 ground truth" in result.stderr
+
+
+BAD_NUMBERS = {
+    "batch-negative": (["--batch", "-1"], "argument --batch: must be an integer >= 1, got -1"),
+    "batch-zero": (["--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+    "batch-not-int": (["--batch", "2.5"], "argument --batch: expected an integer, got '2.5'"),
+    "seq-negative": (["--seq", "-3"], "argument --seq: must be an integer >= 1, got -3"),
+    "hidden-size-zero": (["--hidden-size", "0"], "argument --hidden-size: must be an integer >= 1, got 0"),
+    "seed-negative": (["--seed", "-1"], "argument --seed: must be an integer in [0, 9223372036854775807], got -1"),
+    "seed-too-big": (["--seed", str(2**64)], "argument --seed: must be an integer in [0, 9223372036854775807]"),
+    "ignore-fraction-above-1": (["--ignore-fraction", "1.5"], "argument --ignore-fraction: must be in [0, 1], got 1.5"),
+    "ignore-fraction-negative": (["--ignore-fraction", "-0.1"], "argument --ignore-fraction: must be in [0, 1]"),
+    "ignore-fraction-nan": (["--ignore-fraction", "nan"], "argument --ignore-fraction: must be in [0, 1], got nan"),
+    "split-size-zero": (["--splits", "a=0"], "argument --splits: split_vocab_size['a'] must be positive, got 0"),
+    "split-size-negative": (["--splits", "a=3,b=-2"], "argument --splits: split_vocab_size['b'] must be positive"),
+    "split-name": (["--splits", "a.b=3"], "argument --splits: split name 'a.b' cannot be used"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_NUMBERS.values(), ids=BAD_NUMBERS.keys())
+def test_cli_out_of_range_numbers_are_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].startswith(f"python -m interop.parity: error: {message}")
+
+
+def test_module_entry_point_out_of_range_batch_exits_2_without_a_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "interop.parity", "--batch", "-1"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        "python -m interop.parity: error: argument --batch: must be an integer >= 1, got -1"
+    )
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("batch", -1, ValueError, "batch must be positive, got -1"),
+        ("seq", 0, ValueError, "seq must be positive, got 0"),
+        ("hidden_size", 2.0, TypeError, "hidden_size must be an int"),
+        ("seed", -1, ValueError, r"seed must be an int in \[0, 2\*\*63 - 1\], got -1"),
+        ("ignore_fraction", 1.5, ValueError, r"ignore_fraction must be a number in \[0, 1\], got 1.5"),
+    ],
+)
+def test_run_parity_checks_its_numbers_first(field, value, error, match):
+    with pytest.raises(error, match=match):
+        run_parity(ParityConfig(**{**SMALL, field: value}))

@@ -202,6 +202,42 @@ def test_ignore_index_must_fit_the_labels_dtype(framework):
         fn(*args, to_framework(framework, labels, "int32"), ignore_index=too_big)
 
 
+INTEGRAL_IGNORE = {
+    "numpy-int64": lambda fw: np.int64(2),
+    "numpy-uint8": lambda fw: np.uint8(2),
+    "numpy-0d": lambda fw: np.array(2, np.int16),
+    "framework-0d": lambda fw: to_framework(fw, np.array(2), "int32"),
+}
+NOT_INTEGRAL_IGNORE = {
+    "bool": lambda fw: True,
+    "numpy-bool": lambda fw: np.bool_(True),
+    "framework-bool": lambda fw: to_framework(fw, np.array(True), "bool"),
+    "float": lambda fw: 2.0,
+    "numpy-float": lambda fw: np.float32(2),
+    "one-element-1d": lambda fw: to_framework(fw, np.array([2]), "int32"),
+    "string": lambda fw: "2",
+}
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_ignore_index_accepts_any_integral_scalar(framework):
+    """``np.int64(2)``, a 0-d integer array or tensor: the same loss as the int 2; bools and
+    anything else are a TypeError with the same text in both frameworks."""
+    hidden, weight, _, _ = inputs(6, 4, 5, seed=7)
+    labels = np.array([0, 2, 1, 3, 2, 4])
+    fn = FRAMEWORKS[framework].linear_cross_entropy
+    args = (*(to_framework(framework, x, "float32") for x in (hidden, weight)), to_framework(framework, labels, "int32"))
+    expected = as_float64(fn(*args, ignore_index=2))
+    assert expected[1] == expected[4] == 0 and np.all(expected[[0, 2, 3, 5]] > 0)
+    for make in INTEGRAL_IGNORE.values():
+        np.testing.assert_array_equal(as_float64(fn(*args, ignore_index=make(framework))), expected)
+    for make in NOT_INTEGRAL_IGNORE.values():
+        value = make(framework)
+        assert raised(lambda: fn(*args, ignore_index=value)) == (
+            TypeError, f"ignore_index must be an int (or an integer scalar), got {value!r}"
+        )
+
+
 # --- shapes and dtypes -----------------------------------------------------------------------------
 
 

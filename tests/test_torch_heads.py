@@ -358,6 +358,59 @@ def test_bad_split_config(cls, vocab, order, error, match):
         cls(vocab, order, HIDDEN)
 
 
+BAD_SPLIT_NAMES = {
+    "dotted": ("a.b", "contains '.'"),
+    "empty": ("", "is empty"),
+    "training": ("training", "is an attribute of the containers"),  # nn.ModuleDict: "already exists"
+    "method": ("keys", "is an attribute of the containers"),  # nnx.Dict: would shadow keys()
+    "flax-only": ("sow", "is an attribute of the containers"),
+    "private": ("_modules", "starts with '_'"),
+}
+
+
+@pytest.mark.parametrize("cls", SPLIT_HEADS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name, why", BAD_SPLIT_NAMES.values(), ids=BAD_SPLIT_NAMES.keys())
+def test_bad_split_name_is_a_value_error_naming_it(cls, name, why):
+    """One check (``heads_common.check_split_name``), never nn.ModuleDict's ``KeyError``."""
+    with pytest.raises(ValueError, match=rf"^split name {name!r} cannot be used: it {why}"):
+        cls({"text": 5, name: 2}, ["text", name], HIDDEN)
+
+
+def test_unusual_split_names_that_both_frameworks_hold_are_accepted():
+    names = ["a-b", "1x", "é", "with space", "Training"]
+    head = SplitLanguageModellingHead(dict.fromkeys(names, 2), names, HIDDEN)
+    assert [key.split(".")[1] for key in head.state_dict()] == names
+
+
+def test_reserved_split_names_cover_every_module_dict_attribute():
+    from heads_common import RESERVED_SPLIT_NAMES
+
+    public = {name for name in dir(nn.ModuleDict()) if not name.startswith("_")}
+    assert public <= RESERVED_SPLIT_NAMES, sorted(public - RESERVED_SPLIT_NAMES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param({"impl": "bogus"}, ValueError, r"impl must be None or one of \('cce', 'chunked'", id="impl-bogus"),
+        pytest.param({"impl": 3}, ValueError, "impl must be None or one of", id="impl-int"),
+        pytest.param({"filter_eps": 5.0}, ValueError, r"filter_eps must be in \(0, 1\), got 5.0", id="eps-5"),
+        pytest.param({"filter_eps": 0.0}, ValueError, r"filter_eps must be in \(0, 1\)", id="eps-0"),
+        pytest.param({"filter_eps": "none"}, TypeError, "filter_eps must be 'auto', None or a float", id="eps-str"),
+    ],
+)
+def test_lm_head_checks_impl_and_filter_eps_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SplitLanguageModellingHead({"a": 3}, ["a"], HIDDEN, **kwargs)
+
+
+@pytest.mark.parametrize("impl", [None, "chunked", "reference", "cce", "pallas"])
+def test_lm_head_accepts_every_registered_impl_at_construction(impl):
+    # cce and pallas need CUDA: construction accepts them, the first forward says why they cannot run.
+    head = SplitLanguageModellingHead({"a": 3}, ["a"], HIDDEN, impl=impl, filter_eps=None)
+    assert head.impl == impl
+
+
 @pytest.mark.parametrize(
     "make, error, match",
     [

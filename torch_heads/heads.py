@@ -17,11 +17,12 @@ from heads_common import (
     check_dropout,
     check_filter_eps,
     check_hidden_size,
+    check_impl_name,
     check_mask_shape,
     check_split_config,
     token_id_range_message,
 )
-from torch_heads.functional import linear_cross_entropy, select_implementation
+from torch_heads.functional import IMPLEMENTATIONS, linear_cross_entropy, select_implementation
 from torch_heads.parallel import (
     check_parallel_impl,
     select_parallel_implementation,
@@ -179,6 +180,10 @@ class SplitLanguageModellingHead(nn.Module):
     ``state_dict`` keys: ``lm_head.<split>.weight`` ``(V_split, H)`` (the rank's rows of it, with
     ``vocab_parallel_group``).
 
+    Raises (at construction, with the same text as ``jax_heads``): ``ValueError``/``TypeError`` for
+    a bad split configuration or split name (``heads_common.check_split_name``), an unknown
+    ``impl`` (listing the known ones) or an out-of-range ``filter_eps``.
+
     Example:
         >>> head = SplitLanguageModellingHead({"text": 1000, "special": 4}, ["text", "special"], 64)
         >>> loss = head(torch.randn(2, 8, 64), torch.randint(0, 1004, (2, 8)))  # (2, 8) float32
@@ -208,9 +213,12 @@ class SplitLanguageModellingHead(nn.Module):
         self.filter_eps = filter_eps
         self._group = vocab_parallel_group
         self._vocab_range = (0, self._layout.total)
-        if vocab_parallel_group is not None:
-            self._vocab_range = _group_shard(vocab_parallel_group, self._layout.total)
+        if vocab_parallel_group is None:
+            check_impl_name(impl, IMPLEMENTATIONS)
+            check_filter_eps(filter_eps)
+        else:
             _check_parallel_options(impl, filter_eps)
+            self._vocab_range = _group_shard(vocab_parallel_group, self._layout.total)
         rows = {name: stop - start for name, (start, stop) in zip(self._layout.order, self._split_rows())}
         with _quiet_empty_init():
             self.lm_head: Mapping[str, nn.Linear] = nn.ModuleDict(

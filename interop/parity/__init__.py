@@ -29,7 +29,7 @@ from flax import nnx
 
 import jax_heads
 import torch_heads
-from heads_common import LM_IGNORE_INDEX, check_split_config
+from heads_common import LM_IGNORE_INDEX, check_hidden_size, check_split_config
 from heads_common.tolerances import PARITY_FLOAT32, TOLERANCES, rel_err
 from interop.dlpack import to_jax
 from interop.porting import port_torch_to_flax
@@ -179,9 +179,15 @@ def run_parity(config: ParityConfig = ParityConfig(), progress: Callable[[str], 
 
     Returns:
         A :class:`ParityReport`; ``report.passed`` is False if any judged output is out of bounds.
+
+    Raises:
+        TypeError, ValueError: a field of ``config`` is out of range (sizes below 1, a negative
+            seed, ``ignore_fraction`` outside [0, 1], a bad split) or names an unknown dtype,
+            device or implementation.
     """
     start = time.perf_counter()
     say = progress or (lambda _msg: None)
+    _check_numbers(config)
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
     device = _resolve_device(config.device)
@@ -242,6 +248,18 @@ def run_parity(config: ParityConfig = ParityConfig(), progress: Callable[[str], 
             for name, a, b in zip(names, results[left], results[right]):
                 checks.append(_check(left, right, name, a, b, PARITY_FLOAT32 if judged else None))
     return ParityReport(config=config, device=device, checks=checks, seconds=time.perf_counter() - start)
+
+
+def _check_numbers(config: ParityConfig) -> None:
+    """The numeric fields are in range: sizes >= 1, a 64-bit seed >= 0, ``ignore_fraction`` in [0, 1]."""
+    for name in ("batch", "seq", "hidden_size"):
+        check_hidden_size(getattr(config, name), name)
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+    fraction = config.ignore_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"ignore_fraction must be a number in [0, 1], got {fraction!r}")
 
 
 def _check(left, right, output, value, truth, bound) -> Check:

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from heads_common import check_split_config
+
 DESCRIPTION = """\
 Check that the PyTorch and Flax language-modelling heads compute the same loss and gradients.
 
@@ -22,11 +24,44 @@ reference.
 """
 
 
+SEED_MAX = 2**63 - 1  # torch's and JAX's seeds are 64-bit
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse ``type`` for an integer in ``[low, high]`` (no upper bound for None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            wanted = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {wanted}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _splits(text: str) -> tuple[tuple[str, int], ...]:
     try:
         pairs = tuple((name, int(size)) for name, size in (item.split("=") for item in text.split(",")))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected NAME=SIZE[,NAME=SIZE...], got {text!r}") from None
+    try:
+        check_split_config(dict(pairs), [name for name, _ in pairs])
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return pairs
 
 
@@ -38,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m interop.parity", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--batch", type=int, default=2, help="batch size B (default 2)")
-    p.add_argument("--seq", type=int, default=61, help="sequence length S (default 61)")
-    p.add_argument("--hidden-size", type=int, default=288, help="hidden size H (default 288)")
+    p.add_argument("--batch", type=_int_in(1), default=2, help="batch size B >= 1 (default 2)")
+    p.add_argument("--seq", type=_int_in(1), default=61, help="sequence length S >= 1 (default 61)")
+    p.add_argument("--hidden-size", type=_int_in(1), default=288, help="hidden size H >= 1 (default 288)")
     p.add_argument(
         "--splits", type=_splits, default=(("text", 32_000), ("special", 3)),
         help="vocabulary splits in order, NAME=SIZE,... (default text=32000,special=3)",
@@ -49,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-impls", type=_impls, default=None, help="comma-separated, e.g. cce,chunked (default: all that run)")
     p.add_argument("--jax-impls", type=_impls, default=None, help="comma-separated, e.g. pallas,chunked (default: all that run)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ignore-fraction", type=float, default=0.2, help="share of labels set to the ignore index")
+    p.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help="in [0, 2**63 - 1] (default 0)")
+    p.add_argument(
+        "--ignore-fraction", type=_fraction, default=0.2, help="share of labels set to the ignore index, in [0, 1]"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
