@@ -23,15 +23,7 @@ REDUCTIONS = ("none", "sum", "mean")
 # refuse all of them, so a head builds, and ports, in either. The head tests check that this covers
 # every such attribute of the installed torch and Flax.
 RESERVED_SPLIT_NAMES = frozenset(
-    """T_destination add_module apply bfloat16 buffers call_super_init children clear compile cpu cuda double
-    dump_patches eval extra_repr float forward get get_buffer get_extra_state get_parameter get_submodule half ipu
-    items iter_children iter_modules keys load_state_dict modules mtia named_buffers named_children named_modules
-    named_parameters parameters perturb pop popitem register_backward_hook register_buffer register_forward_hook
-    register_forward_pre_hook register_full_backward_hook register_full_backward_pre_hook
-    register_load_state_dict_post_hook register_load_state_dict_pre_hook register_module register_parameter
-    register_state_dict_post_hook register_state_dict_pre_hook requires_grad_ set_attributes set_extra_state
-    set_submodule setdefault share_memory sow state_dict to to_empty train training type update values xpu
-    zero_grad""".split()
+    ["T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "clear", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get", "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "items", "iter_children", "iter_modules", "keys", "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "perturb", "pop", "popitem", "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_attributes", "set_extra_state", "set_submodule", "setdefault", "share_memory", "sow", "state_dict", "to", "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad"]
 )
 
 
@@ -211,11 +203,6 @@ def check_filter_eps(filter_eps: object) -> float | str | None:
     return float(filter_eps)
 
 
-def no_implementation_message(reasons: Mapping[str, str]) -> str:
-    lines = "; ".join(f"{name}: {why}" for name, why in reasons.items())
-    return f"no linear_cross_entropy implementation supports these inputs ({lines})"
-
-
 def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
     return f"impl must be None or one of {tuple(known)}, got {impl!r}"
 
@@ -239,34 +226,3 @@ def check_interpret(interpret: object, impl: object, check_impl: Callable[[objec
         check_impl(impl)
     if interpret and impl != "pallas":
         raise ValueError(f"interpret=True applies to impl='pallas' only, got impl={impl!r}")
-
-
-def choose_implementation(
-    impl: str | None, known: Sequence[str], auto_order: Sequence[str], reason_for: Callable[[str], str | None]
-) -> str:
-    """The registry dispatch both frameworks share.
-
-    Args:
-        impl: the caller's choice, or None for the first of ``auto_order`` that can run.
-        known: every registered implementation name.
-        auto_order: candidates for ``impl=None``, best first.
-        reason_for: ``name -> None`` if that implementation can run on the inputs, else why not.
-
-    Raises:
-        ValueError: an unknown ``impl``; a named ``impl`` that cannot run (saying why); with
-            ``impl=None``, no candidate that can run (listing each one's reason).
-    """
-    if impl is None:
-        reasons = {}
-        for name in auto_order:
-            reason = reason_for(name)
-            if reason is None:
-                return name
-            reasons[name] = reason
-        raise ValueError(no_implementation_message(reasons))
-    if impl not in known:
-        raise ValueError(unknown_impl_message(impl, known))
-    reason = reason_for(impl)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} cannot run on these inputs: {reason}")
-    return impl

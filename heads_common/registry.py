@@ -12,6 +12,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from heads_common import check_impl_name
+
 
 @dataclass(frozen=True)
 class LossOptions:
@@ -103,10 +105,6 @@ def no_implementation_message(reasons: dict[str, str]) -> str:
     return f"no linear_cross_entropy implementation supports these inputs ({lines})"
 
 
-def unknown_impl_message(impl: object, known: Sequence[str]) -> str:
-    return f"impl must be None or one of {tuple(known)}, got {impl!r}"
-
-
 class Registry:
     """Implementations by name, and the one dispatch rule.
 
@@ -133,8 +131,7 @@ class Registry:
 
     def check_name(self, impl: object) -> None:
         """Raise ``ValueError`` for an ``impl`` that is neither None nor a registered name."""
-        if impl is not None and impl not in self._by_name:
-            raise ValueError(unknown_impl_message(impl, self.names))
+        check_impl_name(impl, self.names)
 
     def supporting(self, option: str) -> tuple[str, ...]:
         """The implementations that support the loss option ``option``."""
