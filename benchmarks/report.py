@@ -367,7 +367,8 @@ def render(bench: dict, sweep: dict | None, parallel: dict | None, sweep_png: st
         from benchmarks.vocab_parallel_gpu import markdown as parallel_markdown
 
         body = parallel_markdown(parallel).splitlines()
-        lines += ["## Two GPUs: vocabulary-parallel", "", *body[2:]]
+        notes = [f"- {note}" for note in parallel["env"].get("notes", [])]
+        lines += ["## Two GPUs: vocabulary-parallel", "", *body[2:], "", *notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
