@@ -34,15 +34,32 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    IGNORE, IGNORED_FRACTION, PEAKED_TOP_PROB, REGIMES, SLOW_ITERS, SLOW_MS, WORKLOADS, Inputs, cuda_sync, environment,
-    git_commit, jax_sync, jax_temp_mb, make_inputs, mean_top_prob, read_json, rel, time_ms, torch_extra_memory_mb,
+    IGNORE,
+    IGNORED_FRACTION,
+    PEAKED_TOP_PROB,
+    REGIMES,
+    SLOW_ITERS,
+    SLOW_MS,
+    WORKLOADS,
+    Inputs,
+    cuda_sync,
+    environment,
+    git_commit,
+    jax_sync,
+    jax_temp_mb,
+    make_inputs,
+    mean_top_prob,
+    read_json,
+    rel,
+    time_ms,
+    torch_extra_memory_mb,
     write_json,
 )
 
@@ -113,7 +130,8 @@ def _liger(reduction):
 
 def _liger_cute_sm90():
     if torch.cuda.get_device_capability() != (9, 0):
-        raise Skipped(f"Liger's CuTe SM90 kernel needs compute capability 9.0, not {torch.cuda.get_device_capability()}")
+        capability = torch.cuda.get_device_capability()
+        raise Skipped(f"Liger's CuTe SM90 kernel needs compute capability 9.0, not {capability}")
     fn = _peer("liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90", "liger_fused_linear_cross_entropy_sm90")
     return lambda h, w, y: fn(h, w, y, ignore_index=IGNORE, reduction="mean")
 
@@ -365,7 +383,8 @@ def bench_regime(workload: str, n: int, d: int, v: int, regime: str, cases: list
         return []
     inputs = make_inputs(n, d, v, regime)
     top = mean_top_prob(inputs.hidden, inputs.weight)
-    print(f"\n== {workload} N={n} D={d} V={v} {regime} (hidden x{inputs.scale:.2f}, mean top prob {top:.3f})", flush=True)
+    print(f"\n== {workload} N={n} D={d} V={v} {regime} (hidden x{inputs.scale:.2f}, mean top prob {top:.3f})",
+          flush=True)
     ref = float32_reference(inputs) if args.errors else None
 
     def row(case: Case, **changes) -> Row:
@@ -425,7 +444,8 @@ def compare_trees(other: str, args) -> dict:
                 except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
                     result["errors"].append(f"{label} round {r}: {type(exc).__name__}: {exc}"[:400])
                     continue
-                result["rows"] += [{**row, "tree": label, "round": r} for row in child["rows"] if row["kind"] != "warmup"]
+                rows = [row for row in child["rows"] if row["kind"] != "warmup"]
+                result["rows"] += [{**row, "tree": label, "round": r} for row in rows]
                 result.setdefault("env", {})[label] = child["env"]
     return result
 

@@ -21,7 +21,8 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -173,7 +174,8 @@ def time_ms(fn: Callable[[], Any], *, sync: Callable[[Any], None], warmup: int =
     return Timing(statistics.median(samples), tuple(samples))
 
 
-def torch_extra_memory_mb(fn: Callable[[], Any], *, exclude_bytes: int = 0, device: torch.device | None = None) -> float:
+def torch_extra_memory_mb(fn: Callable[[], Any], *, exclude_bytes: int = 0,
+                          device: torch.device | None = None) -> float:
     """MiB that torch's allocator held at its peak during one call of ``fn`` beyond what it held before,
     less ``exclude_bytes`` (e.g. the gradients' own size). Memory of JAX's allocator is not seen."""
     torch.cuda.synchronize(device)

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         cuda_sync(step(h, w, y))
         first = time.perf_counter() - t0
-        steady = time_ms(lambda: step(h, w, y), sync=cuda_sync).median_ms
+        steady = time_ms(lambda h=h, w=w, y=y: step(h, w, y), sync=cuda_sync).median_ms
         row = {"shape": [n, d, v], "first_call_s": first, "steady_ms": steady}
         result["shapes"].append(row)
         print(row, flush=True)

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import os
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 from benchmarks.common import MIB, read_json
 
@@ -125,7 +125,8 @@ TARGETS = (
            1.0, 0.9),
     Target("`jax-pallas-mean` memory ≤ 1/3 of that peer's", "issue 16", _mean_memory_vs_peer, 1 / 3),
     Target("`jax-pallas-mean` extra memory ≤ 1 GiB", "issue 16", _memory_mib("jax-pallas-mean"), 1024, unit=" MiB"),
-    Target("forward ≤ 1.0× CCE's forward (stretch 0.85×)", "round one", _ratio("jax-pallas", "cce", "fwd_ms"), 1.0, 0.85),
+    Target("forward ≤ 1.0× CCE's forward (stretch 0.85×)", "round one", _ratio("jax-pallas", "cce", "fwd_ms"), 1.0,
+           0.85),
     Target("exact forward+backward ≤ 0.6× CCE exact (stretch 0.45×)", "round one",
            _ratio("jax-pallas", "cce-exact", "fwdbwd_ms"), 0.6, 0.45),
     Target("filtered forward+backward ≤ 1.0× CCE's default (near-uniform)", "round one",
@@ -268,7 +269,8 @@ def compare_table(compare: dict) -> list[str]:
     for r in compare["rows"]:
         for key in ("fwd_ms", "fwdbwd_ms"):
             if r.get(key):
-                times.setdefault((r["workload"], r["regime"], r["impl"], key), {}).setdefault(r["tree"], []).append(r[key])
+                per_tree = times.setdefault((r["workload"], r["regime"], r["impl"], key), {})
+                per_tree.setdefault(r["tree"], []).append(r[key])
     commits = compare.get("commits", {})
     lines = [
         f"This checkout (`{commits.get('this')}`) against `{compare['tree']}` (`{commits.get('other')}`), each timed "

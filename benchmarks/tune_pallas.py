@@ -19,9 +19,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax_heads.pallas import BlockSizes, pallas_loss  # noqa: E402
 
 from benchmarks.common import IGNORE, MIB, jax_sync, jax_temp_mb, make_inputs, time_ms  # noqa: E402
+from jax_heads.pallas import BlockSizes, pallas_loss  # noqa: E402
 
 # Changes from the default configuration, per group of BlockSizes (triton, backward, filtered), plus the
 # call options filter_eps and filter_separate_targets.
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
         try:
             loss = f(h, w)
             ref = loss if ref is None else ref
-            ms = time_ms(lambda: f(h, w), sync=jax_sync, iters=args.iters).median_ms
+            ms = time_ms(lambda f=f: f(h, w), sync=jax_sync, iters=args.iters).median_ms
             print(f"fwd {changes}: {ms:.2f} ms  {2 * n * d * v / ms / 1e9:.0f} TFLOP/s  rel-diff {_rel(loss, ref):.1e}",
                   flush=True)
         except Exception as exc:  # report and go on to the next configuration
@@ -93,8 +93,8 @@ def main(argv=None) -> None:
             temp = jax_temp_mb(g, h, w)
             dh, dw = g(h, w)
             ref = (dh, dw) if ref is None else ref
-            err = max(_rel(a, b) for a, b in zip((dh, dw), ref))
-            ms = time_ms(lambda: g(h, w), sync=jax_sync, iters=args.iters).median_ms
+            err = max(_rel(a, b) for a, b in zip((dh, dw), ref, strict=True))
+            ms = time_ms(lambda g=g: g(h, w), sync=jax_sync, iters=args.iters).median_ms
             print(f"fwd+bwd {changes}: {ms:.2f} ms  {8 * n * d * v / ms / 1e9:.0f} TFLOP/s  temp {temp:.0f} MiB  "
                   f"grad rel-diff {err:.1e}", flush=True)
         except Exception as exc:

@@ -44,7 +44,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    IGNORE, cuda_sync, environment, jax_sync, make_inputs, no_sync, rel, time_ms, torch_extra_memory_mb, write_json,
+    IGNORE,
+    cuda_sync,
+    environment,
+    jax_sync,
+    make_inputs,
+    no_sync,
+    rel,
+    time_ms,
+    torch_extra_memory_mb,
+    write_json,
 )
 
 WORLD = 2
@@ -299,8 +308,8 @@ def run_jax(args, report) -> None:
                 _cross_framework(args, report, loss2, dh2, dw2, to64)
             del dh1, dw1, dh2, dw2
             if p.name == "main":
-                single_row["fwdbwd_ms"] = _time_jax(lambda: single(h1, w1, y1), args)
-                row["fwdbwd_ms"] = _time_jax(lambda: sharded(hs, ws, ys), args)
+                single_row["fwdbwd_ms"] = _time_jax(lambda a=(h1, w1, y1): single(*a), args)
+                row["fwdbwd_ms"] = _time_jax(lambda a=(hs, ws, ys): sharded(*a), args)
         except Exception as exc:
             row["errors"].append(f"{type(exc).__name__}: {exc}"[:400])
             traceback.print_exc()
@@ -368,7 +377,8 @@ def _main_rows(report) -> list[dict]:
     sharded = [r for r in report["torch_sharded"] if r["problem"] == "main"]
     for impl in dict.fromkeys(r["impl"] for r in sharded):
         ranks = [r for r in sharded if r["impl"] == impl]
-        merged = {"part": "torch-2gpu", "problem": "main", "impl": impl, "errors": sum((r["errors"] for r in ranks), [])}
+        errors = sum((r["errors"] for r in ranks), [])
+        merged = {"part": "torch-2gpu", "problem": "main", "impl": impl, "errors": errors}
         for key in ("fwdbwd_ms", "extra_mb", "err_loss", "err_dh", "err_dw"):
             values = [r[key] for r in ranks if r.get(key) is not None]
             merged[key] = max(values) if len(values) == WORLD else None
@@ -390,7 +400,8 @@ def markdown(report) -> str:
         "Extra MB: torch's allocator peak during the step beyond what existed before it (gradients included; "
         "the Pallas kernels' temporaries live in JAX's allocator and are not counted).",
         "",
-        "| part | impl | devices | fwd+bwd ms | speed-up | TFLOP/s (all devices) | extra MB/device (torch) | err loss | err dh | err dw |",
+        "| part | impl | devices | fwd+bwd ms | speed-up | TFLOP/s (all devices) | extra MB/device (torch) "
+        "| err loss | err dh | err dw |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = _main_rows(report)
@@ -399,8 +410,8 @@ def markdown(report) -> str:
         single = r["part"].endswith(("1gpu", "1dev"))
         framework = r["part"].split("-")[0]
         base = next(
-            (b.get("fwdbwd_ms") for b in rows if b["part"].startswith(framework) and b["part"].endswith(("1gpu", "1dev"))
-             and b["impl"] == "pallas"),
+            (b.get("fwdbwd_ms") for b in rows
+             if b["part"].startswith(framework) and b["part"].endswith(("1gpu", "1dev")) and b["impl"] == "pallas"),
             None,
         )
         err = f" ({'; '.join(r['errors'])[:80]})" if r["errors"] else ""
