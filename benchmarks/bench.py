@@ -19,8 +19,8 @@ torch's matmul on preallocated outputs: one ``N×D·D×V`` product for the forwa
 recomputing kernel (8·N·D·V) for forward+backward.
 
 ``--compare-tree PATH`` times the headline rows (``jax-pallas``, ``torch_heads-pallas``, both workloads
-and regimes) of this checkout and of the one at PATH, each in a subprocess running this script with
-that checkout's packages first on its path, and stores them under the key ``compare``.
+and regimes) of this checkout and of the one at PATH in the same run (``benchmarks/compare.py``) and
+stores them under the key ``compare``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ import argparse
 import dataclasses
 import importlib
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -51,22 +49,20 @@ from benchmarks.common import (  # noqa: E402
     Inputs,
     cuda_sync,
     environment,
-    git_commit,
     jax_sync,
     jax_temp_mb,
     make_inputs,
     mean_top_prob,
-    read_json,
     rel,
     time_ms,
     torch_extra_memory_mb,
     write_json,
 )
+from benchmarks.compare import compare_trees  # noqa: E402
 
 FORMAT = 2  # of the JSON written here (benchmarks/report.py reads it)
 SWEEP_VOCABS = (32_768, 65_536, 131_072, 262_144)
 FILTER_EPS = 2.0**-12  # cut-cross-entropy's "auto" for bfloat16: finfo(bfloat16).eps / 32
-HEADLINE = ("torch_heads-pallas", "jax-pallas")
 QUICK = ("floor", "torch_heads-pallas", "torch_heads-pallas-mean", "cce", "cce-exact", "liger-cute-sm90-mean",
          "quack-mean", "jax-pallas", "jax-pallas-mean", "jax-pallas-filtered", "jax-fused-sum")
 SWEEP = ("floor", "torch-materialised", "cce", "cce-exact", "liger-none", "liger-sum", "liger-cute-sm90-mean",
@@ -397,57 +393,6 @@ def bench_regime(workload: str, n: int, d: int, v: int, regime: str, cases: list
     del inputs, ref
     torch.cuda.empty_cache()
     return rows
-
-
-# ------------------------------------------------------------------------------------------
-# the same headline rows from another checkout, in subprocesses
-# ------------------------------------------------------------------------------------------
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _package_shim(tree: str, folder: str) -> str:
-    """A folder of links to ``tree``'s top-level packages (not its benchmarks or tests): put first on
-    a child's path, it makes the child import the library from ``tree`` and this script from here."""
-    os.makedirs(folder)
-    for name in sorted(os.listdir(tree)):
-        if name not in ("benchmarks", "tests") and os.path.isfile(os.path.join(tree, name, "__init__.py")):
-            os.symlink(os.path.join(tree, name), os.path.join(folder, name))
-    return folder
-
-
-def compare_trees(other: str, args) -> dict:
-    """The headline rows of this checkout and of ``other``, alternating (this, other, other, this, ...)
-    over ``--compare-rounds`` rounds; every child is this script with the same timing options."""
-    trees = {"this": REPO, "other": os.path.abspath(other)}
-    result = {"tree": trees["other"], "commits": {k: git_commit(p) for k, p in trees.items()},
-              "rounds": args.compare_rounds, "impls": list(HEADLINE), "rows": [], "errors": []}
-    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    with tempfile.TemporaryDirectory() as tmp:
-        shims = {label: _package_shim(path, os.path.join(tmp, label)) for label, path in trees.items()}
-        for r in range(args.compare_rounds):
-            for label in ("this", "other") if r % 2 == 0 else ("other", "this"):
-                out = os.path.join(tmp, f"{label}-{r}.json")
-                cmd = [sys.executable, "-m", "benchmarks.bench", "--impls", ",".join(HEADLINE), "--no-errors",
-                       "--workloads", ",".join(WORKLOADS), "--regimes", ",".join(REGIMES),
-                       "--iters", str(args.iters), "--warmup", str(args.warmup), "--out", out]
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([shims[label], REPO, *inherited])}
-                print(f"\n== compare: {label} tree ({trees[label]}), round {r}", flush=True)
-                try:
-                    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
-                                          timeout=args.compare_timeout)
-                    print(proc.stdout[-4000:], proc.stderr[-2000:], flush=True)
-                    if proc.returncode:
-                        result["errors"].append(f"{label} round {r}: exit {proc.returncode}: {proc.stderr[-400:]}")
-                    child = read_json(out)
-                except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-                    result["errors"].append(f"{label} round {r}: {type(exc).__name__}: {exc}"[:400])
-                    continue
-                rows = [row for row in child["rows"] if row["kind"] != "warmup"]
-                result["rows"] += [{**row, "tree": label, "round": r} for row in rows]
-                result.setdefault("env", {})[label] = child["env"]
-    return result
 
 
 # ------------------------------------------------------------------------------------------
