@@ -7,6 +7,7 @@ is recorded as a skipped row with the reason):
     python -m benchmarks.bench --quick --out /tmp/quick.json                     # headline rows, Gemma-2, ~1 min
     python -m benchmarks.bench --workloads none --sweep --out docs/bench-h200-sweep.json
     python -m benchmarks.bench --workloads none --compare-tree ../before --out /tmp/compare.json
+    python -m benchmarks.bench --merge gemma.json llama.json --out docs/bench-h200.json     # one file from parts
     python -m benchmarks.report                                                  # docs/benchmarks.md from the JSON
 
 Per workload and data regime, each row gives the forward and forward+backward time (``common.time_ms``:
@@ -53,6 +54,8 @@ from benchmarks.common import (  # noqa: E402
     jax_temp_mb,
     make_inputs,
     mean_top_prob,
+    merge_results,
+    read_json,
     rel,
     time_ms,
     torch_extra_memory_mb,
@@ -423,7 +426,12 @@ def main(argv=None) -> int:
     p.add_argument("--compare-tree", metavar="PATH", help="also time the headline rows of the checkout at PATH")
     p.add_argument("--compare-rounds", type=int, default=2, help="alternating rounds of --compare-tree (default 2)")
     p.add_argument("--compare-timeout", type=int, default=400, help="seconds per --compare-tree child")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no timing: merge result files of one session (e.g. "
+                   "one workload per GPU) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        write_json(args.out, merge_results([read_json(path) for path in args.merge]))
+        return 0
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     if args.iters < 10:
@@ -438,7 +446,7 @@ def main(argv=None) -> int:
 
     method = {"iters": args.iters, "warmup": args.warmup, "slow_ms": SLOW_MS, "slow_iters": SLOW_ITERS,
               "ignored_fraction": IGNORED_FRACTION, "peaked_top_prob": PEAKED_TOP_PROB, "errors": args.errors,
-              "quick": args.quick}
+              "quick": args.quick, "workloads": workloads + (["sweep"] if args.sweep else []), "regimes": regimes}
     record = {"format": FORMAT, "env": environment(method=method), "rows": []}
     print(record["env"], flush=True)
     t0 = time.perf_counter()

@@ -262,3 +262,17 @@ def write_json(path: str, record: dict) -> None:
 def read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def merge_results(records: list[dict]) -> dict:
+    """One result from several ``bench.py`` files of one session (e.g. one workload per GPU, run at the
+    same time): their rows in order, the first file's environment with every file's in ``env["parts"]``,
+    and the first ``compare`` block found. Ratios stay within a workload and regime, hence within a part."""
+    if not records:
+        raise ValueError("merge_results needs at least one result")
+    merged = {"format": records[0]["format"], "env": {**records[0]["env"], "parts": [r["env"] for r in records]},
+              "rows": [row for r in records for row in r["rows"]]}
+    compare = next((r["compare"] for r in records if r.get("compare")), None)
+    if compare is not None:
+        merged["compare"] = compare
+    return merged

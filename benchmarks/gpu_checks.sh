@@ -12,7 +12,9 @@
 #             site does not.
 #   tests     the GPU tests: pytest -m "gpu and not large", then -m "gpu and large"
 #   bench     python -m benchmarks.bench, both workloads and regimes -> OUTDIR/bench-h200.json, and
-#             OUTDIR/benchmarks.md rendered from it (with OUTDIR/bench-h200-sweep.json if the sweep ran first)
+#             OUTDIR/benchmarks.md rendered from it (with OUTDIR/bench-h200-sweep.json if the sweep ran first).
+#             With two GPUs visible, one workload per GPU at the same time (the whole run takes longer than
+#             one device call allows), merged into one file; with one, the workloads one after the other.
 #   sweep     the vocabulary sweep -> OUTDIR/bench-h200-sweep.json
 #   quick     python -m benchmarks.bench --quick -> OUTDIR/bench-quick.json (its wall time: the ~1 min check)
 #   compare   the headline rows of this tree and of the checkout at COMPARE_TREE, in the same run
@@ -21,12 +23,13 @@
 #   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas
 #   parallel  the 2-GPU vocabulary-parallel parity and timing -> OUTDIR/vocab_parallel/
 #
-# Environment: GPU (default 0) is the GPU of every target but parallel (CUDA_VISIBLE_DEVICES); STEP_LIMIT
-# (default 570) the seconds each step may run; WORKERS (default 4) the pytest-xdist workers of `tests` where
-# xdist is installed. Each step writes OUTDIR/STEP.log and a line to OUTDIR/timeline.txt (exit status, wall
-# time), so one failure or overrun does not lose the others. Two GPUs at once, e.g.:
+# Environment: GPU (default 0) is the GPU of every target except parallel and a two-GPU bench
+# (CUDA_VISIBLE_DEVICES); STEP_LIMIT (default 570) the seconds each step may run; WORKERS (default 4) the
+# pytest-xdist workers of `tests` where xdist is installed. Each step writes OUTDIR/STEP.log and a line to
+# OUTDIR/timeline.txt (exit status, wall time), so one failure or overrun does not lose the others; the call
+# exits with 1 if any of its steps failed. Two one-GPU lists at once, e.g.:
 #
-#   GPU=0 bash benchmarks/gpu_checks.sh out/0 bench & GPU=1 bash benchmarks/gpu_checks.sh out/1 sweep tests & wait
+#   GPU=0 bash benchmarks/gpu_checks.sh out/0 quick tune & GPU=1 bash benchmarks/gpu_checks.sh out/1 sweep tests & wait
 set -u
 usage() { sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//; /^set -u/d' >&2; exit 2; }
 [ $# -ge 2 ] || usage
@@ -41,6 +44,7 @@ mkdir -p "$out"
 site=${PEER_SITE:-/tmp/site}
 limit=${STEP_LIMIT:-570}
 start=$(date +%s)
+seen=$(cat "$out/timeline.txt" 2> /dev/null | wc -l)  # lines of earlier calls into the same OUTDIR
 stamp() { echo "$(( $(date +%s) - start )) s: $*" | tee -a "$out/timeline.txt"; }
 
 # step NAME CMD...: CMD with at most $limit seconds, output in OUTDIR/NAME.log.
@@ -90,12 +94,27 @@ one_gpu() {
       step tests python -m pytest -m "gpu and not large" -q -p no:cacheprovider -rfE ${xdist[@]+"${xdist[@]}"}
       step tests-large python -m pytest -m "gpu and large" -q -p no:cacheprovider -rfE ;;
     bench)
-      step bench python -m benchmarks.bench --out "$out/bench-h200.json" &&
+      local wl parts=() gpus
+      gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
+      for wl in gemma2-2b llama3-8b; do
+        parts+=("$out/bench-$wl.json")
+        if [ "$gpus" -ge 2 ]; then
+          ( export CUDA_VISIBLE_DEVICES=$(( ${#parts[@]} - 1 ))
+            step "bench-$wl" python -m benchmarks.bench --workloads "$wl" --out "$out/bench-$wl.json" ) &
+        else
+          step "bench-$wl" python -m benchmarks.bench --workloads "$wl" --out "$out/bench-$wl.json"
+        fi
+      done
+      wait
+      step bench-merge python -m benchmarks.bench --merge "${parts[@]}" --out "$out/bench-h200.json" &&
         report "$out/bench-h200.json" "$out/benchmarks.md" ;;
     sweep) step sweep python -m benchmarks.bench --workloads none --sweep --out "$out/bench-h200-sweep.json" ;;
     quick) step quick python -m benchmarks.bench --quick --out "$out/bench-quick.json" ;;
     compare)
-      if [ -z "${COMPARE_TREE:-}" ]; then stamp "compare: set COMPARE_TREE to the checkout to compare with"; return 2; fi
+      if [ -z "${COMPARE_TREE:-}" ]; then
+        stamp "compare rc=2: set COMPARE_TREE to the checkout to compare with"
+        return 2
+      fi
       step compare python -m benchmarks.bench --workloads none --compare-tree "$COMPARE_TREE" \
         --out "$out/compare.json" && report "$out/compare.json" "$out/compare.md" ;;
     tune)
@@ -117,3 +136,5 @@ for target in "$@"; do
   fi
 done
 stamp done
+# The exit status: 1 if any step of this call failed.
+! tail -n +"$(( seen + 1 ))" "$out/timeline.txt" | grep -q ' rc=[1-9]'

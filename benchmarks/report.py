@@ -325,6 +325,11 @@ def method_text(method: dict) -> list[str]:
     ]
 
 
+def _part_text(part: dict) -> str:
+    what = ", ".join(part["method"].get("workloads") or []) or "the comparison of checkouts"
+    return f"{what} on GPU {part.get('CUDA_VISIBLE_DEVICES')}, started {part.get('started_utc')}"
+
+
 def render(bench: dict, sweep: dict | None, parallel: dict | None, sweep_png: str | None, sources: list[str]) -> str:
     env = bench["env"]
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
@@ -339,6 +344,9 @@ def render(bench: dict, sweep: dict | None, parallel: dict | None, sweep_png: st
         "table (the same run) are compared.",
         "",
     ]
+    if env.get("parts"):
+        parts = "; ".join(_part_text(part) for part in env["parts"])
+        lines += [f"Measured in parts, one process each: {parts}.", ""]
     if env.get("notes"):
         lines += [f"- {note}" for note in env["notes"]] + [""]
     groups = group_rows(bench["rows"])
