@@ -1,512 +1,471 @@
-"""GPU benchmark: every linear cross-entropy implementation of both frameworks, one process, same inputs.
+"""GPU benchmark: every linear cross-entropy implementation of both frameworks, one process, the same inputs.
 
-Usage (on a CUDA machine; cut-cross-entropy and, optionally, liger-kernel importable):
+Usage, from the repository root on a CUDA machine (peers importable where wanted; a peer that is not
+is recorded as a skipped row with the reason):
 
-    python benchmarks/bench.py --quick --out results/          # Gemma-2 shape, one regime, < 2 min
-    python benchmarks/bench.py --out results/                  # both workloads, both regimes, sweep
+    python -m benchmarks.bench --out docs/bench-h200.json                        # both workloads and regimes
+    python -m benchmarks.bench --quick --out /tmp/quick.json                     # headline rows, Gemma-2, ~1 min
+    python -m benchmarks.bench --workloads none --sweep --out docs/bench-h200-sweep.json
+    python -m benchmarks.bench --workloads none --compare-tree ../before --out /tmp/compare.json
+    python -m benchmarks.bench --merge gemma.json llama.json --out docs/bench-h200.json     # one file from parts
+    python -m benchmarks.report                                                  # docs/benchmarks.md from the JSON
 
-For each workload and data regime it reports forward and forward+backward time (median of
-``--iters`` after ``--warmup``; host clock around a device-synchronised call, for both frameworks), TFLOP/s on the
-2·N·D·V (forward) and 8·N·D·V (forward+backward) convention, peak extra memory, and the relative
-error (in norm) of the loss and both gradients against a float32 reference. Writes ``bench.json``,
-``benchmarks.md`` and (with matplotlib) ``sweep.png`` under ``--out``.
+Per workload and data regime, each row gives the forward and forward+backward time (``common.time_ms``:
+median of ``--iters`` after ``--warmup``), the extra memory (torch rows: the allocator's peak during the
+call beyond what existed before it and beyond the gradients; JAX rows: the compiled program's temporary
+buffers), and the relative error of the loss and both gradients against a float32 reference. The rows
+of a regime are preceded by a throwaway warm-up row (the first case timed once more, kept in the JSON
+with kind ``warmup``). The ``floor`` row times the bf16 products that the algorithm cannot avoid with
+torch's matmul on preallocated outputs: one ``N×D·D×V`` product for the forward, the four products of a
+recomputing kernel (8·N·D·V) for forward+backward.
 
-Memory: torch rows give ``max_memory_allocated`` during the call minus what was allocated before it
-and minus the gradients' own size; JAX rows give the compiled program's temporary buffer size
-(``memory_analysis().temp_size_in_bytes``), which is what the call needs beyond inputs and outputs.
+``--compare-tree PATH`` times the headline rows (``jax-pallas``, ``torch_heads-pallas``, both workloads
+and regimes) of this checkout and of the one at PATH in the same run (``benchmarks/compare.py``) and
+stores them under the key ``compare``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import dataclasses
+import importlib
 import os
-import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (  # noqa: E402
+    IGNORE,
+    IGNORED_FRACTION,
+    PEAKED_TOP_PROB,
+    REGIMES,
+    SLOW_ITERS,
+    SLOW_MS,
+    WORKLOADS,
+    Inputs,
+    cuda_sync,
+    environment,
+    jax_sync,
+    jax_temp_mb,
+    make_inputs,
+    mean_top_prob,
+    merge_results,
+    read_json,
+    rel,
+    time_ms,
+    torch_extra_memory_mb,
+    write_json,
+)
+from benchmarks.compare import compare_trees  # noqa: E402
 
-import jax_heads.functional as jax_lce  # noqa: E402
-from jax_heads import pallas_lce  # noqa: E402
-import torch_heads  # noqa: E402
-
-IGNORE = -100
-WORKLOADS = {
-    "gemma2-2b": (8192, 2304, 256_000),
-    "llama3-8b": (8192, 4096, 128_256),
-}
+FORMAT = 2  # of the JSON written here (benchmarks/report.py reads it)
 SWEEP_VOCABS = (32_768, 65_536, 131_072, 262_144)
-# --quick: the headline rows only (our kernels from both frameworks and the peers).
-QUICK_IMPLS = ("cce", "cce-exact", "torch_heads-cce", "torch_heads-pallas", "liger-none", "liger-sum", "jax-pallas",
-               "jax-pallas-triton-fwd",
-               "jax-pallas-filtered", "jax-pallas-filtered-in-tiles", "jax-fused-sum")
-# Exact fallbacks whose time does not depend on the data: timed in the first regime of a workload only.
-DATA_INDEPENDENT = {"torch-chunked", "jax-chunked", "jax-reference", "torch-materialised", "jax-materialised"}
 FILTER_EPS = 2.0**-12  # cut-cross-entropy's "auto" for bfloat16: finfo(bfloat16).eps / 32
+QUICK = ("floor", "torch_heads-pallas", "torch_heads-pallas-mean", "cce", "cce-exact", "liger-cute-sm90-mean",
+         "quack-mean", "jax-pallas", "jax-pallas-mean", "jax-pallas-filtered", "jax-fused-sum")
+SWEEP = ("floor", "torch-materialised", "cce", "cce-exact", "liger-none", "liger-sum", "liger-cute-sm90-mean",
+         "quack-mean", "jax-pallas", "jax-pallas-mean", "jax-fused-sum")
 
 
-@dataclass
-class Row:
-    workload: str
-    regime: str
-    impl: str
-    n: int
-    d: int
-    v: int
-    fwd_ms: float | None = None
-    fwdbwd_ms: float | None = None
-    fwd_tflops: float | None = None
-    fwdbwd_tflops: float | None = None
-    extra_mem_mb: float | None = None
-    err_loss: float | None = None
-    err_dh: float | None = None
-    err_dw: float | None = None
-    note: str = ""
-    errors: list = field(default_factory=list)
+class Skipped(Exception):
+    """A case that cannot run here (its package is not importable, or the card is not the one it needs)."""
 
 
 # ------------------------------------------------------------------------------------------
-# inputs
+# the cases: name -> how to build its loss function
 # ------------------------------------------------------------------------------------------
 
 
-def make_inputs(n, d, v, regime, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.randn(n, d, device="cuda", generator=g)
-    w = torch.randn(v, d, device="cuda", generator=g) * (d**-0.5) * 0.5
-    y = torch.randint(0, v, (n,), device="cuda", generator=g)
-    y[torch.rand(n, device="cuda", generator=g) < 0.1] = IGNORE
-    scale = 1.0
-    if regime == "peaked":
-        scale = _scale_for_top_prob(h[:256], w, target=0.15)
-    h = (h * scale).bfloat16()
-    return h.contiguous(), w.bfloat16().contiguous(), y, scale
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of each regime.
+
+    ``build(inputs)`` returns the loss function (torch: ``(hidden, weight, labels) -> loss``; JAX:
+    ``(hidden, weight) -> loss`` over ``inputs.jax()``'s labels) or raises :class:`Skipped`. ``kind``:
+    ``ours``, ``peer``, ``baseline`` or ``floor``. ``data_independent`` cases (exact fallbacks whose
+    time does not depend on the data) run in the first regime of a workload only.
+    """
+
+    name: str
+    framework: str
+    kind: str
+    reduction: str
+    build: Callable
+    data_independent: bool = False
 
 
-def _top_prob(h, w, scale):
-    return torch.softmax((h * scale) @ w.T, dim=-1).max(dim=-1).values.mean().item()
-
-
-def _scale_for_top_prob(h, w, target):
-    lo, hi = 1.0, 256.0
-    for _ in range(30):
-        mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if _top_prob(h, w, mid) < target else (lo, mid)
-    return (lo * hi) ** 0.5
-
-
-def mean_top_prob(h, w):
-    return _top_prob(h[:512].float(), w.float(), 1.0)
-
-
-def float32_reference(h, w, y):
-    """Exact float32 loss and gradients (tf32 off), through our chunked path (bounded memory)."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+def _peer(module: str, name: str):
+    """``module.name`` of a peer package, or :class:`Skipped` with the reason it cannot be imported."""
     try:
-        hf = h.float().requires_grad_()
-        wf = w.float().requires_grad_()
-        loss = torch_heads.linear_cross_entropy(hf, wf, y, impl="chunked")
-        loss.backward(torch.ones_like(loss))
-        return loss.detach(), hf.grad, wf.grad
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        return getattr(importlib.import_module(module), name)
+    except Exception as exc:  # ImportError, or a CUDA / DSL mismatch raised while importing
+        raise Skipped(f"{module}.{name} not importable: {type(exc).__name__}: {exc}"[:300]) from None
 
 
-def rel(a, b):
-    a = a.float()
-    b = b.float()
-    return ((a - b).norm() / b.norm()).item()
+def _materialised(h, w, y):
+    return torch.nn.functional.cross_entropy((h @ w.T).float(), y, ignore_index=IGNORE, reduction="none")
 
 
-# ------------------------------------------------------------------------------------------
-# implementations: each returns (fwd() -> loss, fwdbwd() -> (loss, dh, dw)) over torch inputs
-# ------------------------------------------------------------------------------------------
+def _torch_heads(**options):
+    import torch_heads
+
+    return lambda h, w, y: torch_heads.linear_cross_entropy(h, w, y, **options)
 
 
-def torch_impls(h, w, y):
-    def lce(fn, reduction="none"):
-        def fwd():
-            with torch.no_grad():
-                return fn(h, w, y)
-
-        def fwdbwd():
-            hh = h.detach().requires_grad_()
-            ww = w.detach().requires_grad_()
-            loss = fn(hh, ww, y)
-            if reduction == "none":
-                loss.backward(torch.ones_like(loss))
-            else:
-                loss.backward()
-            return loss.detach(), hh.grad, ww.grad
-
-        return fwd, fwdbwd
-
-    impls = {}
-
-    def materialised(hh, ww, yy):
-        return torch.nn.functional.cross_entropy((hh @ ww.T).float(), yy, ignore_index=IGNORE, reduction="none")
-
-    impls["torch-materialised"] = lce(materialised)
-    impls["torch-chunked"] = lce(lambda a, b, c: torch_heads.linear_cross_entropy(a, b, c, impl="chunked"))
-    # Our Pallas kernels called from torch through interop (zero-copy DLPack): its overhead against
-    # "jax-pallas" is the ≤5% target. Its extra-memory figure counts torch allocations only; the
-    # kernels' temporaries live in JAX's allocator (about those of the "jax-pallas" row).
-    impls["torch_heads-pallas"] = lce(lambda a, b, c: torch_heads.linear_cross_entropy(a, b, c, impl="pallas"))
-    try:
-        from cut_cross_entropy import linear_cross_entropy as cce
-
-        impls["cce"] = lce(lambda a, b, c: cce(a, b, c, reduction="none"))
-        impls["cce-exact"] = lce(lambda a, b, c: cce(a, b, c, reduction="none", filter_eps=None))
-        impls["cce-torch_compile"] = lce(lambda a, b, c: cce(a, b, c, reduction="none", impl="torch_compile"))
-        impls["torch_heads-cce"] = lce(lambda a, b, c: torch_heads.linear_cross_entropy(a, b, c, impl="cce"))
-        impls["torch_heads-cce-exact"] = lce(
-            lambda a, b, c: torch_heads.linear_cross_entropy(a, b, c, impl="cce", filter_eps=None)
-        )
-    except ImportError as exc:
-        print(f"cut_cross_entropy not importable: {exc}")
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
-
-        impls["liger-none"] = lce(lambda a, b, c: liger(a, b, c, reduction="none"))
-        impls["liger-sum"] = lce(lambda a, b, c: liger(a, b, c, reduction="sum"), reduction="sum")
-    except ImportError as exc:
-        print(f"liger_kernel not importable: {exc}")
-    return impls
+def _cce(**options):
+    cce = _peer("cut_cross_entropy", "linear_cross_entropy")
+    return lambda h, w, y: cce(h, w, y, **options)
 
 
-def jax_impls(h, w, y):
-    jh, jw, jy = (jax.dlpack.from_dlpack(t.detach()) for t in (h, w, y.int()))
-    impls = {"jax-materialised": _jax_impl(_jax_materialised(jy), jh, jw)}
-    for name in ("reference", "chunked", "pallas"):
-        impls[f"jax-{name}"] = _jax_impl(lambda a, b, name=name: jax_lce.linear_cross_entropy(a, b, jy, impl=name), jh, jw)
-    # "jax-pallas" takes the Mosaic GPU forward on a Hopper card (forward_kernel="auto"); this row
-    # keeps the Triton forward, for the ratio between the two in the same run.
-    triton_fwd = pallas_lce.BlockSizes(forward_kernel="triton")
-    impls["jax-pallas-triton-fwd"] = _jax_impl(
-        lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, block_sizes=triton_fwd), jh, jw
-    )
-    # Gradient filtering at cut-cross-entropy's default threshold for bf16 (its "cce" row): our rule
-    # (targets outside the tiles, the default), and CCE's own rule (a tile with a target is kept).
-    impls["jax-pallas-filtered"] = _jax_impl(
-        lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, filter_eps=FILTER_EPS), jh, jw
-    )
-    impls["jax-pallas-filtered-in-tiles"] = _jax_impl(
-        lambda a, b: pallas_lce.pallas_loss(a, b, jy, IGNORE, filter_eps=FILTER_EPS, filter_separate_targets=False),
-        jh, jw,
-    )
-    # Gradients formed in the forward (6·N·D·V, reduction sum), Liger's schedule in XLA: the
-    # like-for-like peer of "liger-sum"; its memory is a 512 MiB logits chunk + a float32 V×D accumulator.
-    impls["jax-fused-sum"] = _jax_impl(
-        lambda a, b: jax_lce.linear_cross_entropy(a, b, jy, impl="fused", reduction="sum"), jh, jw
-    )
-    return impls
+def _liger(reduction):
+    liger = _peer("liger_kernel.transformers.functional", "liger_fused_linear_cross_entropy")
+    return lambda h, w, y: liger(h, w, y, reduction=reduction)
 
 
-def _jax_materialised(jy):
+def _liger_cute_sm90():
+    if torch.cuda.get_device_capability() != (9, 0):
+        capability = torch.cuda.get_device_capability()
+        raise Skipped(f"Liger's CuTe SM90 kernel needs compute capability 9.0, not {capability}")
+    fn = _peer("liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90", "liger_fused_linear_cross_entropy_sm90")
+    return lambda h, w, y: fn(h, w, y, ignore_index=IGNORE, reduction="mean")
+
+
+def _quack():
+    fn = _peer("quack.linear_cross_entropy", "chunked_linear_cross_entropy")
+    return lambda h, w, y: fn(h, w, y, ignore_index=IGNORE, reduction="mean")
+
+
+def _jax_heads(inputs, **options):
+    import jax_heads
+
+    jy = inputs.jax()[2]
+    return lambda a, b: jax_heads.linear_cross_entropy(a, b, jy, **options)
+
+
+def _jax_pallas(inputs, *, forward_kernel="auto", **options):
+    from jax_heads.pallas import BlockSizes, pallas_loss
+
+    jy, config = inputs.jax()[2], BlockSizes(forward_kernel=forward_kernel)
+    return lambda a, b: pallas_loss(a, b, jy, IGNORE, config=config, **options)
+
+
+def _jax_materialised(inputs):
     """What a plain JAX user writes: bf16 logits at default precision, log-softmax in float32."""
+    import jax
+    import jax.numpy as jnp
 
-    def loss_fn(a, b):
+    jy = inputs.jax()[2]
+
+    def loss(a, b):
         logits = (a @ b.T).astype(jnp.float32)
         valid = jy != IGNORE
         target = jnp.take_along_axis(logits, jnp.where(valid, jy, 0)[:, None], axis=1)[:, 0]
         return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
 
-    return loss_fn
+    return loss
 
 
-def _jax_impl(loss_fn, jh, jw):
+CASES = [
+    Case("floor", "floor", "floor", "none", lambda inputs: None),
+    Case("torch-materialised", "torch", "baseline", "none", lambda _: _materialised, data_independent=True),
+    Case("torch-chunked", "torch", "baseline", "none", lambda _: _torch_heads(impl="chunked"), data_independent=True),
+    # Our kernels called from torch through DLPack; their temporaries live in JAX's allocator, so the
+    # memory column counts torch's allocations only.
+    Case("torch_heads-pallas", "torch", "ours", "none", lambda _: _torch_heads(impl="pallas")),
+    Case("torch_heads-pallas-mean", "torch", "ours", "mean", lambda _: _torch_heads(impl="pallas", reduction="mean")),
+    Case("torch_heads-cce", "torch", "ours", "none", lambda _: _torch_heads(impl="cce")),
+    Case("torch_heads-cce-exact", "torch", "ours", "none", lambda _: _torch_heads(impl="cce", filter_eps=None)),
+    Case("cce", "torch", "peer", "none", lambda _: _cce(reduction="none")),
+    Case("cce-exact", "torch", "peer", "none", lambda _: _cce(reduction="none", filter_eps=None)),
+    Case("cce-torch_compile", "torch", "peer", "none", lambda _: _cce(reduction="none", impl="torch_compile")),
+    Case("cce-torch_compile-mean", "torch", "peer", "mean", lambda _: _cce(reduction="mean", impl="torch_compile")),
+    Case("liger-none", "torch", "peer", "none", lambda _: _liger("none")),
+    Case("liger-sum", "torch", "peer", "sum", lambda _: _liger("sum")),
+    Case("liger-cute-sm90-mean", "torch", "peer", "mean", lambda _: _liger_cute_sm90()),
+    Case("quack-mean", "torch", "peer", "mean", lambda _: _quack()),
+    Case("jax-materialised", "jax", "baseline", "none", _jax_materialised, data_independent=True),
+    Case("jax-reference", "jax", "baseline", "none", lambda i: _jax_heads(i, impl="reference"), data_independent=True),
+    Case("jax-chunked", "jax", "baseline", "none", lambda i: _jax_heads(i, impl="chunked"), data_independent=True),
+    Case("jax-pallas", "jax", "ours", "none", lambda i: _jax_heads(i, impl="pallas")),
+    Case("jax-pallas-mean", "jax", "ours", "mean", lambda i: _jax_heads(i, impl="pallas", reduction="mean")),
+    # The default forward is Mosaic GPU on a Hopper card; this row keeps the Triton forward, for the ratio.
+    Case("jax-pallas-triton-fwd", "jax", "ours", "none", lambda i: _jax_pallas(i, forward_kernel="triton")),
+    # Gradient filtering at CCE's default threshold: our rule (targets outside the tiles) and CCE's own
+    # (a tile holding a target is kept).
+    Case("jax-pallas-filtered", "jax", "ours", "none", lambda i: _jax_pallas(i, filter_eps=FILTER_EPS)),
+    Case("jax-pallas-filtered-in-tiles", "jax", "ours", "none",
+         lambda i: _jax_pallas(i, filter_eps=FILTER_EPS, filter_separate_targets=False)),
+    # Gradients formed in the forward (6·N·D·V) in XLA products, Liger's schedule.
+    Case("jax-fused-sum", "jax", "ours", "sum", lambda i: _jax_heads(i, impl="fused", reduction="sum")),
+]
+CASE_NAMES = [c.name for c in CASES]
+
+
+# ------------------------------------------------------------------------------------------
+# runners: how each framework's case is called, synchronised, measured and checked
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runner:
+    fwd: Callable
+    fwdbwd: Callable
+    sync: Callable
+    memory_mb: Callable[[], float | None]
+    outputs: Callable[[], tuple] | None  # -> (loss, d_hidden, d_weight) as torch tensors
+
+
+def torch_runner(loss_fn, inputs: Inputs, reduction: str) -> Runner:
+    h, w, y = inputs.hidden, inputs.weight, inputs.labels
+
+    def fwd():
+        with torch.no_grad():
+            return loss_fn(h, w, y)
+
+    def fwdbwd():
+        hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss = loss_fn(hh, ww, y)
+        loss.backward(torch.ones_like(loss) if reduction == "none" else None)
+        return loss.detach(), hh.grad, ww.grad
+
+    grads_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
+    return Runner(fwd, fwdbwd, cuda_sync, lambda: torch_extra_memory_mb(fwdbwd, exclude_bytes=grads_bytes), fwdbwd)
+
+
+def jax_runner(loss_fn, inputs: Inputs, reduction: str) -> Runner:
+    del reduction  # the sum of a reduced loss is the loss itself
+    import jax
+    import jax.numpy as jnp
+
+    jh, jw, _ = inputs.jax()
     fwd_j = jax.jit(loss_fn)
     fwdbwd_j = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(loss_fn(a, b)), (0, 1)))
 
+    def outputs():
+        loss = torch.from_dlpack(fwd_j(jh, jw))
+        dh, dw = (torch.from_dlpack(t) for t in fwdbwd_j(jh, jw)[1])
+        return loss, dh, dw
+
+    return Runner(lambda: fwd_j(jh, jw), lambda: fwdbwd_j(jh, jw), jax_sync, lambda: jax_temp_mb(fwdbwd_j, jh, jw),
+                  outputs)
+
+
+def floor_runner(inputs: Inputs) -> Runner:
+    """The unavoidable bf16 products, torch matmul (cuBLAS) into preallocated outputs."""
+    h, w = inputs.hidden, inputs.weight
+    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+    dh, dw = torch.empty_like(h), torch.empty_like(w)
+
     def fwd():
-        return fwd_j(jh, jw).block_until_ready()
+        return torch.mm(h, w.T, out=logits)
 
     def fwdbwd():
-        _, (dh, dw) = fwdbwd_j(jh, jw)
-        dw.block_until_ready()
-        return dh, dw
+        torch.mm(h, w.T, out=logits)  # the forward's logits
+        torch.mm(h, w.T, out=logits)  # recomputed in the backward (the buffer stands in for the gradient logits G)
+        torch.mm(logits, w, out=dh)  # d_hidden = G W
+        torch.mm(logits.T, h, out=dw)  # d_weight = Gᵀ H
+        return dw
 
-    return fwd, fwdbwd, fwdbwd_j, (jh, jw)
+    return Runner(fwd, fwdbwd, cuda_sync, lambda: None, None)
+
+
+def make_runner(case: Case, inputs: Inputs) -> Runner:
+    if case.framework == "floor":
+        return floor_runner(inputs)
+    loss_fn = case.build(inputs)
+    return (torch_runner if case.framework == "torch" else jax_runner)(loss_fn, inputs, case.reduction)
 
 
 # ------------------------------------------------------------------------------------------
-# timing
+# one regime of one workload
 # ------------------------------------------------------------------------------------------
 
 
-SLOW_MS = 500.0  # a row slower than this (a fallback) is timed SLOW_ITERS times after one warm-up
-SLOW_ITERS = 3
+@dataclasses.dataclass
+class Row:
+    workload: str
+    regime: str
+    impl: str
+    kind: str
+    framework: str
+    reduction: str
+    n: int
+    d: int
+    v: int
+    dtype: str = "bfloat16"
+    top_prob: float | None = None
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    fwd_tflops: float | None = None  # on 2·N·D·V
+    fwdbwd_tflops: float | None = None  # on 8·N·D·V, whatever the algorithm does
+    extra_mem_mb: float | None = None  # MiB
+    err_loss: float | None = None
+    err_dh: float | None = None
+    err_dw: float | None = None
+    skipped: str | None = None
+    errors: list = dataclasses.field(default_factory=list)
 
 
-def time_torch(fn, warmup, iters):
-    fn()  # compiles (Triton autotuning, our JAX programs), so the slow-row probe sees a steady call
-    return _time(fn, torch.cuda.synchronize, warmup, iters)
+def float32_reference(inputs: Inputs):
+    """Exact float32 per-token loss and gradients of the sum (tf32 off), through the chunked path, and
+    the number of counted tokens."""
+    import torch_heads
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hf = inputs.hidden.float().requires_grad_()
+        wf = inputs.weight.float().requires_grad_()
+        loss = torch_heads.linear_cross_entropy(hf, wf, inputs.labels, impl="chunked")
+        loss.backward(torch.ones_like(loss))
+        return loss.detach(), hf.grad, wf.grad, int((inputs.labels != IGNORE).sum())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def time_jax(fn, warmup, iters):
-    fn()  # compiles
-    return _time(fn, lambda: None, warmup, iters)  # fn() blocks until its results are ready
+def check_errors(row: Row, outputs: tuple, ref: tuple) -> None:
+    """Relative errors against the reference; a ``mean`` row's loss and gradients are scaled by the
+    number of counted tokens, a ``sum`` row's loss compared with the reference's sum."""
+    loss, dh, dw = outputs
+    ref_loss, ref_dh, ref_dw, counted = ref
+    scale = counted if row.reduction == "mean" else 1
+    if row.reduction == "none":
+        row.err_loss = rel(loss, ref_loss)
+    else:
+        row.err_loss = rel(loss.float().reshape(1) * scale, ref_loss.sum().reshape(1))
+    row.err_dh = rel(dh.float() * scale, ref_dh)
+    row.err_dw = rel(dw.float() * scale, ref_dw)
 
 
-def _time(fn, sync, warmup, iters):
-    """Median wall time of ``fn(); sync()``, from an idle device: the same clock for both frameworks.
-
-    CUDA events would time only torch's stream, while JAX runs on its own streams; a host clock
-    around a synchronised call measures both the same way (launch latency included, ~0.1 ms).
-    """
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    if (time.perf_counter() - t0) * 1e3 > SLOW_MS:
-        warmup, iters = 0, min(iters, SLOW_ITERS)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def torch_extra_memory_mb(fn, grads_bytes):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return max(0, peak - grads_bytes) / 2**20
+def time_case(case: Case, inputs: Inputs, row: Row, ref, args) -> Row:
+    runner = None
+    try:
+        runner = make_runner(case, inputs)
+        timing = dict(warmup=args.warmup, iters=args.iters, slow_ms=SLOW_MS)
+        row.fwd_ms = time_ms(runner.fwd, sync=runner.sync, **timing).median_ms
+        row.fwdbwd_ms = time_ms(runner.fwdbwd, sync=runner.sync, **timing).median_ms
+        row.extra_mem_mb = runner.memory_mb()
+        if ref is not None and runner.outputs is not None:
+            check_errors(row, runner.outputs(), ref)
+    except Skipped as why:
+        row.skipped = str(why)
+    except Exception as exc:  # a failing case must not hide the others' figures
+        row.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        traceback.print_exc()
+    del runner
+    torch.cuda.empty_cache()
+    flops = 2 * row.n * row.d * row.v
+    row.fwd_tflops = flops / row.fwd_ms / 1e9 if row.fwd_ms else None
+    row.fwdbwd_tflops = 4 * flops / row.fwdbwd_ms / 1e9 if row.fwdbwd_ms else None
+    return _report(row)
 
 
-def _skip(name, names, regime, first_regime):
-    """Not asked for, or an exact fallback already timed in the workload's first regime."""
-    return bool(names) and name not in names or (name in DATA_INDEPENDENT and regime != first_regime)
+def _report(row: Row) -> Row:
+    def f(x, kind="f"):
+        return "-" if x is None else (f"{x:.2e}" if kind == "e" else f"{x:.1f}")
+
+    note = row.skipped or " ".join(row.errors)
+    print(f"  {row.impl:28s} fwd {f(row.fwd_ms)} ms  fwd+bwd {f(row.fwdbwd_ms)} ms  mem {f(row.extra_mem_mb)} MiB  "
+          f"err loss {f(row.err_loss, 'e')} dh {f(row.err_dh, 'e')} dw {f(row.err_dw, 'e')}  {note[:120]}", flush=True)
+    return row
 
 
-def loss_err(loss, ref_loss):
-    """Relative error of a per-token loss, or of a summed one (the ``*-sum`` rows) against the sum."""
-    if loss.ndim == 0:
-        return rel(loss.reshape(1), ref_loss.sum().reshape(1))
-    return rel(loss, ref_loss)
+def bench_regime(workload: str, n: int, d: int, v: int, regime: str, cases: list[Case], args,
+                 first_regime: bool) -> list[Row]:
+    cases = [c for c in cases if first_regime or not c.data_independent]
+    if not cases:
+        return []
+    inputs = make_inputs(n, d, v, regime)
+    top = mean_top_prob(inputs.hidden, inputs.weight)
+    print(f"\n== {workload} N={n} D={d} V={v} {regime} (hidden x{inputs.scale:.2f}, mean top prob {top:.3f})",
+          flush=True)
+    ref = float32_reference(inputs) if args.errors else None
 
+    def row(case: Case, **changes) -> Row:
+        fields = dict(impl=case.name, kind=case.kind, framework=case.framework, reduction=case.reduction)
+        return Row(workload, regime, **{**fields, **changes}, n=n, d=d, v=v, top_prob=top)
 
-def bench_workload(workload, n, d, v, regime, args, names=None, first_regime="uniform"):
-    rows = []
-    h, w, y, scale = make_inputs(n, d, v, regime)
-    top = mean_top_prob(h, w)
-    print(f"\n== {workload} N={n} D={d} V={v} regime={regime} (hidden x{scale:.2f}, mean top prob {top:.3f})", flush=True)
-    ref = float32_reference(h, w, y) if args.errors else None
-    grads_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
-    flops_f, flops_fb = 2 * n * d * v, 8 * n * d * v
-
-    for name, (fwd, fwdbwd) in torch_impls(h, w, y).items():
-        if _skip(name, names, regime, first_regime) or (name == "cce-torch_compile" and args.quick):
-            continue
-        row = Row(workload, regime, name, n, d, v)
-        try:
-            row.fwd_ms = time_torch(fwd, args.warmup, args.iters)
-            row.fwdbwd_ms = time_torch(fwdbwd, args.warmup, args.iters)
-            row.extra_mem_mb = torch_extra_memory_mb(fwdbwd, grads_bytes)
-            if ref is not None:
-                loss, dh, dw = fwdbwd()
-                row.err_loss, row.err_dh, row.err_dw = loss_err(loss, ref[0]), rel(dh, ref[1]), rel(dw, ref[2])
-                del loss, dh, dw
-        except Exception as exc:  # a failing peer must not hide the others' figures
-            row.errors.append(f"{type(exc).__name__}: {exc}"[:300])
-            traceback.print_exc()
-        torch.cuda.empty_cache()
-        rows.append(_finish(row, flops_f, flops_fb))
-
-    for name, (fwd, fwdbwd, fwdbwd_j, jargs) in jax_impls(h, w, y).items():
-        if _skip(name, names, regime, first_regime) or (name == "jax-chunked" and n * v > 2**31 // 2 and args.quick):
-            continue
-        row = Row(workload, regime, name, n, d, v)
-        try:
-            row.fwd_ms = time_jax(fwd, args.warmup, args.iters)
-            row.fwdbwd_ms = time_jax(fwdbwd, args.warmup, args.iters)
-            row.extra_mem_mb = fwdbwd_j.lower(*jargs).compile().memory_analysis().temp_size_in_bytes / 2**20
-            if ref is not None:
-                loss = torch.from_dlpack(fwd())
-                dh, dw = (torch.from_dlpack(t) for t in fwdbwd())
-                row.err_loss, row.err_dh, row.err_dw = loss_err(loss, ref[0]), rel(dh, ref[1]), rel(dw, ref[2])
-                del loss, dh, dw
-        except Exception as exc:
-            row.errors.append(f"{type(exc).__name__}: {exc}"[:300])
-            traceback.print_exc()
-        rows.append(_finish(row, flops_f, flops_fb))
-    for r in rows:
-        r.note = f"top prob {top:.3f}"
-    del h, w, y, ref
+    warm = cases[0]  # the first row of a regime read high in round one: time it once, throw it away
+    rows = [time_case(warm, inputs, row(warm, impl=f"warmup:{warm.name}", kind="warmup"), None, args)]
+    rows += [time_case(case, inputs, row(case), ref, args) for case in cases]
+    del inputs, ref
     torch.cuda.empty_cache()
     return rows
 
 
-def _finish(row, flops_f, flops_fb):
-    if row.fwd_ms:
-        row.fwd_tflops = flops_f / row.fwd_ms / 1e9
-    if row.fwdbwd_ms:
-        row.fwdbwd_tflops = flops_fb / row.fwdbwd_ms / 1e9
-    print(
-        f"  {row.impl:24s} fwd {_fmt(row.fwd_ms)} ms  fwd+bwd {_fmt(row.fwdbwd_ms)} ms  "
-        f"mem {_fmt(row.extra_mem_mb)} MB  err loss {_fmt(row.err_loss, 'e')} dh {_fmt(row.err_dh, 'e')} "
-        f"dw {_fmt(row.err_dw, 'e')} {' '.join(row.errors)[:120]}",
-        flush=True,
-    )
-    return row
-
-
-def _fmt(x, kind="f"):
-    if x is None:
-        return "-"
-    return f"{x:.2e}" if kind == "e" else f"{x:.1f}"
-
-
 # ------------------------------------------------------------------------------------------
-# report
+# main
 # ------------------------------------------------------------------------------------------
 
 
-def environment():
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "jax", "jaxlib", "triton", "cut-cross-entropy", "liger-kernel", "flax"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "card": torch.cuda.get_device_name(),
-        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "date": datetime.date.today().isoformat(),
-        "versions": versions,
-    }
+def _names(text: str, allowed) -> list[str]:
+    names = [s for s in text.split(",") if s]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise SystemExit(f"unknown names {unknown}; known: {', '.join(allowed)}")
+    return names
 
 
-def markdown(env, rows):
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Card: **{env['card']}**, date {env['date']}. Versions: "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-        + ".",
-        "",
-        "bf16 inputs, reduction none (rows `*-sum`: reduction sum), 10% ignored labels, upstream gradient of "
-        "ones. Median of the timed runs after warm-up (a row slower than 500 ms, a fallback, is timed 3 "
-        "times; the exact fallbacks, whose time does not depend on the data, run in the first regime "
-        "only); TFLOP/s on the 2·N·D·V (forward) / 8·N·D·V (forward+backward) convention; "
-        "extra memory beyond inputs and gradients (torch: allocator peak; JAX: compiled temp buffers); "
-        "errors are relative (in norm) against the float32 reference. Only ratios within this run count.",
-        "",
-    ]
-    key = lambda r: (r.workload, r.regime)  # noqa: E731
-    for group in sorted({key(r) for r in rows}):
-        sub = [r for r in rows if key(r) == group]
-        lines += [
-            f"## {group[0]} (N={sub[0].n}, D={sub[0].d}, V={sub[0].v}), {group[1]} softmax ({sub[0].note})",
-            "",
-            "| impl | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | extra MiB | err loss | err dh | err dw |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in sub:
-            err = f" ({'; '.join(r.errors)[:80]})" if r.errors else ""
-            lines.append(
-                f"| {r.impl}{err} | {_fmt(r.fwd_ms)} | {_fmt(r.fwdbwd_ms)} | {_fmt(r.fwd_tflops)} | "
-                f"{_fmt(r.fwdbwd_tflops)} | {_fmt(r.extra_mem_mb)} | {_fmt(r.err_loss, 'e')} | "
-                f"{_fmt(r.err_dh, 'e')} | {_fmt(r.err_dw, 'e')} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    sweep = [r for r in rows if r.workload == "sweep" and r.fwdbwd_ms]
-    if not sweep:
-        return False
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for impl in sorted({r.impl for r in sweep}):
-        pts = sorted((r.v, r.fwdbwd_ms, r.extra_mem_mb or 0) for r in sweep if r.impl == impl)
-        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
-        ax_m.plot([p[0] for p in pts], [max(p[2], 1e-1) for p in pts], marker="o", label=impl)
-    ax_t.set(xscale="log", xlabel="vocabulary size", ylabel="forward+backward ms", title="time (N=8192, D=2304, bf16)")
-    ax_m.set(xscale="log", yscale="log", xlabel="vocabulary size", ylabel="extra MiB", title="extra memory")
-    ax_t.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="Gemma-2 shape, near-uniform regime, fewer runs")
-    p.add_argument("--out", default="bench-out", help="folder for bench.json, benchmarks.md, sweep.png")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", required=True, help="the JSON result file (rewritten after every regime)")
+    p.add_argument("--quick", action="store_true", help="headline rows at the Gemma-2 shape, near-uniform regime")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per measurement (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls after the compiling one")
     p.add_argument("--no-errors", dest="errors", action="store_false", help="skip the float32 reference")
-    p.add_argument("--impls", default="", help="comma-separated subset of implementation names")
-    p.add_argument("--workloads", default="", help="comma-separated subset of " + ",".join(WORKLOADS) + ", or none")
-    p.add_argument("--regimes", default="uniform,peaked")
-    p.add_argument("--sweep", action="store_true", help="also run the vocabulary sweep")
+    p.add_argument("--impls", default="", help="comma-separated subset of: " + ",".join(CASE_NAMES))
+    p.add_argument("--workloads", help="comma-separated subset of " + ",".join(WORKLOADS) + ", or none (default: all;"
+                   " --quick: gemma2-2b)")
+    p.add_argument("--regimes", default=",".join(REGIMES))
+    p.add_argument("--sweep", action="store_true", help="also the vocabulary sweep (N=8192, D=2304, near-uniform)")
+    p.add_argument("--compare-tree", metavar="PATH", help="also time the headline rows of the checkout at PATH")
+    p.add_argument("--compare-rounds", type=int, default=2, help="alternating rounds of --compare-tree (default 2)")
+    p.add_argument("--compare-timeout", type=int, default=400, help="seconds per --compare-tree child")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no timing: merge result files of one session (e.g. "
+                   "one workload per GPU) into --out")
     args = p.parse_args(argv)
+    if args.merge:
+        write_json(args.out, merge_results([read_json(path) for path in args.merge]))
+        return 0
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    if args.iters < 10:
+        p.error("--iters must be at least 10 (the median of fewer is too noisy for the 3 % comparisons)")
     if args.quick:
-        args.iters, args.warmup, args.regimes = min(args.iters, 5), min(args.warmup, 2), "uniform"
+        args.regimes, args.warmup = "uniform", min(args.warmup, 2)
         args.workloads = args.workloads or "gemma2-2b"
-        args.impls = args.impls or ",".join(QUICK_IMPLS)
-    names = set(filter(None, args.impls.split(",")))
-    workloads = [w for w in (args.workloads.split(",") if args.workloads else WORKLOADS) if w != "none"]
-    os.makedirs(args.out, exist_ok=True)
-    env = environment()
-    print(env, flush=True)
-    runs = [(wl, *WORKLOADS[wl], regime, names) for wl in workloads for regime in args.regimes.split(",")]
-    if args.sweep:
-        sweep_names = names or {"cce", "cce-exact", "liger-none", "liger-sum", "jax-pallas", "jax-fused-sum",
-                                "torch-materialised"}
-        runs += [("sweep", 8192, 2304, v, "uniform", sweep_names) for v in SWEEP_VOCABS]
-    rows = []
+        args.impls = args.impls or ",".join(QUICK)
+    names = set(_names(args.impls, CASE_NAMES))
+    workloads = [] if args.workloads == "none" else _names(args.workloads or ",".join(WORKLOADS), WORKLOADS)
+    regimes = _names(args.regimes, REGIMES)
+
+    method = {"iters": args.iters, "warmup": args.warmup, "slow_ms": SLOW_MS, "slow_iters": SLOW_ITERS,
+              "ignored_fraction": IGNORED_FRACTION, "peaked_top_prob": PEAKED_TOP_PROB, "errors": args.errors,
+              "quick": args.quick, "workloads": workloads + (["sweep"] if args.sweep else []), "regimes": regimes}
+    record = {"format": FORMAT, "env": environment(method=method), "rows": []}
+    print(record["env"], flush=True)
     t0 = time.perf_counter()
-    first_regime = args.regimes.split(",")[0]
-    for wl, n, d, v, regime, run_names in runs:
-        rows += bench_workload(wl, n, d, v, regime, args, run_names, first_regime if wl != "sweep" else regime)
-        env["elapsed_s"] = round(time.perf_counter() - t0, 1)
-        write_report(env, rows, args.out)  # after every workload, so a cut-off run keeps its figures
-    print(markdown(env, rows))
-    print(f"benchmark took {env['elapsed_s']} s (after imports)")
-
-
-def write_report(env, rows, out):
-    with open(os.path.join(out, "bench.json"), "w") as f:
-        json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    md = markdown(env, rows)
-    if plot(rows, os.path.join(out, "sweep.png")):
-        md += "\n![time and memory against vocabulary size](sweep.png)\n"
-    with open(os.path.join(out, "benchmarks.md"), "w") as f:
-        f.write(md)
+    if args.compare_tree:  # first, while this process holds little GPU memory
+        record["compare"] = compare_trees(args.compare_tree, args)
+        write_json(args.out, record)
+    runs = [(wl, *WORKLOADS[wl], regime, names, i == 0) for wl in workloads for i, regime in enumerate(regimes)]
+    if args.sweep:
+        runs += [("sweep", 8192, 2304, v, "uniform", names or set(SWEEP), True) for v in SWEEP_VOCABS]
+    for workload, n, d, v, regime, run_names, first in runs:
+        cases = [c for c in CASES if not run_names or c.name in run_names]
+        record["rows"] += [dataclasses.asdict(r) for r in bench_regime(workload, n, d, v, regime, cases, args, first)]
+        record["env"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        write_json(args.out, record)  # after every regime, so a run cut off keeps what it measured
+    record["env"]["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    write_json(args.out, record)
+    print(f"wrote {args.out}; the benchmark took {record['env']['elapsed_s']} s after imports", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

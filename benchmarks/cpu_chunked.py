@@ -1,10 +1,12 @@
 """CPU benchmark of ``linear_cross_entropy``: ``chunked`` against ``reference`` (materialised logits).
 
 Forward + backward (gradients for hidden and weight) of the per-token loss at N=4096, D=256,
-V=50304 in float32 by default, 10% of the labels ignored. Each implementation runs in its own
-subprocess (this script with ``--worker``) so that its peak memory is its own:
+V=50304 in float32 by default (``benchmarks.common.make_inputs``: 10% of the labels ignored). Each
+implementation runs in its own subprocess (this module with ``--worker``) so that its peak memory is
+its own:
 
-* time: median of ``--repeats`` runs after ``--warmup`` runs, ``time.perf_counter``;
+* time: ``benchmarks.common.time_ms``, median of ``--repeats`` runs after ``--warmup`` runs (the first
+  of which is the one every measurement starts with);
 * extra memory: ``ru_maxrss`` after the runs minus ``ru_maxrss`` once the inputs exist and a tiny
   warm-up (N=8) has loaded the kernels, i.e. the peak resident memory the full-size runs added.
   The workers run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB (unless it is set
@@ -16,7 +18,7 @@ Targets: chunked/reference memory <= 1/8, chunked/reference time <= 1.5.
 
 Usage::
 
-    python benchmarks/cpu_chunked.py [--shape 4096,256,50304] [--threads 2] [--json results.json]
+    python -m benchmarks.cpu_chunked [--shape 4096,256,50304] [--threads 2] [--json results.json]
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
+
+from benchmarks.common import environment, make_inputs, no_sync, time_ms, write_json
 
 IMPLS = ("chunked", "reference")
 DEFAULT_SHAPE = (4096, 256, 50304)
@@ -50,12 +52,9 @@ def worker(impl: str, shape: tuple[int, int, int], threads: int, warmup: int, re
     from torch_heads import linear_cross_entropy
 
     torch.set_num_threads(threads)
-    n, d, v = shape
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, d, generator=generator).requires_grad_(True)
-    weight = (torch.randn(v, d, generator=generator) / d**0.5).requires_grad_(True)
-    labels = torch.randint(0, v, (n,), generator=generator)
-    labels[torch.randperm(n, generator=generator)[: n // 10]] = -100
+    inputs = make_inputs(*shape, dtype=torch.float32, device="cpu")
+    hidden, labels = inputs.hidden.requires_grad_(True), inputs.labels
+    weight = inputs.weight.requires_grad_(True)
 
     def step(h: torch.Tensor, y: torch.Tensor) -> float:
         loss = linear_cross_entropy(h, weight, y, impl=impl)
@@ -64,34 +63,34 @@ def worker(impl: str, shape: tuple[int, int, int], threads: int, warmup: int, re
 
     step(hidden[:8], labels[:8])  # load the kernels before the baseline is taken
     before = _max_rss_bytes()
-    for _ in range(warmup):
-        step(hidden, labels)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        loss_sum = step(hidden, labels)
-        times.append(time.perf_counter() - start)
+    last = {}
+
+    def run() -> None:
+        last["loss_sum"] = step(hidden, labels)
+
+    timing = time_ms(run, sync=no_sync, warmup=max(warmup - 1, 0), iters=repeats)
     after = _max_rss_bytes()
     return {
         "impl": impl,
-        "time_ms": 1e3 * statistics.median(times),
-        "times_ms": [1e3 * t for t in times],
+        "time_ms": timing.median_ms,
+        "times_ms": list(timing.samples_ms),
         "extra_mb": (after - before) / 2**20,
-        "loss_sum": loss_sum,
+        "loss_sum": last["loss_sum"],
     }
 
 
 def run_worker(impl: str, args: argparse.Namespace) -> dict:
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", impl,
+        sys.executable, "-m", "benchmarks.cpu_chunked", "--worker", impl,
         "--shape", ",".join(map(str, args.shape)), "--threads", str(args.threads),
         "--warmup", str(args.warmup), "--repeats", str(args.repeats),
     ]  # fmt: skip
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = dict(os.environ)
     if not args.default_malloc:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    # From the repository root, so the worker imports this checkout's packages.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"worker {impl} failed:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -153,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(results, args))
     if args.json:
         record = {
+            "env": environment(),
             "shape": dict(zip("NDV", args.shape, strict=True)),
             "dtype": "float32",
             "threads": args.threads,
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             "memory_ratio": results["chunked"]["extra_mb"] / results["reference"]["extra_mb"],
             "targets": {"time_ratio": TARGET_TIME_RATIO, "memory_ratio": TARGET_MEMORY_RATIO},
         }
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=2)
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -1,85 +1,140 @@
 #!/usr/bin/env bash
-# The GPU-machine checks of the open issues, in one call (repo root as cwd, 2 GPUs):
-#   bash benchmarks/gpu_checks.sh checks OUTDIR   # GPU tests, sanitizer, large shapes, tuning, 2-GPU run
-#   bash benchmarks/gpu_checks.sh bench OUTDIR    # the benchmark (GPU 0) while GPU 1 runs the kernel tests,
-#                                                 # large shapes, tuning and the vocabulary sweep
-#   bash benchmarks/gpu_checks.sh final OUTDIR    # the benchmark (GPU 0); --quick, the sweep and tuning (GPU 1)
-#   bash benchmarks/gpu_checks.sh last OUTDIR     # the benchmark (GPU 0); kernel tests, sanitizer, sweep, --quick (GPU 1)
-#   bash benchmarks/gpu_checks.sh quick OUTDIR    # bench.py --quick, timed
-#   bash benchmarks/gpu_checks.sh mosaic OUTDIR   # Mosaic GPU forward: its GPU tests and tuning (GPU 0);
-#                                                 # filtered kernel tests and filtered bench rows (GPU 1)
-# Needs .whl/ with the cut-cross-entropy and liger-kernel wheels. Every step has its own time limit
-# and log under OUTDIR, so one failure or overrun does not lose the others.
+# The checks of the GPU machine, by target, from the repository root:
+#
+#   bash benchmarks/gpu_checks.sh OUTDIR TARGET [TARGET ...]
+#
+# Targets (run in the order given; an unknown one stops the call before anything runs):
+#   peers     install the peer wheels carried in .whl/ into /tmp/site in one pip call (cut-cross-entropy,
+#             liger-kernel, nvidia-cutlass-dsl with its -libs-* wheels, apache-tvm-ffi, quack-kernels: a second
+#             pip --target into an existing nvidia_cutlass_dsl/ silently skips files); the wheels of a folder
+#             .whl/NAME/ go to /tmp/site-NAME, for a peer that needs other versions (PEER_SITE=/tmp/site-NAME
+#             then selects that site). It also runs first, whatever the targets, when .whl/ exists and the
+#             site does not.
+#   tests     the GPU tests: pytest -m "gpu and not large", then -m "gpu and large"
+#   bench     python -m benchmarks.bench, both workloads and regimes -> OUTDIR/bench-h200.json, and
+#             OUTDIR/benchmarks.md rendered from it (with OUTDIR/bench-h200-sweep.json if the sweep ran first).
+#             With two GPUs visible, one workload per GPU at the same time (the whole run takes longer than
+#             one device call allows), merged into one file; with one, the workloads one after the other.
+#   sweep     the vocabulary sweep -> OUTDIR/bench-h200-sweep.json
+#   quick     python -m benchmarks.bench --quick -> OUTDIR/bench-quick.json (its wall time: the ~1 min check)
+#   compare   the headline rows of this tree and of the checkout at COMPARE_TREE, in the same run
+#             -> OUTDIR/compare.json and OUTDIR/compare.md
+#   tune      python -m benchmarks.tune_pallas --bwd, then python -m benchmarks.tune_mosaic
+#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas
+#   parallel  the 2-GPU vocabulary-parallel parity and timing -> OUTDIR/vocab_parallel/
+#
+# Environment: GPU (default 0) is the GPU of every target except parallel and a two-GPU bench
+# (CUDA_VISIBLE_DEVICES); STEP_LIMIT (default 570) the seconds each step may run; WORKERS (default 4) the
+# pytest-xdist workers of `tests` where xdist is installed. Each step writes OUTDIR/STEP.log and a line to
+# OUTDIR/timeline.txt (exit status, wall time), so one failure or overrun does not lose the others; the call
+# exits with 1 if any of its steps failed. Two one-GPU lists at once, e.g.:
+#
+#   GPU=0 bash benchmarks/gpu_checks.sh out/0 quick tune & GPU=1 bash benchmarks/gpu_checks.sh out/1 sweep tests & wait
 set -u
-part=$1
-out=$2
+usage() { sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//; /^set -u/d' >&2; exit 2; }
+[ $# -ge 2 ] || usage
+out=$1
+shift
+targets=" peers tests bench sweep quick compare tune sanitize parallel "
+for t in "$@"; do
+  case "$targets" in *" $t "*) ;; *) echo "unknown target '$t' (known:$targets)" >&2; exit 2 ;; esac
+done
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$out/gpus.csv"
+
+site=${PEER_SITE:-/tmp/site}
+limit=${STEP_LIMIT:-570}
 start=$(date +%s)
-stamp() { echo "$(( $(date +%s) - start )) s: $*" >> "$out/timeline.txt"; }
+seen=$(cat "$out/timeline.txt" 2> /dev/null | wc -l)  # lines of earlier calls into the same OUTDIR
+stamp() { echo "$(( $(date +%s) - start )) s: $*" | tee -a "$out/timeline.txt"; }
 
-left() { echo $(( $1 - ($(date +%s) - start) )); }   # seconds until $1 s after the start
-
-# step NAME DEADLINE CMD...: run CMD until DEADLINE s after the start, output in NAME.log; rc and
-# wall time go to the timeline.
+# step NAME CMD...: CMD with at most $limit seconds, output in OUTDIR/NAME.log.
 step() {
-  local name=$1 deadline=$2 s
-  shift 2
+  local name=$1 s rc
+  shift
   s=$(date +%s)
-  timeout "$(left "$deadline")" "$@" > "$out/$name.log" 2>&1
-  stamp "$name rc=$? wall $(( $(date +%s) - s )) s"
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  stamp "$name rc=$rc wall $(( $(date +%s) - s )) s"
+  return $rc
 }
-gpu_tests() {  # DEADLINE WORKERS FILES...
-  step gpu_tests "$1" python -m pytest -m "gpu and not large" -q -p no:cacheprovider -n "$2" -rfE "${@:3}"
-}
-large() { step large "$1" python -m pytest -m "gpu and large" -q -p no:cacheprovider -rfE tests/test_gpu_large.py; }
-sanitizer() {
-  step sanitizer "$1" compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-    python benchmarks/sanitize_pallas.py
-}
-tune() { step tune "$1" python benchmarks/tune_pallas.py "${@:2}"; }
-full() { step full "$1" python benchmarks/bench.py --out "$out/full"; }
-sweep() { step sweep "$1" python benchmarks/bench.py --workloads none --sweep --out "$out/sweep"; }
-quick() { step quick "$1" python benchmarks/bench.py --quick --out "$out/quick"; }  # its wall time: the < 2 min check
 
-case "$part" in
-  checks)
-    step vocab_parallel 210 python benchmarks/vocab_parallel_gpu.py --skip-chunked --timeout 200 --out "$out/vocab_parallel"
-    ( export CUDA_VISIBLE_DEVICES=0; tune 440 --bwd; large 580 ) &
-    ( export CUDA_VISIBLE_DEVICES=1
-      gpu_tests 480 8 tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_torch_gpu.py; sanitizer 580 ) &
-    wait ;;
-  bench)
-    ( export CUDA_VISIBLE_DEVICES=0; full 575 ) &
-    ( export CUDA_VISIBLE_DEVICES=1
-      gpu_tests 210 4 tests/test_jax_pallas.py tests/test_torch_pallas.py; large 280; tune 420 --bwd; sweep 575 ) &
-    wait ;;
-  final)
-    ( export CUDA_VISIBLE_DEVICES=0; full 560 ) &
-    ( export CUDA_VISIBLE_DEVICES=1; quick 200; sweep 330; tune 560 --bwd-only ) &
-    wait ;;
-  last)
-    ( export CUDA_VISIBLE_DEVICES=0; full 560 ) &
-    ( export CUDA_VISIBLE_DEVICES=1
-      gpu_tests 250 6 tests/test_jax_pallas.py tests/test_torch_pallas.py tests/test_jax_mgpu.py; sanitizer 320
-      sweep 440; quick 560 ) &
-    wait ;;
-  quick)
-    ( export CUDA_VISIBLE_DEVICES=0; quick 300 ) ;;
-  mosaic)
-    ( export CUDA_VISIBLE_DEVICES=0
-      step mgpu_tests 150 python -m pytest -m gpu -q -p no:cacheprovider -rfE tests/test_jax_mgpu.py
-      step tune_mgpu 500 python benchmarks/tune_mgpu.py --out "$out/tune_mgpu" ) &
-    ( export CUDA_VISIBLE_DEVICES=1
-      gpu_tests 200 6 tests/test_jax_pallas.py -k filtered
-      step filtered 500 python benchmarks/bench.py --impls jax-pallas,jax-pallas-filtered,cce \
-        --workloads gemma2-2b,llama3-8b --out "$out/filtered" ) &
-    wait ;;
-  *)
-    echo "unknown part $part (checks, bench, final, last, quick, mosaic)" >&2; exit 2 ;;
-esac
+peers() {
+  local sub
+  if ! ls .whl/*.whl > /dev/null 2>&1; then stamp "peers: no wheels in .whl/"; return 0; fi
+  step peers python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  for sub in .whl/*/; do
+    [ -d "$sub" ] || continue
+    step "peers-$(basename "$sub")" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "/tmp/site-$(basename "$sub")" "$sub"*.whl
+  done
+}
+
+if [ -d .whl ] && [ ! -d "$site" ]; then peers; fi
+# The CuTe DSL's packages are found through a .pth file, which a --target folder does not read.
+PYTHONPATH=$site:$PWD
+[ -d "$site/nvidia_cutlass_dsl/dsl_packages" ] && PYTHONPATH=$site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+export PYTHONPATH XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv > "$out/gpus.csv" 2>&1
+
+report() {  # report BENCH_JSON MD: the markdown of a result file, beside it
+  step "report-$(basename "$2" .md)" python -m benchmarks.report --bench "$1" --sweep "$out/bench-h200-sweep.json" \
+    --parallel "" --out "$2"
+}
+
+one_gpu() {
+  local target=$1
+  export CUDA_VISIBLE_DEVICES=${GPU:-0}
+  case "$target" in
+    peers) peers ;;
+    tests)
+      local xdist=()
+      python -c "import xdist" 2> /dev/null && xdist=(-n "${WORKERS:-4}")
+      step tests python -m pytest -m "gpu and not large" -q -p no:cacheprovider -rfE ${xdist[@]+"${xdist[@]}"}
+      step tests-large python -m pytest -m "gpu and large" -q -p no:cacheprovider -rfE ;;
+    bench)
+      local wl parts=() gpus
+      gpus=$(nvidia-smi -L 2> /dev/null | wc -l)
+      for wl in gemma2-2b llama3-8b; do
+        parts+=("$out/bench-$wl.json")
+        if [ "$gpus" -ge 2 ]; then
+          ( export CUDA_VISIBLE_DEVICES=$(( ${#parts[@]} - 1 ))
+            step "bench-$wl" python -m benchmarks.bench --workloads "$wl" --out "$out/bench-$wl.json" ) &
+        else
+          step "bench-$wl" python -m benchmarks.bench --workloads "$wl" --out "$out/bench-$wl.json"
+        fi
+      done
+      wait
+      step bench-merge python -m benchmarks.bench --merge "${parts[@]}" --out "$out/bench-h200.json" &&
+        report "$out/bench-h200.json" "$out/benchmarks.md" ;;
+    sweep) step sweep python -m benchmarks.bench --workloads none --sweep --out "$out/bench-h200-sweep.json" ;;
+    quick) step quick python -m benchmarks.bench --quick --out "$out/bench-quick.json" ;;
+    compare)
+      if [ -z "${COMPARE_TREE:-}" ]; then
+        stamp "compare rc=2: set COMPARE_TREE to the checkout to compare with"
+        return 2
+      fi
+      step compare python -m benchmarks.bench --workloads none --compare-tree "$COMPARE_TREE" \
+        --out "$out/compare.json" && report "$out/compare.json" "$out/compare.md" ;;
+    tune)
+      step tune-pallas python -m benchmarks.tune_pallas --bwd
+      step tune-mosaic python -m benchmarks.tune_mosaic --out "$out" ;;
+    sanitize)
+      step sanitize compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+        python -m benchmarks.sanitize_pallas ;;
+  esac
+}
+
+for target in "$@"; do
+  if [ "$target" = parallel ]; then
+    ( unset CUDA_VISIBLE_DEVICES
+      step parallel python -m benchmarks.vocab_parallel_gpu --skip-chunked --timeout "$(( limit - 30 ))" \
+        --out "$out/vocab_parallel" )
+  else
+    ( one_gpu "$target" )
+  fi
+done
 stamp done
-tar czf /tmp/all.tgz -C "$out" . && mv /tmp/all.tgz "$out/all.tgz"  # one file: the return has a file-count limit
+# The exit status: 1 if any step of this call failed.
+! tail -n +"$(( seen + 1 ))" "$out/timeline.txt" | grep -q ' rc=[1-9]'

@@ -1,9 +1,12 @@
-"""Try block shapes of our Pallas kernel at one workload; print forward and forward+backward times.
+"""Try configurations of our Pallas kernels at one shape; print forward and forward+backward times.
 
-    python benchmarks/tune_pallas.py --shape 8192,2304,256000 [--bwd | --bwd-only]
+    python -m benchmarks.tune_pallas --shape 8192,2304,256000 [--bwd | --bwd-only]
 
-Each configuration is checked against the first one's loss (gradients) before its time counts;
-the forward+backward lines also give the compiled program's temporary memory.
+The forward configurations are the Triton forward's (``forward_kernel="triton"``; the Mosaic GPU
+forward has ``benchmarks/tune_mosaic.py``); the forward+backward ones change the backward's chunk
+budget and the filtered products, with the default forward. Each configuration is checked against
+the first one's loss (gradients) before its time counts; the forward+backward lines also give the
+compiled program's temporary memory. Timing: ``benchmarks.common.time_ms``.
 """
 
 from __future__ import annotations
@@ -11,107 +14,91 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
-import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import IGNORE, MIB, jax_sync, jax_temp_mb, make_inputs, time_ms  # noqa: E402
+from jax_heads.pallas import BlockSizes, pallas_loss  # noqa: E402
 
-from jax_heads.pallas_lce import BlockSizes, pallas_loss  # noqa: E402
-
-FWD_CONFIGS = [  # BlockSizes fields changed from the default (flat loop, splits by whole waves)
-    dict(),
-    dict(flat_loop=False),
-    dict(num_stages=4),
-    dict(programs_per_sm=2),
-    dict(min_programs=132),
+# Changes from the default configuration, per group of BlockSizes (triton, backward, filtered), plus the
+# call options filter_eps and filter_separate_targets.
+FWD_CONFIGS = [
+    {},
+    {"triton": {"num_stages": 4}},
+    {"triton": {"programs_per_sm": 2}},
+    {"triton": {"min_programs": 132}},
+    {"triton": {"min_programs": 1056}},
 ]
-MIB = 2**20
-BWD_CONFIGS = [  # "filter_eps" is a call option, the rest BlockSizes fields
-    dict(),  # the default
-    dict(filter_eps=2.0**-12),
-    dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB),
-    dict(filter_eps=2.0**-12, chunk_bytes=64 * MIB, mm_block_k=32),
-    dict(filter_eps=2.0**-12, chunk_bytes=128 * MIB),
-    dict(filter_eps=2.0**-12, filter_separate_targets=False),  # CCE's rule: a tile holding a target is kept
-    dict(filter_eps=2.0**-12, filter_separate_targets=False, chunk_bytes=128 * MIB),
+BWD_CONFIGS = [
+    {},
+    {"filter_eps": 2.0**-12},
+    {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 64 * MIB}},
+    {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 64 * MIB}, "filtered": {"block_k": 32}},
+    {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 128 * MIB}},
+    {"filter_eps": 2.0**-12, "filter_separate_targets": False},  # CCE's rule: a tile holding a target is kept
+    {"filter_eps": 2.0**-12, "filter_separate_targets": False, "backward": {"chunk_bytes": 128 * MIB}},
 ]
 
 
-def time_samples(fn, iters=10, warmup=2):
-    """Milliseconds of ``iters`` calls of ``fn()`` (blocked until ready), after ``warmup`` calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return ts
+def configured(changes: dict, forward_kernel: str = "auto") -> tuple[BlockSizes, dict]:
+    """The :class:`BlockSizes` with ``changes`` applied to its groups, and the call options among them."""
+    base = BlockSizes(forward_kernel=forward_kernel)
+    groups = {g: dataclasses.replace(getattr(base, g), **changes[g]) for g in ("triton", "backward", "filtered")
+              if g in changes}
+    options = {k: changes[k] for k in ("filter_eps", "filter_separate_targets") if k in changes}
+    return dataclasses.replace(base, **groups), options
 
 
-def timeit(fn, iters=10, warmup=2):
-    """Median milliseconds of :func:`time_samples`."""
-    return statistics.median(time_samples(fn, iters, warmup))
+def _rel(a, b) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shape", default="8192,2304,256000")
-    p.add_argument("--bwd", action="store_true")
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="8192,2304,256000", help="N,D,V")
+    p.add_argument("--bwd", action="store_true", help="also the forward+backward configurations")
     p.add_argument("--bwd-only", action="store_true", help="only the forward+backward configurations")
-    args = p.parse_args()
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args(argv)
     n, d, v = map(int, args.shape.split(","))
-    rng = np.random.default_rng(0)
-    h = jnp.asarray(rng.standard_normal((n, d), np.float32), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((v, d), np.float32) * d**-0.5, jnp.bfloat16)
-    y = rng.integers(0, v, n).astype(np.int32)
-    y[rng.random(n) < 0.1] = -100
-    y = jnp.asarray(y)
+    h, w, y = make_inputs(n, d, v).jax()
     print(f"{jax.devices()[0].device_kind}  N={n} D={d} V={v}", flush=True)
     ref = None
-    for cfg in FWD_CONFIGS if not args.bwd_only else ():
-        bs = dataclasses.replace(BlockSizes(), **cfg)
-        f = jax.jit(lambda a, b, bs=bs: pallas_loss(a, b, y, -100, block_sizes=bs))
+    for changes in FWD_CONFIGS if not args.bwd_only else ():
+        config, _ = configured(changes, forward_kernel="triton")
+        f = jax.jit(lambda a, b, config=config: pallas_loss(a, b, y, IGNORE, config=config))
         try:
             loss = f(h, w)
-            if ref is None:
-                ref = loss
-            err = float(jnp.linalg.norm(loss - ref) / jnp.linalg.norm(ref))
-            ms = timeit(lambda: f(h, w))
-            print(f"fwd {cfg}: {ms:.2f} ms  {2*n*d*v/ms/1e9:.0f} TFLOP/s  rel-diff {err:.1e}", flush=True)
-        except Exception as exc:  # noqa: BLE001 - report and go on to the next shape
-            print(f"fwd {cfg}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            ref = loss if ref is None else ref
+            ms = time_ms(lambda f=f: f(h, w), sync=jax_sync, iters=args.iters).median_ms
+            print(f"fwd {changes}: {ms:.2f} ms  {2 * n * d * v / ms / 1e9:.0f} TFLOP/s  rel-diff {_rel(loss, ref):.1e}",
+                  flush=True)
+        except Exception as exc:  # report and go on to the next configuration
+            print(f"fwd {changes}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
     if not (args.bwd or args.bwd_only):
         return
     ref = None
-    for cfg in BWD_CONFIGS:
-        cfg = dict(cfg)
-        eps = cfg.pop("filter_eps", None)
-        separate = cfg.pop("filter_separate_targets", True)
-        bs = dataclasses.replace(BlockSizes(), **cfg)
-        loss_fn = lambda a, b, bs=bs, eps=eps, separate=separate: jnp.sum(  # noqa: E731
-            pallas_loss(a, b, y, -100, block_sizes=bs, filter_eps=eps, filter_separate_targets=separate)
-        )
+    for changes in BWD_CONFIGS:
+        config, options = configured(changes)
+
+        def loss_fn(a, b, config=config, options=options):
+            return jnp.sum(pallas_loss(a, b, y, IGNORE, config=config, **options))
+
         try:
-            g = jax.jit(jax.grad(loss_fn, (0, 1))).lower(h, w).compile()
-            temp = g.memory_analysis().temp_size_in_bytes / MIB
+            g = jax.jit(jax.grad(loss_fn, (0, 1)))
+            temp = jax_temp_mb(g, h, w)
             dh, dw = g(h, w)
-            if ref is None:
-                ref = (dh, dw)
-            err = max(float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
-                      for a, b in zip((dh, dw), ref))
-            ms = timeit(lambda: g(h, w), iters=5)
-            print(f"fwd+bwd {cfg} filter_eps={eps} separate_targets={separate}: {ms:.2f} ms  {8*n*d*v/ms/1e9:.0f} TFLOP/s  "
-                  f"temp {temp:.0f} MiB  grad rel-diff {err:.1e}", flush=True)
-        except Exception as exc:  # noqa: BLE001
-            print(f"fwd+bwd {cfg} filter_eps={eps}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            ref = (dh, dw) if ref is None else ref
+            err = max(_rel(a, b) for a, b in zip((dh, dw), ref, strict=True))
+            ms = time_ms(lambda g=g: g(h, w), sync=jax_sync, iters=args.iters).median_ms
+            print(f"fwd+bwd {changes}: {ms:.2f} ms  {8 * n * d * v / ms / 1e9:.0f} TFLOP/s  temp {temp:.0f} MiB  "
+                  f"grad rel-diff {err:.1e}", flush=True)
+        except Exception as exc:
+            print(f"fwd+bwd {changes}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

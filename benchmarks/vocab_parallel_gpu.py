@@ -1,9 +1,9 @@
 """Vocabulary-parallel linear cross-entropy on 2 GPUs: parity with one GPU, and speed, both frameworks.
 
-Usage (a host with 2 CUDA GPUs; cut-cross-entropy importable for its 1-GPU row):
+Usage, from the repository root (a host with 2 CUDA GPUs; cut-cross-entropy importable for its 1-GPU row):
 
-    python benchmarks/vocab_parallel_gpu.py --out results/vocab-parallel/
-    python benchmarks/vocab_parallel_gpu.py --cpu-smoke --out /tmp/vp-smoke   # the logic on CPU, tiny shapes
+    python -m benchmarks.vocab_parallel_gpu --out results/vocab-parallel/
+    python -m benchmarks.vocab_parallel_gpu --cpu-smoke --out /tmp/vp-smoke   # the logic on CPU, tiny shapes
 
 Two problems: ``parity`` (float32, small) and ``main`` (bfloat16, Gemma-2-2B's head by default:
 N=8192, D=2304, V=256000); reduction none, 10% ignored labels, upstream gradient of ones.
@@ -13,7 +13,7 @@ N=8192, D=2304, V=256000); reduction none, 10% ignored labels, upstream gradient
     ``torch_heads.parallel.vocab_parallel_linear_cross_entropy`` per-shard impl ``pallas`` and
     ``chunked``; its loss and gradients are compared with the same op unsharded on that rank's GPU
     (the float32 problem must agree within 1e-5 relative; bfloat16 is reported). Then the step
-    (forward + backward, median of ``--iters`` after ``--warmup``, CUDA events) is timed on 2 GPUs
+    (forward + backward, ``benchmarks.common.time_ms``) is timed on 2 GPUs
     and, in the parent, on 1 GPU: ``linear_cross_entropy`` with impl ``pallas``, ``cce`` (filtered,
     its default), ``cce`` exact, and ``chunked``.
 (b) JAX: one process, a 1 x 2 mesh (``("data", "vocab")``): ``jax_heads.linear_cross_entropy`` with
@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import socket
-import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -45,9 +43,19 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (  # noqa: E402
+    IGNORE,
+    cuda_sync,
+    environment,
+    jax_sync,
+    make_inputs,
+    no_sync,
+    rel,
+    time_ms,
+    torch_extra_memory_mb,
+    write_json,
+)
 
-IGNORE = -100
 WORLD = 2
 PARITY_BOUND = 1e-5  # float32, relative in norm (PARITY_FLOAT32 of heads_common.tolerances)
 
@@ -70,59 +78,21 @@ def problems(args) -> list[Problem]:
     ]
 
 
-def make_inputs(p: Problem, device: torch.device, seed: int = 0):
-    """``(hidden (N, D), weight (V, D), labels (N,))`` on ``device``; the same values for the same seed."""
-    gen_device = device if device.type == "cuda" else torch.device("cpu")
-    g = torch.Generator(device=gen_device).manual_seed(seed)
-    h = torch.randn(p.n, p.d, device=gen_device, generator=g)
-    w = torch.randn(p.v, p.d, device=gen_device, generator=g) * p.d**-0.5 * 2
-    y = torch.randint(0, p.v, (p.n,), device=gen_device, generator=g)
-    y[torch.rand(p.n, device=gen_device, generator=g) < 0.1] = IGNORE
-    dtype = getattr(torch, p.dtype)  # rounded from float32: JAX rounds the same values to the same dtype
-    return h.to(device, dtype).contiguous(), w.to(device, dtype).contiguous(), y.to(device)
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_torch(step, device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``step()`` (CUDA events on CUDA, wall clock elsewhere)."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def problem_inputs(p: Problem, device: torch.device, dtype: str | None = None):
+    """``(hidden (N, D), weight (V, D), labels (N,))`` of ``p`` on ``device`` in ``dtype`` (default ``p.dtype``):
+    drawn in float32 and rounded last, so JAX, rounding the same float32 values, gets the same inputs."""
+    inputs = make_inputs(p.n, p.d, p.v, dtype=getattr(torch, dtype or p.dtype), device=device)
+    return inputs.hidden, inputs.weight, inputs.labels
 
 
 def _time_and_memory(step, device: torch.device, warmup: int, iters: int) -> dict:
     """``fwdbwd_ms`` and, on CUDA, ``extra_mb``: the step's peak allocation beyond what existed before it
     (gradients included; torch's allocator only: the Pallas rows' kernel temporaries live in JAX's)."""
     if device.type != "cuda":
-        return {"fwdbwd_ms": time_torch(step, device, warmup, iters)}
+        return {"fwdbwd_ms": time_ms(step, sync=no_sync, warmup=warmup, iters=iters).median_ms}
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    ms = time_torch(step, device, warmup, iters)
-    return {"fwdbwd_ms": ms, "extra_mb": (torch.cuda.max_memory_allocated(device) - base) / 2**20}
+    ms = time_ms(step, sync=cuda_sync, warmup=warmup, iters=iters).median_ms
+    return {"fwdbwd_ms": ms, "extra_mb": torch_extra_memory_mb(step, device=device)}
 
 
 def _fwdbwd(loss_fn, h, w, y):
@@ -166,7 +136,7 @@ def _torch_rank(rank: int, args, port: int, queue) -> None:
     )
     try:
         for p in problems(args):
-            h, w, y = make_inputs(p, device)
+            h, w, y = problem_inputs(p, device)
             for t in (h, w, y):  # identical inputs on every rank, whatever the generator does per device
                 dist.broadcast(t, 0)
             for impl in ("pallas", "chunked"):
@@ -267,7 +237,7 @@ def run_torch_single(args, report) -> None:
     smoke = args.cpu_smoke
     device = torch.device("cpu") if smoke else torch.device("cuda", 0)
     p = problems(args)[1]
-    h, w, y = make_inputs(p, device)
+    h, w, y = problem_inputs(p, device)
     impls = ["pallas", "chunked"] if smoke else ["pallas", "cce", "cce-exact", "chunked"]
     for impl in impls:
         if impl == "chunked" and args.skip_chunked:
@@ -318,7 +288,7 @@ def run_jax(args, report) -> None:
         single_row = {"part": "jax-1dev", "problem": p.name, "impl": "pallas", "errors": []}
         try:
             # The values torch's rank 0 drew (same generator and device type), rounded to the dtype here.
-            h, w, y = (t.cpu().numpy() for t in make_inputs(replace(p, dtype="float32"), generator_device))
+            h, w, y = (t.cpu().numpy() for t in problem_inputs(p, generator_device, "float32"))
             h1, w1 = (jax.device_put(t, one).astype(jnp.dtype(p.dtype)) for t in (h, w))
             y1 = jax.device_put(y.astype(np.int32), one)
             del h, w, y
@@ -338,8 +308,8 @@ def run_jax(args, report) -> None:
                 _cross_framework(args, report, loss2, dh2, dw2, to64)
             del dh1, dw1, dh2, dw2
             if p.name == "main":
-                single_row["fwdbwd_ms"] = _time_jax(lambda: single(h1, w1, y1), args)
-                row["fwdbwd_ms"] = _time_jax(lambda: sharded(hs, ws, ys), args)
+                single_row["fwdbwd_ms"] = _time_jax(lambda a=(h1, w1, y1): single(*a), args)
+                row["fwdbwd_ms"] = _time_jax(lambda a=(hs, ws, ys): sharded(*a), args)
         except Exception as exc:
             row["errors"].append(f"{type(exc).__name__}: {exc}"[:400])
             traceback.print_exc()
@@ -370,16 +340,7 @@ def _rel_np(a, b) -> float:
 
 
 def _time_jax(fn, args) -> float:
-    import jax
-
-    for _ in range(args.warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_ms(fn, sync=jax_sync, warmup=args.warmup, iters=args.iters).median_ms
 
 
 # ------------------------------------------------------------------------------------------
@@ -416,7 +377,8 @@ def _main_rows(report) -> list[dict]:
     sharded = [r for r in report["torch_sharded"] if r["problem"] == "main"]
     for impl in dict.fromkeys(r["impl"] for r in sharded):
         ranks = [r for r in sharded if r["impl"] == impl]
-        merged = {"part": "torch-2gpu", "problem": "main", "impl": impl, "errors": sum((r["errors"] for r in ranks), [])}
+        errors = sum((r["errors"] for r in ranks), [])
+        merged = {"part": "torch-2gpu", "problem": "main", "impl": impl, "errors": errors}
         for key in ("fwdbwd_ms", "extra_mb", "err_loss", "err_dh", "err_dw"):
             values = [r[key] for r in ranks if r.get(key) is not None]
             merged[key] = max(values) if len(values) == WORLD else None
@@ -438,7 +400,8 @@ def markdown(report) -> str:
         "Extra MB: torch's allocator peak during the step beyond what existed before it (gradients included; "
         "the Pallas kernels' temporaries live in JAX's allocator and are not counted).",
         "",
-        "| part | impl | devices | fwd+bwd ms | speed-up | TFLOP/s (all devices) | extra MB/device (torch) | err loss | err dh | err dw |",
+        "| part | impl | devices | fwd+bwd ms | speed-up | TFLOP/s (all devices) | extra MB/device (torch) "
+        "| err loss | err dh | err dw |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = _main_rows(report)
@@ -447,8 +410,8 @@ def markdown(report) -> str:
         single = r["part"].endswith(("1gpu", "1dev"))
         framework = r["part"].split("-")[0]
         base = next(
-            (b.get("fwdbwd_ms") for b in rows if b["part"].startswith(framework) and b["part"].endswith(("1gpu", "1dev"))
-             and b["impl"] == "pallas"),
+            (b.get("fwdbwd_ms") for b in rows
+             if b["part"].startswith(framework) and b["part"].endswith(("1gpu", "1dev")) and b["impl"] == "pallas"),
             None,
         )
         err = f" ({'; '.join(r['errors'])[:80]})" if r["errors"] else ""
@@ -474,19 +437,6 @@ def _fmt(x, kind="f") -> str:
     if x is None:
         return "-"
     return {"e": f"{x:.2e}", "x": f"{x:.2f}x"}.get(kind, f"{x:.1f}")
-
-
-def environment(smoke: bool) -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "jax", "jaxlib", "flax", "cut-cross-entropy"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    device = "CPU (smoke)" if smoke else f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return {"device": device, "date": datetime.date.today().isoformat(), "versions": versions}
 
 
 def main(argv=None) -> int:
@@ -516,7 +466,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     report = {
         "args": vars(args),
-        "env": environment(args.cpu_smoke),
+        "env": environment(device="CPU (smoke)" if args.cpu_smoke else f"{WORLD} x {torch.cuda.get_device_name(0)}"),
         "problems": [asdict(p) for p in problems(args)],
         "torch_sharded": [],
         "torch_single": [],
@@ -540,8 +490,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()  # the next part (JAX) allocates outside torch's cache
     report["seconds"] = time.perf_counter() - t0
     report["verdicts"] = verdicts(report)
-    with open(os.path.join(args.out, "vocab_parallel.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
+    write_json(os.path.join(args.out, "vocab_parallel.json"), report)
     with open(os.path.join(args.out, "vocab_parallel.md"), "w") as f:
         f.write(markdown(report))
     print("\n".join(report["verdicts"]), flush=True)
