@@ -52,10 +52,11 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     """``benchmarks/vocab_parallel_gpu.py --cpu-smoke``: the GPU script's logic on tiny shapes (gloo, 2 CPU JAX devices)."""
     import json
 
-    script = os.path.join(os.path.dirname(HERE), "..", "benchmarks", "vocab_parallel_gpu.py")
+    root = os.path.dirname(os.path.dirname(HERE))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(
-        [sys.executable, script, "--cpu-smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, "-m", "benchmarks.vocab_parallel_gpu", "--cpu-smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=root,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "vocab_parallel.json").read_text())
