@@ -26,6 +26,7 @@ out of bounds for it. ``docs/robustness.md`` lists every bad input and edge case
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -139,33 +140,40 @@ def _check_arrays(hidden: object, weight: object, labels: object) -> None:
         raise TypeError(f"labels must be an integer array, got {labels.dtype}")
 
 
-def widen_labels(labels: jax.Array) -> jax.Array:
-    """Labels as a signed integer of at least 32 bits.
+def out_of_range_labels(labels: jax.Array | np.ndarray, vocab_size: int, ignore_index: int | None = None):
+    """The mask of labels outside ``[0, vocab_size)`` that are not ``ignore_index``.
 
-    JAX wraps a Python int that does not fit a narrow dtype (``int8`` labels are compared with
-    507 as if it were -5), so narrow and unsigned labels are widened first. uint32/uint64 values past
-    the signed range become negative, hence out of range, never a plausible label.
+    Compared in the labels' own integer dtype, on NumPy or JAX (concrete or traced) arrays, before
+    any narrowing or change of sign: a bound the dtype cannot hold is settled without converting it.
+    So a ``uint32`` label ``2**32 - 100`` is out of range (never the ignore index -100), an ``int8``
+    label 50 is inside a vocabulary of 300 (which ``int8`` would wrap to 44), and an ignore index the
+    dtype cannot hold matches no label.
     """
-    dtype = jnp.dtype(labels.dtype)
-    if dtype.itemsize < 4 or jnp.issubdtype(dtype, jnp.unsignedinteger):
-        return labels.astype(jnp.int64 if dtype.itemsize == 8 else jnp.int32)
-    return labels
+    info = np.iinfo(labels.dtype)
+    xp = np if isinstance(labels, np.ndarray) else jnp
+    bad = labels >= vocab_size if vocab_size <= info.max else xp.zeros(labels.shape, bool)
+    if info.min < 0:
+        bad = bad | (labels < 0)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        bad = bad & (labels != ignore_index)
+    return bad
 
 
 def check_label_range(labels: jax.Array, vocab_size: int, ignore_index: int) -> jax.Array | None:
     """Labels must lie in ``[0, vocab_size)`` or equal ``ignore_index``.
 
     Concrete labels are checked on the host (one device-to-host copy) and raise ``ValueError`` at
-    once. Traced labels (under ``jit``/``vmap``) cannot raise: the boolean mask of out-of-range
+    once, quoting the first bad label as given (a ``uint32`` label ``2**32 - 1`` as 4294967295).
+    Traced labels (under ``jit``/``vmap``) cannot raise: the boolean mask of out-of-range
     positions is returned instead, for the caller to turn into NaN losses.
 
     Returns:
         None for concrete labels (all in range), else the ``labels.shape`` mask of bad positions.
     """
     if isinstance(labels, jax.core.Tracer):
-        return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        return out_of_range_labels(labels, vocab_size, ignore_index)
     values = np.asarray(labels)
-    bad = (values != ignore_index) & ((values < 0) | (values >= vocab_size))
+    bad = out_of_range_labels(values, vocab_size, ignore_index)
     if bad.any():
         position = [int(i) for i in np.argwhere(bad)[0]]
         raise ValueError(label_range_message(int(values[tuple(position)]), position, vocab_size, ignore_index))
@@ -355,21 +363,39 @@ def linear_cross_entropy(
     implementation = REGISTRY.choose(impl, hidden, options)
 
     flat_labels, bad = _checked_labels(labels, weight.shape[0], options.ignore_index)
-    loss = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, options, bad)
+    loss = _compiled_loss(implementation, options, hidden, weight, flat_labels, bad)
     return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
-def _checked_labels(labels: jax.Array, vocab: int, ignore_index: int) -> tuple[jax.Array, jax.Array | None]:
-    """Flat labels safe to index with, and the mask of out-of-range ones (None when concrete: those raise).
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compiled_loss(implementation: Implementation, options: LossOptions, hidden, weight, labels, bad):
+    """``implementation.loss`` on ``hidden`` flattened to ``(N, D)``, compiled once per implementation,
+    options, shapes and dtypes: an eager call costs what a call under ``jit`` does (no op-by-op
+    dispatch, no retracing of the implementation's loops).
 
+    The hidden states of ignored tokens are replaced by zeros first: an ignored token contributes
+    nothing by definition, so a NaN or inf there (padding) can reach neither the loss nor
+    ``d_weight``, in every implementation; its ``d_hidden`` row is exactly zero.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    counted = labels != options.ignore_index
+    hidden = jnp.where(counted[:, None], hidden, jnp.zeros((), hidden.dtype))
+    return implementation.loss(hidden, weight, labels, options, bad)
+
+
+def _checked_labels(labels: jax.Array, vocab: int, ignore_index: int) -> tuple[jax.Array, jax.Array | None]:
+    """Flat signed labels safe to index with, and the mask of out-of-range ones (None when concrete: those raise).
+
+    The range is checked in the labels' own dtype first (:func:`out_of_range_labels`); only then
+    are they widened to int32 (int64 for 64-bit labels), which is exact for every label that passed.
     Out-of-range traced labels reach the implementation as an in-range label (nothing is read out of
     bounds); the ``bad`` mask then makes both their loss and their gradients NaN.
     """
-    labels = widen_labels(labels)
-    info = jnp.iinfo(labels.dtype)
-    check_ignore_index_fits(ignore_index, str(labels.dtype), int(info.min), int(info.max))
+    index_dtype = jnp.dtype(jnp.int64 if jnp.dtype(labels.dtype).itemsize == 8 else jnp.int32)
+    info = jnp.iinfo(index_dtype)
+    check_ignore_index_fits(ignore_index, str(index_dtype), int(info.min), int(info.max))
     bad = check_label_range(labels, vocab, ignore_index)
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).astype(index_dtype)
     if bad is None:
         return flat, None
     bad = bad.reshape(-1)

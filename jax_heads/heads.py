@@ -31,7 +31,7 @@ from heads_common import (
     check_split_config,
     token_id_range_message,
 )
-from jax_heads.functional import check_mesh_options, linear_cross_entropy, select_implementation, widen_labels
+from jax_heads.functional import check_mesh_options, linear_cross_entropy, out_of_range_labels, select_implementation
 from jax_heads.reference import PRECISION
 
 # torch's nn.Linear init, kaiming_uniform(a=sqrt(5)): uniform(-b, b) with b = sqrt(3 * (1/3) / fan_in).
@@ -464,8 +464,7 @@ class SplitTokenEmbeddings(nnx.Module):
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise TypeError(f"input_ids must be an integer array, got {input_ids.dtype}")
         vocab = self.vocab_size
-        input_ids = widen_labels(input_ids)
-        bad = (input_ids < 0) | (input_ids >= vocab)
+        bad = out_of_range_labels(input_ids, vocab)  # in the ids' own dtype: a uint32 id never wraps
         if not isinstance(input_ids, jax.core.Tracer) and input_ids.size and bool(bad.any()):
             position = [int(i) for i in np.argwhere(np.asarray(bad))[0]]
             raise ValueError(token_id_range_message(int(input_ids[tuple(position)]), position, vocab))
