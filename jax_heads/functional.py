@@ -20,7 +20,18 @@ Labels out of range: concrete labels are checked on the host (``ValueError``, th
 ``torch_heads`` gives). Under ``jit``/``vmap`` the labels are tracers and cannot raise: the loss
 at each such position is NaN instead (so ``sum``/``mean`` are NaN too), its gradients are NaN as
 well (never the gradient of another label, never a silent zero), and no implementation ever reads
-out of bounds for it. ``docs/robustness.md`` lists every bad input and edge case and its answer.
+out of bounds for it. Labels of any integer dtype are range-checked in that dtype before they are
+widened, so an unsigned label never wraps onto ``ignore_index``.
+
+Such a label poisons the whole ``d_weight`` of a training step, as does a counted token whose hidden
+state is not finite. Checked mode (:mod:`jax_heads.checked`) finds them under ``jit``:
+:func:`~jax_heads.checked.invalid_tokens` (a mask, to skip the step on device) and
+:func:`~jax_heads.checked.check_inputs` (``checkify`` errors naming the first such token). An
+*ignored* token cannot poison anything: every implementation sees its hidden state as zeros.
+
+Every implementation runs compiled (one ``jax.jit`` per implementation, options and shapes), so
+an eager call costs what a call under ``jit`` does. ``docs/robustness.md`` lists every bad input
+and edge case and its answer.
 """
 
 from __future__ import annotations
@@ -328,8 +339,9 @@ def linear_cross_entropy(
         float32 loss (float64 for float64 inputs): shape ``labels.shape`` for ``"none"``, else a scalar.
         Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. Under a
         transformation, the loss at an out-of-range label is NaN (see the module docstring). A
-        token whose hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the other
-        tokens' losses and ``hidden`` gradients are unaffected.
+        counted token whose hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the
+        other tokens' losses and ``hidden`` gradients are unaffected. An ignored token's hidden
+        state is never read: loss 0, ``d_hidden`` row 0 and no share of ``d_weight``, even for NaN.
 
     Raises:
         TypeError: non-array inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
