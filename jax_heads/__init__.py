@@ -4,6 +4,7 @@ Importing this package never imports torch.
 """
 
 from heads_common import LM_IGNORE_INDEX
+from jax_heads.checked import check_inputs, invalid_tokens
 from jax_heads.functional import IMPLEMENTATIONS, linear_cross_entropy, select_implementation
 from jax_heads.heads import ClassificationHead, EmbeddingHead, SplitLanguageModellingHead, SplitTokenEmbeddings
 
@@ -14,6 +15,8 @@ __all__ = [
     "EmbeddingHead",
     "SplitLanguageModellingHead",
     "SplitTokenEmbeddings",
+    "check_inputs",
+    "invalid_tokens",
     "linear_cross_entropy",
     "select_implementation",
 ]

@@ -20,12 +20,27 @@ Labels out of range: concrete labels are checked on the host (``ValueError``, th
 ``torch_heads`` gives). Under ``jit``/``vmap`` the labels are tracers and cannot raise: the loss
 at each such position is NaN instead (so ``sum``/``mean`` are NaN too), its gradients are NaN as
 well (never the gradient of another label, never a silent zero), and no implementation ever reads
-out of bounds for it. ``docs/robustness.md`` lists every bad input and edge case and its answer.
+out of bounds for it. Labels of any integer dtype are range-checked in that dtype before they are
+widened, so an unsigned label never wraps onto ``ignore_index``.
+
+Such a label poisons the whole ``d_weight`` of a training step, as does a counted token whose hidden
+state is not finite — and so does a non-finite hidden state at an *ignored* token (padding): its
+loss is 0 and its own gradient row 0, but ``0·NaN`` in ``Gᵀ·H`` makes ``d_weight`` NaN, as in
+``torch_heads`` (zeroing such rows inside the op would cost a copy of ``hidden`` kept from the
+forward to the backward, ``N·D`` elements; see ``docs/robustness.md``). Checked mode
+(:mod:`jax_heads.checked`) finds all of them under ``jit``: :func:`~jax_heads.checked.invalid_tokens`
+(a mask, to skip the step on device) and :func:`~jax_heads.checked.check_inputs` (``checkify``
+errors naming the first such token).
+
+Every implementation runs compiled (one ``jax.jit`` per implementation, options and shapes), so
+an eager call costs what a call under ``jit`` does. ``docs/robustness.md`` lists every bad input
+and edge case and its answer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -170,33 +185,40 @@ def _check_arrays(hidden: object, weight: object, labels: object) -> None:
         raise TypeError(f"labels must be an integer array, got {labels.dtype}")
 
 
-def widen_labels(labels: jax.Array) -> jax.Array:
-    """Labels as a signed integer of at least 32 bits.
+def out_of_range_labels(labels: jax.Array | np.ndarray, vocab_size: int, ignore_index: int | None = None):
+    """The mask of labels outside ``[0, vocab_size)`` that are not ``ignore_index``.
 
-    JAX wraps a Python int that does not fit a narrow dtype (``int8`` labels are compared with
-    507 as if it were -5), so narrow and unsigned labels are widened first. uint32/uint64 values past
-    the signed range become negative, hence out of range, never a plausible label.
+    Compared in the labels' own integer dtype, on NumPy or JAX (concrete or traced) arrays, before
+    any narrowing or change of sign: a bound the dtype cannot hold is settled without converting it.
+    So a ``uint32`` label ``2**32 - 100`` is out of range (never the ignore index -100), an ``int8``
+    label 50 is inside a vocabulary of 300 (which ``int8`` would wrap to 44), and an ignore index the
+    dtype cannot hold matches no label.
     """
-    dtype = jnp.dtype(labels.dtype)
-    if dtype.itemsize < 4 or jnp.issubdtype(dtype, jnp.unsignedinteger):
-        return labels.astype(jnp.int64 if dtype.itemsize == 8 else jnp.int32)
-    return labels
+    info = np.iinfo(labels.dtype)
+    xp = np if isinstance(labels, np.ndarray) else jnp
+    bad = labels >= vocab_size if vocab_size <= info.max else xp.zeros(labels.shape, bool)
+    if info.min < 0:
+        bad = bad | (labels < 0)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        bad = bad & (labels != ignore_index)
+    return bad
 
 
 def check_label_range(labels: jax.Array, vocab_size: int, ignore_index: int) -> jax.Array | None:
     """Labels must lie in ``[0, vocab_size)`` or equal ``ignore_index``.
 
     Concrete labels are checked on the host (one device-to-host copy) and raise ``ValueError`` at
-    once. Traced labels (under ``jit``/``vmap``) cannot raise: the boolean mask of out-of-range
+    once, quoting the first bad label as given (a ``uint32`` label ``2**32 - 1`` as 4294967295).
+    Traced labels (under ``jit``/``vmap``) cannot raise: the boolean mask of out-of-range
     positions is returned instead, for the caller to turn into NaN losses.
 
     Returns:
         None for concrete labels (all in range), else the ``labels.shape`` mask of bad positions.
     """
     if isinstance(labels, jax.core.Tracer):
-        return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+        return out_of_range_labels(labels, vocab_size, ignore_index)
     values = np.asarray(labels)
-    bad = (values != ignore_index) & ((values < 0) | (values >= vocab_size))
+    bad = out_of_range_labels(values, vocab_size, ignore_index)
     if bad.any():
         position = [int(i) for i in np.argwhere(bad)[0]]
         raise ValueError(label_range_message(int(values[tuple(position)]), position, vocab_size, ignore_index))
@@ -380,8 +402,9 @@ def linear_cross_entropy(
         with ``shift``) for ``"none"``, else a scalar; with ``return_lse``, ``(loss, lse)``.
         Gradients with respect to ``hidden`` and ``weight`` come back in their dtype. Under a
         transformation, the loss at an out-of-range label is NaN (see the module docstring). A
-        token whose hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the other
-        tokens' losses and ``hidden`` gradients are unaffected.
+        counted token whose hidden state holds inf or NaN gets a NaN loss (and NaN gradients); the
+        other tokens' losses and ``hidden`` gradients are unaffected. A non-finite hidden state at
+        an ignored token gives loss 0 there but a NaN ``d_weight`` (module docstring).
 
     Raises:
         TypeError: non-array inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
@@ -418,13 +441,23 @@ def linear_cross_entropy(
     implementation = REGISTRY.choose(impl, hidden, options)
 
     flat_labels, bad = _checked_labels(labels, weight.shape[0], options.ignore_index, options.shift)
-    out = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels, options, bias=bias, bad=bad)
+    out = _compiled_loss(implementation, options, hidden, weight, flat_labels, bias, bad)
     loss, lse = out if options.return_lse else (out, None)
     if reduction == "none":
         loss = _unshift(loss.reshape(labels.shape), options.shift)
     if lse is None:
         return loss
     return loss, _unshift(lse.reshape(labels.shape), options.shift)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compiled_loss(implementation: Implementation, options: LossOptions, hidden, weight, labels, bias, bad):
+    """``implementation.loss`` on ``hidden`` flattened to ``(N, D)``, compiled once per implementation,
+    options, shapes and dtypes: an eager call costs what a call under ``jit`` does (no op-by-op
+    dispatch, no retracing of the implementation's loops).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return implementation.loss(hidden, weight, labels, options, bias=bias, bad=bad)
 
 
 def _check_bias(bias: object, weight: jax.Array) -> None:
@@ -445,16 +478,19 @@ def _unshift(x: jax.Array, shift: int) -> jax.Array:
 def _checked_labels(
     labels: jax.Array, vocab: int, ignore_index: int, shift: int = 0
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Flat labels safe to index with, and the mask of out-of-range ones (None when concrete: those raise).
+    """Flat signed labels safe to index with, and the mask of out-of-range ones (None when concrete: those raise).
 
+    The range is checked in the labels' own dtype first (:func:`out_of_range_labels`); only then
+    are they widened to int32 (int64 for 64-bit labels), which is exact for every label that passed.
     Out-of-range traced labels reach the implementation as an in-range label (nothing is read out of
     bounds); the ``bad`` mask then makes both their loss and their gradients NaN. With ``shift`` ``k``
     position ``t`` gets ``labels[..., t + k]`` and the last ``k`` positions ``ignore_index``.
     """
-    labels = widen_labels(labels)
-    info = jnp.iinfo(labels.dtype)
-    check_ignore_index_fits(ignore_index, str(labels.dtype), int(info.min), int(info.max))
+    index_dtype = jnp.dtype(jnp.int64 if jnp.dtype(labels.dtype).itemsize == 8 else jnp.int32)
+    info = jnp.iinfo(index_dtype)
+    check_ignore_index_fits(ignore_index, str(index_dtype), int(info.min), int(info.max))
     bad = check_label_range(labels, vocab, ignore_index)
+    labels = labels.astype(index_dtype)
     if shift:
         labels = _shift_left(labels, shift, ignore_index)
         bad = None if bad is None else _shift_left(bad, shift, False)

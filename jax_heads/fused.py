@@ -129,6 +129,8 @@ def _fused_bwd(o: _Options, residuals, grad):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+# Compiled once per options and shapes: eager calls neither dispatch op by op nor retrace the scans.
+_fused_jit = jax.jit(_fused, static_argnums=(4,))
 
 
 def fused_loss(
@@ -166,4 +168,4 @@ def fused_loss(
     o = _Options(int(ignore_index), reduction, int(rows))
     if nan_rows is None:
         nan_rows = jnp.zeros(labels.shape, bool)
-    return _fused(hidden, weight, labels, nan_rows, o)
+    return _fused_jit(hidden, weight, labels, nan_rows, o)

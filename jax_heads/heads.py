@@ -37,8 +37,8 @@ from jax_heads.functional import (
     IMPLEMENTATIONS,
     check_mesh_options,
     linear_cross_entropy,
+    out_of_range_labels,
     select_implementation,
-    widen_labels,
 )
 from jax_heads.reference import PRECISION
 
@@ -485,8 +485,7 @@ class SplitTokenEmbeddings(nnx.Module):
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise TypeError(f"input_ids must be an integer array, got {input_ids.dtype}")
         vocab = self.vocab_size
-        input_ids = widen_labels(input_ids)
-        bad = (input_ids < 0) | (input_ids >= vocab)
+        bad = out_of_range_labels(input_ids, vocab)  # in the ids' own dtype: a uint32 id never wraps
         if not isinstance(input_ids, jax.core.Tracer) and input_ids.size and bool(bad.any()):
             position = [int(i) for i in np.argwhere(np.asarray(bad))[0]]
             raise ValueError(token_id_range_message(int(input_ids[tuple(position)]), position, vocab))

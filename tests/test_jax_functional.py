@@ -271,6 +271,79 @@ def test_narrow_label_dtypes_are_checked_without_wrapping():
     assert np.all(np.isfinite(in_range))
 
 
+def _with_label(labels, dtype: str, position, value: int) -> jax.Array:
+    """``labels`` as ``dtype`` with ``value`` (which may not fit a signed dtype) at ``position``."""
+    values = np.asarray(labels).astype(dtype)
+    values[position] = value
+    return jnp.asarray(values)
+
+
+UNSIGNED = [
+    pytest.param("uint32", 2**32 - 100, id="uint32-wraps-to-ignore-index"),
+    pytest.param("uint32", 2**32 - 1, id="uint32-wraps-to-minus-1"),
+    pytest.param("uint32", 2**31, id="uint32-wraps-to-int32-min"),
+    pytest.param("uint64", 2**64 - 100, id="uint64-wraps-to-ignore-index"),
+]
+
+
+@pytest.mark.skipif(not hasattr(jax, "enable_x64"), reason="jax.enable_x64 context manager not available")
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "vocab-parallel"])
+@pytest.mark.parametrize("dtype, value", UNSIGNED)
+def test_unsigned_labels_are_range_checked_before_widening(dtype, value, sharded):
+    """An unsigned label past the signed range (2**32 - 100 becomes -100 in int32) is an error
+    quoting the label as given, and under ``jit`` a NaN loss and NaN gradient row, never an ignored
+    token; also through the vocabulary-parallel path (a one-device mesh) and for uint64 labels in
+    64-bit mode."""
+    from jax.sharding import Mesh
+
+    mesh = {"mesh": Mesh(np.array(jax.devices()[:1]), ("vocab",)), "vocab_axis": "vocab"} if sharded else {}
+    with jax.enable_x64(dtype == "uint64"):
+        hidden, weight, labels = make_inputs(((2, 4), 10, 3), "float32", ignored=0.0)
+        bad = _with_label(labels, dtype, (1, 2), value)
+        with pytest.raises(ValueError) as error:
+            linear_cross_entropy(hidden, weight, bad, **mesh)
+        assert str(error.value) == label_range_message(value, (1, 2), 10, IGNORE)
+
+        def objective(h, w, y):
+            loss = linear_cross_entropy(h, w, y, **mesh)
+            return loss.sum(), loss
+
+        grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+        (_, loss), (d_hidden, _) = grad(hidden, weight, bad)
+        (_, good), (good_d_hidden, _) = grad(hidden, weight, labels.astype(dtype))
+    loss, d_hidden = np.asarray(loss), np.asarray(d_hidden)
+    assert np.isnan(loss[1, 2]) and np.isnan(d_hidden[1, 2]).all()
+    keep = np.ones((2, 4), bool)
+    keep[1, 2] = False
+    np.testing.assert_array_equal(loss[keep], np.asarray(good)[keep])
+    np.testing.assert_array_equal(d_hidden[keep], np.asarray(good_d_hidden)[keep])
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, "fused"])
+def test_repeated_eager_calls_compile_nothing(impl):
+    """Eager ``value_and_grad`` in a loop, as a training loop without ``jit`` runs it: after the first
+    call nothing is traced or compiled again and no array is left behind (``fused`` used to rebuild
+    and recompile its loops on every call, growing memory and taking ~100x longer than ``chunked``)."""
+    kwargs = {"impl": "fused"} if impl == "fused" else impl_kwargs(impl)
+    hidden, weight, labels = make_inputs(((16,), 50, 8), "float32")
+    grad = jax.value_and_grad(lambda h, w: linear_cross_entropy(h, w, labels, reduction="mean", **kwargs), (0, 1))
+    jax.block_until_ready(grad(hidden, weight))
+    live = len(jax.live_arrays())
+    events = []
+
+    def listener(name, *args, **kwargs):
+        events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(3):
+            jax.block_until_ready(grad(hidden, weight))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not [name for name in events if name.startswith("/jax/core/compile/")], events
+    assert len(jax.live_arrays()) == live
+
+
 def test_chunked_memory_is_bounded_by_a_chunk():
     """Compiled temp memory of value_and_grad: the reference holds (N, V) logits, chunked does not."""
     n, v, d = 2048, 1000, 16

@@ -190,6 +190,25 @@ def test_narrow_and_unsigned_token_ids_do_not_wrap(framework):
         np.testing.assert_array_equal(out, table[ids])
 
 
+def test_jax_heads_quote_unsigned_labels_and_ids_as_given():
+    """A uint32 label or token id past the int32 range (2**32 - 100 would wrap to the ignore index
+    -100): the Flax LM head and token embeddings raise quoting 4294967196 eagerly, and give NaN (never
+    a loss of 0) under ``nnx.jit``."""
+    value = 2**32 - 100
+    lm = head("jax", "SplitLanguageModellingHead", {"a": 100, "b": 200}, ["a", "b"], 4)
+    embeddings = head("jax", "SplitTokenEmbeddings", {"a": 100, "b": 200}, ["a", "b"], 4)
+    ids = jnp.asarray(np.array([[3, value, 250]], np.uint32))
+    hidden = jnp.ones((1, 3, 4))
+    with pytest.raises(ValueError, match=rf"found {value} at index \(0, 1\)"):
+        lm(hidden, ids)
+    with pytest.raises(ValueError, match=rf"input_ids must be in \[0, 300\); found {value} at index \(0, 1\)"):
+        embeddings(ids)
+    loss = np.asarray(nnx.jit(lambda m, h, y: m(h, y))(lm, hidden, ids))
+    rows = np.asarray(nnx.jit(lambda m, y: m(y))(embeddings, ids))
+    assert np.isnan(loss[0, 1]) and np.isfinite(loss[0, [0, 2]]).all()
+    assert np.isnan(rows[0, 1]).all() and np.isfinite(rows[0, [0, 2]]).all()
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_ignore_index_must_fit_the_labels_dtype(framework):
     """An ignore index no label can hold (beyond int64 in torch, beyond int32 in JAX's default mode)
