@@ -1,0 +1,66 @@
+"""What the custom autograd Functions of ``torch_heads`` share: autocast, ``torch.func``, derivative orders.
+
+* Autocast. The ops honour ``torch.autocast`` once, at their entry (:func:`autocast_inputs`, as
+  ``F.linear`` would cast its operands), then compute with autocast off: each Function's forward and
+  backward run under :func:`autocast_disabled`, so a backward called inside or outside an autocast
+  block computes the same thing as the forward it belongs to.
+* ``torch.func``. Each Function defines ``setup_context`` (for ``torch.func.grad``/``vjp``) and a
+  ``vmap`` staticmethod built on :func:`vmap_by_loop`: the Function applied to each batch element in
+  turn, whose outputs are stacked. Their forwards write into preallocated buffers, which
+  ``generate_vmap_rule`` cannot batch.
+* Orders. A backward is itself a Function's forward (its results then have a ``grad_fn``); a
+  Function whose derivative is not implemented raises a ``RuntimeError`` in its backward naming what
+  supports that order, never a wrong (zero) derivative or a torch-internal message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden, weight)`` as an autocast-enabled matmul would take them (a differentiable cast).
+
+    When autocast is enabled for the inputs' device type at call time, every floating input except
+    float64 is cast to ``torch.get_autocast_dtype(device_type)``, exactly as ``F.linear`` under
+    autocast casts its operands; otherwise (or on a device type autocast does not know, or for
+    non-tensors, which the caller's checks refuse) the inputs are returned unchanged.
+    """
+    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return hidden, weight
+    device_type = hidden.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point() or tensor.dtype == torch.float64:
+            return tensor
+        return tensor.to(dtype)
+
+    return cast(hidden), cast(weight)
+
+
+def autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off for ``device``'s type (a no-op context where autocast does not exist)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def vmap_by_loop(function: type[torch.autograd.Function], info, in_dims, *args):
+    """The ``vmap`` staticmethod of ``function``: ``function.apply`` on each batch element, stacked.
+
+    Returns ``(outputs, out_dims)`` as ``torch.func.vmap`` expects: every tensor output batched
+    along dimension 0, a None output unbatched.
+    """
+    results = []
+    for b in range(info.batch_size):
+        results.append(function.apply(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims))))
+    single = not isinstance(results[0], tuple)
+    columns = list(zip(*([(r,) for r in results] if single else results)))
+    outputs = tuple(None if column[0] is None else torch.stack(column) for column in columns)
+    out_dims = tuple(None if out is None else 0 for out in outputs)
+    return (outputs[0], out_dims[0]) if single else (outputs, out_dims)
