@@ -512,8 +512,9 @@ def test_third_order_is_refused_by_chunked_only():
 
 
 def test_torch_func_grad_and_vmap_over_the_default_path():
-    """``torch.func.grad``, ``vmap`` (over hidden and labels), per-sample gradients (``vmap(grad)``) and
-    ``grad(grad)`` through the default (chunked) path equal the same computations done one by one."""
+    """``torch.func.grad``, ``vmap`` (over hidden and labels), per-sample gradients (``vmap(grad)``, also
+    of an empty batch) and ``grad(grad)`` through the default (chunked) path equal the same computations
+    done one by one."""
     rng = _rng("torch-func")
     hidden, weight, labels = make_inputs(rng, (4, 9), 16, 37, torch.float64)
     assert select_implementation(hidden, None) == "chunked"
@@ -529,9 +530,10 @@ def test_torch_func_grad_and_vmap_over_the_default_path():
     per_sample = torch.func.vmap(loss, in_dims=(0, None, 0))(hidden, weight, labels)
     assert torch.equal(per_sample, torch.stack([loss(hidden[b], weight, labels[b]) for b in range(4)]))
 
-    grads = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None, 0))(hidden, weight, labels)
+    per_sample_grad = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None, 0))
     expected = [torch.autograd.grad(loss(hidden[b], w, labels[b]), w)[0] for b in range(4)]
-    assert torch.equal(grads, torch.stack(expected))
+    assert torch.equal(per_sample_grad(hidden, weight, labels), torch.stack(expected))
+    assert per_sample_grad(hidden[:0], weight, labels[:0]).shape == (0, *weight.shape)  # an empty batch
 
     def gradient_norm(fn):
         return lambda h: (torch.func.grad(lambda x: fn(x, weight, labels))(h) ** 2).sum()

@@ -54,13 +54,22 @@ def vmap_by_loop(function: type[torch.autograd.Function], info, in_dims, *args):
     """The ``vmap`` staticmethod of ``function``: ``function.apply`` on each batch element, stacked.
 
     Returns ``(outputs, out_dims)`` as ``torch.func.vmap`` expects: every tensor output batched
-    along dimension 0, a None output unbatched.
+    along dimension 0, a None output unbatched. An empty batch takes the outputs' shapes from one
+    call on zeros (``function`` must accept them) and returns them empty.
     """
-    results = []
-    for b in range(info.batch_size):
-        results.append(function.apply(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims))))
+
+    def element(b: int | None):
+        return tuple(
+            a if d is None else a.select(d, b) if b is not None else a.new_zeros(a.shape[:d] + a.shape[d + 1 :])
+            for a, d in zip(args, in_dims)
+        )
+
+    if info.batch_size == 0:
+        results, stack = [function.apply(*element(None))], lambda column: column[0].unsqueeze(0)[:0]
+    else:
+        results, stack = [function.apply(*element(b)) for b in range(info.batch_size)], torch.stack
     single = not isinstance(results[0], tuple)
     columns = list(zip(*([(r,) for r in results] if single else results)))
-    outputs = tuple(None if column[0] is None else torch.stack(column) for column in columns)
+    outputs = tuple(None if column[0] is None else stack(column) for column in columns)
     out_dims = tuple(None if out is None else 0 for out in outputs)
     return (outputs[0], out_dims[0]) if single else (outputs, out_dims)

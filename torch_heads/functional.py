@@ -149,7 +149,7 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
         return wide
     if labels.numel() and bool(bad.any()):
         position = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(label_range_message(int(labels[tuple(position)]), position, vocab_size, ignore_index))
+        raise ValueError(label_range_message(labels[tuple(position)].item(), position, vocab_size, ignore_index))
     return wide
 
 
@@ -277,6 +277,7 @@ def linear_cross_entropy(
     check_ignore_index_fits(options.ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
     labels = _CheckedLabels.apply(labels, weight.shape[0], options.ignore_index)
 
+    n = labels.numel()  # not reshape(-1): under torch.func.vmap an empty batch could not infer it
     with autocast_disabled(hidden.device):
-        loss = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), options, None)
+        loss = implementation.loss(hidden.reshape(n, hidden.shape[-1]), weight, labels.reshape(n), options, None)
     return loss.reshape(labels.shape) if reduction == "none" else loss
