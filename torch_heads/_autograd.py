@@ -58,11 +58,17 @@ def vmap_by_loop(function: type[torch.autograd.Function], info, in_dims, *args):
     call on zeros (``function`` must accept them) and returns them empty.
     """
 
-    def element(b: int | None):
-        return tuple(
-            a if d is None else a.select(d, b) if b is not None else a.new_zeros(a.shape[:d] + a.shape[d + 1 :])
-            for a, d in zip(args, in_dims)
-        )
+    def element(b: int | None) -> list:
+        """The arguments of batch element ``b`` (None: zeros of one element's shape)."""
+        picked = []
+        for a, d in zip(args, in_dims):
+            if d is None:
+                picked.append(a)
+            elif b is None:
+                picked.append(a.new_zeros(a.shape[:d] + a.shape[d + 1 :]))
+            else:
+                picked.append(a.select(d, b))
+        return picked
 
     if info.batch_size == 0:
         results, stack = [function.apply(*element(None))], lambda column: column[0].unsqueeze(0)[:0]
