@@ -156,19 +156,30 @@ def check_ignore_index_fits(ignore_index: int, labels_dtype: str, low: int, high
         )
 
 
-def check_lce_shapes(hidden_shape: Sequence[int], weight_shape: Sequence[int], labels_shape: Sequence[int]) -> None:
-    """Shape contract of ``linear_cross_entropy``: hidden ``(..., D)``, weight ``(V, D)``, labels ``(...)``."""
+def check_lce_shapes(
+    hidden_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    labels_shape: Sequence[int],
+    *,
+    weight_name: str = "weight",
+    allow_no_rows: bool = False,
+) -> None:
+    """Shape contract of ``linear_cross_entropy``: hidden ``(..., D)``, weight ``(V, D)``, labels ``(...)``.
+
+    ``weight_name`` names the weight in the messages; ``allow_no_rows`` accepts ``V = 0`` (a
+    vocabulary-parallel rank may hold no rows of the vocabulary).
+    """
     hidden_shape, weight_shape, labels_shape = tuple(hidden_shape), tuple(weight_shape), tuple(labels_shape)
     if len(hidden_shape) < 1:
         raise ValueError("hidden must have at least one dimension (..., D), got a scalar")
     if len(weight_shape) != 2:
-        raise ValueError(f"weight must have shape (V, D), got {weight_shape}")
-    if weight_shape[0] < 1:
-        raise ValueError(f"weight must have at least one vocabulary row, got shape {weight_shape}")
+        raise ValueError(f"{weight_name} must have shape (V, D), got {weight_shape}")
+    if weight_shape[0] < 1 and not allow_no_rows:
+        raise ValueError(f"{weight_name} must have at least one vocabulary row, got shape {weight_shape}")
     if weight_shape[1] != hidden_shape[-1]:
         raise ValueError(
             f"hidden size mismatch: hidden has D={hidden_shape[-1]} (shape {hidden_shape}) "
-            f"but weight has D={weight_shape[1]} (shape {weight_shape})"
+            f"but {weight_name} has D={weight_shape[1]} (shape {weight_shape})"
         )
     if hidden_shape[-1] < 1:
         raise ValueError(f"hidden must have a hidden size D >= 1 in its last dimension, got shape {hidden_shape}")

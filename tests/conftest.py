@@ -33,3 +33,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def gloo_world(tmp_path_factory):
+    """A one-process gloo group (the world) for the vocabulary-parallel op, torn down after the module."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # set up by another module of this run: use it as it is
+        yield dist.group.WORLD
+        return
+    init = tmp_path_factory.mktemp("gloo") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

@@ -361,3 +361,87 @@ def test_dropout_out_of_range_is_the_same_error_in_both_frameworks(dropout):
     assert torch_error == jax_error
     assert torch_error[1].startswith("dropout must be")
 
+
+
+# --- the torch vocabulary-parallel op against the single-device op -----------------------------------
+# One gloo rank holding the whole vocabulary (conftest.py: gloo_world); the op's collectives still run.
+
+
+def _parallel(group, hidden, weight, labels, **kwargs):
+    from torch_heads.parallel import vocab_parallel_linear_cross_entropy
+
+    return vocab_parallel_linear_cross_entropy(hidden, weight, labels, vocab_start=0, vocab_size=11, group=group, **kwargs)
+
+
+def _uint(dtype, values):
+    return torch.tensor(values, dtype=dtype)
+
+
+PARALLEL_BAD_INPUTS = {  # name -> (hidden, weight, labels) differing from (4, 8), (11, 8), (4,) int64 in one place
+    "labels-complex": (None, None, torch.zeros(4, dtype=torch.complex64)),
+    "labels-bool": (None, None, torch.zeros(4, dtype=torch.bool)),
+    "labels-float": (None, None, torch.zeros(4)),
+    "hidden-0d": (torch.tensor(1.0), None, None),
+    "hidden-int": (torch.ones(4, 8, dtype=torch.int32), None, None),
+    "hidden-numpy": (np.zeros((4, 8)), None, None),
+    "weight-dtype": (None, torch.zeros(11, 8, dtype=torch.float64), None),
+    "weight-3d": (None, torch.zeros(11, 8, 1), None),
+    "hidden-size": (None, torch.zeros(11, 7), None),
+    "labels-shape": (None, None, torch.zeros(5, dtype=torch.long)),
+    "label-eq-V": (None, None, torch.tensor([0, 11, 2, 3])),
+    "label-uint64-2**64-100": (None, None, _uint(torch.uint64, [0, 2**64 - 100, 2, 3])),
+    "label-uint32-max": (None, None, _uint(torch.uint32, [0, 1, 2**32 - 1, 3])),
+}
+
+
+@pytest.mark.parametrize("case", PARALLEL_BAD_INPUTS)
+def test_vocab_parallel_refuses_what_linear_cross_entropy_refuses(gloo_world, case):
+    """The same exception and message from both torch ops (the parallel op names its weight
+    ``weight_shard``): complex labels are a TypeError, a 0-d hidden the single-device ValueError, a
+    uint64 label beyond int64 is out of range and quoted as given."""
+    valid = (torch.randn(4, 8), torch.randn(11, 8), torch.tensor([0, 1, -100, 10]))
+    args = [v if bad is None else bad for v, bad in zip(valid, PARALLEL_BAD_INPUTS[case])]
+    single = raised(lambda: torch_heads.linear_cross_entropy(*args))
+    parallel = raised(lambda: _parallel(gloo_world, *args))
+    assert (parallel[0], parallel[1].replace("weight_shard", "weight")) == single
+    if case == "label-uint64-2**64-100":
+        assert "found 18446744073709551516 at index (1,)" in single[1]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vocab_parallel_non_finite_hidden_row_is_nan_as_in_linear_cross_entropy(gloo_world, value, reduction):
+    """A ±inf (or NaN) in one token's hidden state: NaN loss (never inf) and NaN hidden-gradient row in
+    both torch ops; every other token's loss and hidden gradient equal the single-device op's."""
+    hidden, weight, labels, upstream = inputs(7, 5, 11, seed=8, ignored=[4])
+    hidden[2, 1] = value
+    results = []
+    for fn in (torch_heads.linear_cross_entropy, lambda *a, **k: _parallel(gloo_world, *a, **k)):
+        h = torch.tensor(hidden, dtype=torch.float32, requires_grad=True)
+        loss = fn(h, torch.tensor(weight, dtype=torch.float32), torch.tensor(labels), reduction=reduction)
+        results.append(loss.detach())
+        if reduction == "none":
+            loss = (loss * torch.tensor(upstream, dtype=torch.float32)).sum()
+        loss.backward()
+        results.append(h.grad)
+    loss, d_hidden, parallel_loss, parallel_d_hidden = results
+    assert torch.isnan(parallel_loss[2] if reduction == "none" else parallel_loss)
+    assert torch.isnan(parallel_d_hidden[2]).all()
+    keep = [0, 1, 3, 4, 5, 6]
+    if reduction == "none":
+        assert_close("loss", parallel_loss[keep].numpy(), loss[keep].numpy(), "float32")
+    assert_close("d_hidden", parallel_d_hidden[keep].numpy(), d_hidden[keep].numpy(), "float32")
+
+
+def test_vocab_parallel_second_order_is_refused_clearly(gloo_world):
+    """The parallel op's gradients can be taken with ``create_graph=True`` (and equal the single-device
+    ones), but differentiating them raises a RuntimeError naming what supports second order."""
+    hidden, weight, labels, _ = inputs(6, 5, 11, seed=9, ignored=[1])
+    h = torch.tensor(hidden, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(weight, dtype=torch.float64)
+    (g,) = torch.autograd.grad(_parallel(gloo_world, h, w, torch.tensor(labels)).sum(), h, create_graph=True)
+    (expected,) = torch.autograd.grad(torch_heads.linear_cross_entropy(h, w, torch.tensor(labels)).sum(), h)
+    assert_close("d_hidden", g.detach().numpy(), expected.numpy(), "float64")
+    with pytest.raises(RuntimeError, match=r"second-order.*vocabulary-parallel.*linear_cross_entropy with "
+                                           r"impl='chunked' \(twice\) or impl='reference'"):
+        torch.autograd.grad((g**2).sum(), h)

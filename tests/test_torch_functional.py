@@ -336,6 +336,13 @@ def _labels_with(value):
     return labels
 
 
+def _unsigned_labels_with(dtype, value):
+    """Valid labels of an unsigned ``dtype`` holding ``value`` (as given, possibly beyond int64) at (2, 3)."""
+    labels = _valid()[2].to(dtype)
+    labels[2, 3] = torch.tensor([value], dtype=dtype)[0]
+    return labels
+
+
 BAD_INPUTS = [
     pytest.param({"hidden": np.zeros((4, 6, 8))}, TypeError, "hidden must be a torch.Tensor", id="hidden-numpy"),
     pytest.param({"weight": [[0.0] * 8] * 11}, TypeError, "weight must be a torch.Tensor", id="weight-list"),
@@ -364,6 +371,29 @@ BAD_INPUTS = [
     pytest.param({"labels": _labels_with(1000)}, ValueError, "found 1000 at", id="label-above-V"),
     pytest.param({"labels": _labels_with(-1)}, ValueError, "labels must be in .*found -1 at", id="label-minus-1"),
     pytest.param({"labels": _labels_with(-101)}, ValueError, "found -101 at", id="label-minus-101"),
+    pytest.param(  # int64 would wrap it onto the ignore index -100
+        {"labels": _unsigned_labels_with(torch.uint64, 2**64 - 100)},
+        ValueError,
+        r"labels must be in \[0, 11\).*found 18446744073709551516 at index \(2, 3\)",
+        id="label-uint64-2**64-100",
+    ),
+    pytest.param(
+        {"labels": _unsigned_labels_with(torch.uint64, 2**63)}, ValueError, "found 9223372036854775808 at",
+        id="label-uint64-2**63",
+    ),
+    pytest.param(
+        {"labels": _unsigned_labels_with(torch.uint32, 2**32 - 1)}, ValueError, "found 4294967295 at",
+        id="label-uint32-max",
+    ),
+    pytest.param(
+        {"labels": _unsigned_labels_with(torch.uint16, 2**16 - 100)}, ValueError, "found 65436 at",
+        id="label-uint16-2**16-100",
+    ),
+    pytest.param(
+        {"labels": torch.zeros(4, 6, dtype=torch.complex64)}, TypeError, "labels must be an integer tensor, got "
+        "torch.complex64", id="labels-complex",
+    ),
+    pytest.param({"hidden": torch.tensor(1.0)}, ValueError, "hidden must have at least one dimension", id="hidden-0d"),
     pytest.param({"reduction": "avg"}, ValueError, "reduction must be one of", id="reduction-unknown"),
     pytest.param({"reduction": None}, ValueError, "reduction must be one of", id="reduction-none-object"),
     pytest.param({"impl": "triton"}, ValueError, "impl must be None or one of", id="impl-unknown"),
@@ -400,3 +430,142 @@ def test_valid_inputs_pass():
     labels[0, 0] = IGNORE
     assert linear_cross_entropy(hidden, weight, labels, filter_eps=None).shape == (4, 6)
     assert linear_cross_entropy(hidden, weight, labels.int(), impl="reference").shape == (4, 6)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint64, torch.uint32, torch.uint16], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unsigned_labels_in_range_equal_int64(dtype, impl):
+    """Unsigned labels in range (no ignore index: an unsigned label cannot be -100) give the int64 result."""
+    hidden, weight, labels = _valid()
+    labels[1, 2] = 10  # the last class
+    expected = linear_cross_entropy(hidden, weight, labels, impl=impl)
+    assert torch.equal(linear_cross_entropy(hidden, weight, labels.to(dtype), impl=impl), expected)
+
+
+# --- higher order and torch.func ------------------------------------------------------------------
+
+
+def _second_order(loss_fn, hidden, weight, labels, rng):
+    """The gradients w.r.t. (hidden, weight) of a function of the first gradients, and those gradients.
+
+    The per-token loss is weighted by ``tanh(hidden.sum(-1))``, so the upstream gradient depends on
+    ``hidden`` too (the second derivative then flows through it); the second objective is
+    ``sum(d_hidden**2) + sum(r * d_weight)``.
+    """
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    r = torch.from_numpy(rng.standard_normal(weight.shape)).to(weight.dtype)
+    loss = (loss_fn(h, w, labels) * torch.tanh(h.sum(-1))).sum()
+    d_hidden, d_weight = torch.autograd.grad(loss, (h, w), create_graph=True)
+    second = torch.autograd.grad((d_hidden**2).sum() + (r * d_weight).sum(), (h, w))
+    return (d_hidden.detach(), d_weight.detach()), second
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("rows_per_chunk", [None, 7], ids=["default-chunks", "7rows"])
+def test_chunked_second_order_matches_reference(dtype, rows_per_chunk):
+    """Differentiating the ``chunked`` gradients (``create_graph=True``) gives the float64 reference's
+    plain-autograd second derivatives, across chunk boundaries and with ignored labels."""
+    rng = _rng(f"second-order-{dtype}-{rows_per_chunk}")
+    hidden, weight, labels = make_inputs(rng, (3, 37), 48, 301, DTYPES[dtype])
+    budget = {} if rows_per_chunk is None else {"chunk_budget_bytes": rows_per_chunk * 301 * 4}
+
+    def chunked(h, w, y):
+        return chunked_loss(h.reshape(-1, h.shape[-1]), w, y.reshape(-1), IGNORE, **budget).reshape(y.shape)
+
+    def reference(h, w, y):
+        return linear_cross_entropy(h, w, y, impl="reference")
+
+    first, second = _second_order(chunked, hidden, weight, labels, _rng("r"))
+    truth_first, truth_second = _second_order(reference, hidden.double(), weight.double(), labels, _rng("r"))
+    for name, value, truth in zip(("d_hidden", "d_weight", "dd_hidden", "dd_weight"), first + second,
+                                  truth_first + truth_second, strict=True):
+        assert value.dtype == DTYPES[dtype]
+        assert_close(name, to_np(value), to_np(truth), dtype)
+
+
+def test_chunked_gradgradcheck():
+    """``torch.autograd.gradgradcheck`` (float64, finite differences of the gradients, with random
+    upstream gradients that are differentiated too) on 2-row chunks with ignored labels."""
+    rng = _rng("gradgradcheck")
+    hidden, weight, labels = make_inputs(rng, (5,), 4, 7, torch.float64, ignored_fraction=0.4)
+
+    def fn(h, w):
+        return chunked_loss(h, w, labels, IGNORE, chunk_budget_bytes=2 * 7 * 8)
+
+    args = (hidden.requires_grad_(True), weight.requires_grad_(True))
+    assert torch.autograd.gradcheck(fn, args) and torch.autograd.gradgradcheck(fn, args)
+
+
+def test_third_order_is_refused_by_chunked_only():
+    hidden, weight, labels = make_inputs(_rng("third-order"), (6,), 5, 9, torch.float64)
+
+    def third(impl):
+        h = hidden.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(linear_cross_entropy(h, weight, labels, impl=impl).sum(), h, create_graph=True)
+        (gg,) = torch.autograd.grad((g**2).sum(), h, create_graph=True)
+        return torch.autograd.grad(gg.sum(), h)[0]
+
+    assert torch.isfinite(third("reference")).all()
+    with pytest.raises(RuntimeError, match=r"third-order derivatives.*impl='reference'.*supports any order"):
+        third("chunked")
+
+
+def test_torch_func_grad_and_vmap_over_the_default_path():
+    """``torch.func.grad``, ``vmap`` (over hidden and labels), per-sample gradients (``vmap(grad)``, also
+    of an empty batch) and ``grad(grad)`` through the default (chunked) path equal the same computations
+    done one by one."""
+    rng = _rng("torch-func")
+    hidden, weight, labels = make_inputs(rng, (4, 9), 16, 37, torch.float64)
+    assert select_implementation(hidden, None) == "chunked"
+
+    def loss(h, w, y):
+        return linear_cross_entropy(h, w, y, reduction="mean")
+
+    d_hidden, d_weight = torch.func.grad(loss, argnums=(0, 1))(hidden, weight, labels)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss(h, w, labels).backward()
+    assert torch.equal(d_hidden, h.grad) and torch.equal(d_weight, w.grad)
+
+    per_sample = torch.func.vmap(loss, in_dims=(0, None, 0))(hidden, weight, labels)
+    assert torch.equal(per_sample, torch.stack([loss(hidden[b], weight, labels[b]) for b in range(4)]))
+
+    per_sample_grad = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None, 0))
+    expected = [torch.autograd.grad(loss(hidden[b], w, labels[b]), w)[0] for b in range(4)]
+    assert torch.equal(per_sample_grad(hidden, weight, labels), torch.stack(expected))
+    assert per_sample_grad(hidden[:0], weight, labels[:0]).shape == (0, *weight.shape)  # an empty batch
+
+    def gradient_norm(fn):
+        return lambda h: (torch.func.grad(lambda x: fn(x, weight, labels))(h) ** 2).sum()
+
+    reference = torch.func.grad(
+        gradient_norm(lambda h, w, y: linear_cross_entropy(h, w, y, reduction="mean", impl="reference"))
+    )(hidden)
+    assert_close("grad(grad)", to_np(torch.func.grad(gradient_norm(loss))(hidden)), to_np(reference), "float64")
+
+
+def test_torch_func_vmap_still_checks_labels():
+    hidden, weight, labels = make_inputs(_rng("vmap-labels"), (3, 5), 8, 11, torch.float32)
+    labels[1, 2] = 11
+    fn = torch.func.vmap(lambda h, y: linear_cross_entropy(h, weight, y))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\).*found 11 at index \(1, 2\)"):
+        fn(hidden, labels)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside torch.func.jvp
+def test_forward_mode_refused_by_chunked_and_exact_in_reference():
+    """``torch.func.jvp`` (also ``jacfwd``/``hessian``): ``chunked`` refuses naming ``impl='reference'``;
+    the reference's directional derivative equals the gradient's inner product with the direction."""
+    hidden, weight, labels = make_inputs(_rng("jvp"), (6,), 5, 9, torch.float64)
+    direction = torch.randn(hidden.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def loss(impl):
+        return lambda h: linear_cross_entropy(h, weight, labels, reduction="sum", impl=impl)
+
+    with pytest.raises(RuntimeError, match=r"forward-mode AD.*impl='reference'"):
+        torch.func.jvp(loss("chunked"), (hidden,), (direction,))
+    _, tangent = torch.func.jvp(loss("reference"), (hidden,), (direction,))
+    h = hidden.clone().requires_grad_(True)
+    loss("reference")(h).backward()
+    assert_close("jvp", to_np(tangent), to_np((h.grad * direction).sum()), "float64")
+    assert torch.func.hessian(loss("reference"))(hidden).shape == (6, 5, 6, 5)

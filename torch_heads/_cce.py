@@ -8,7 +8,7 @@
   gradients instead.
 * Its backward accepts only float16/bfloat16 (an ``assert`` in 25.1.1). For float32 inputs that
   need gradients, the forward runs on CCE and the backward on our chunked recompute
-  (:func:`torch_heads.chunked.chunked_backward`), from the log-sum-exp that CCE's loss implies
+  (:func:`torch_heads.chunked.chunked_grads`), from the log-sum-exp that CCE's loss implies
   (``lse = loss + target logit``). The gradients are exact (no filter exists in that backward).
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward
+from torch_heads._autograd import autocast_disabled
+from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_grads
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of the cce and pallas paths
 
@@ -70,23 +71,28 @@ class _ZeroLoss(torch.autograd.Function):
 
 
 class _Float32Backward(torch.autograd.Function):
-    """float32: CCE's loss (computed by the caller), our chunked backward from ``lse = loss + target``."""
+    """float32: CCE's loss (computed by the caller), our chunked gradients from ``lse = loss + target``.
+
+    Autocast is off inside, and the gradients are :func:`torch_heads.chunked.chunked_grads`: they can
+    be differentiated once more (second order), as on the ``chunked`` path.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, loss, ignore_index: int):
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, 0).long()
-        target = torch.einsum("nd,nd->n", hidden, weight[safe_labels])
-        ctx.save_for_backward(hidden, weight, safe_labels, valid, loss + target)
+        with autocast_disabled(hidden.device):
+            valid = labels != ignore_index
+            safe_labels = torch.where(valid, labels, 0).long()
+            target = torch.einsum("nd,nd->n", hidden, weight[safe_labels])
+            ctx.save_for_backward(hidden, weight, labels, loss + target)
+        ctx.ignore_index = ignore_index
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, safe_labels, valid, lse = ctx.saved_tensors
+        hidden, weight, labels, lse = ctx.saved_tensors
         rows = chunk_rows_for(weight.shape[0], 4, DEFAULT_CHUNK_BUDGET_BYTES)
-        d_hidden, d_weight = chunked_backward(
-            hidden, weight, safe_labels, valid, valid, lse, grad_loss, ctx.needs_input_grad[:2], rows
-        )
+        need_h, need_w = ctx.needs_input_grad[:2]
+        d_hidden, d_weight = chunked_grads(hidden, weight, labels, lse, grad_loss, ctx.ignore_index, rows, need_h, need_w)
         return d_hidden, d_weight, None, None, None
 
 

@@ -42,6 +42,7 @@ from heads_common.options import (
 )
 from heads_common.registry import LOSS_OPTIONS, Implementation, LossOptions, Registry
 from torch_heads import _cce, _pallas
+from torch_heads._autograd import autocast_disabled, autocast_inputs
 from torch_heads.chunked import chunked_loss
 from torch_heads.reference import reference_loss
 
@@ -56,10 +57,13 @@ def _exact_reason(hidden: torch.Tensor, options: LossOptions) -> str | None:
     return None
 
 
-def nan_for_inf(loss: torch.Tensor) -> torch.Tensor:
-    """A row with non-finite logits (inf/NaN in its hidden state) is NaN in every implementation
-    (some log-sum-exps give inf there). Adding a constant keeps the gradient flowing unchanged."""
-    return loss + torch.where(torch.isinf(loss), float("nan"), 0.0)
+def nan_where_infinite(per_token: torch.Tensor) -> torch.Tensor:
+    """``per_token`` with NaN where it is ±inf: a token with inf/NaN in its hidden state has a NaN loss
+    in every implementation and op (some log-sum-exps give inf there).
+
+    Adding a constant (0 or NaN) keeps the gradient flowing unchanged.
+    """
+    return per_token + torch.where(torch.isinf(per_token), float("nan"), 0.0)
 
 
 def _per_token(single):
@@ -70,7 +74,7 @@ def _per_token(single):
     def loss(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
         out = single(hidden, weight, labels, options, bias)
         per_token, lse = out if options.return_lse else (out, None)
-        loss = reduce_loss(nan_for_inf(per_token), labels != options.ignore_index, options.reduction)
+        loss = reduce_loss(nan_where_infinite(per_token), labels != options.ignore_index, options.reduction)
         return loss if lse is None else (loss, lse)
 
     return loss
@@ -102,26 +106,35 @@ REGISTRY = Registry([
 IMPLEMENTATIONS = REGISTRY.names
 
 
-def _check_tensors(hidden: object, weight: object, labels: object) -> None:
-    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+def check_tensors(hidden: object, weight: object, labels: object, weight_name: str = "weight") -> None:
+    """The tensor checks both torch ops share (the vocabulary-parallel op names its weight ``weight_shard``).
+
+    Raises:
+        TypeError: a non-tensor or DTensor input, a non-float ``hidden``, a weight of another dtype,
+            non-integer (bool, floating or complex) labels.
+        ValueError: inputs on more than one device.
+    """
+    for name, value in (("hidden", hidden), (weight_name, weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    for name, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+    for name, value in (("hidden", hidden), (weight_name, weight), ("labels", labels)):
         if is_dtensor(value):
             raise TypeError(
-                f"{name} is a DTensor ({value.placements}): pass a plain tensor, e.g. `.full_tensor()`, or use "
-                "torch_heads.parallel.vocab_parallel_linear_cross_entropy with the weight's local vocabulary shard"
+                f"{name} is a DTensor ({value.placements}): pass a plain tensor, e.g. `.full_tensor()` for "
+                "linear_cross_entropy, or the weight's local vocabulary shard (`.to_local()`) for "
+                "torch_heads.parallel.vocab_parallel_linear_cross_entropy"
             )
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be a floating tensor of {[str(d) for d in FLOAT_DTYPES]}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+        raise TypeError(f"{weight_name} dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     devices = {hidden.device, weight.device, labels.device}
     if len(devices) != 1:
         raise ValueError(
-            f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device}, {labels.device}"
+            f"hidden, {weight_name} and labels must be on one device, got {hidden.device}, {weight.device}, "
+            f"{labels.device}"
         )
 
 
@@ -134,8 +147,13 @@ def is_dtensor(value: torch.Tensor) -> bool:
     return isinstance(value, DTensor)
 
 
-def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must lie in ``[0, vocab_size)`` or equal ``ignore_index``.
+def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Labels must lie in ``[0, vocab_size)`` or equal ``ignore_index``; returns them as int64.
+
+    Labels are compared as the integers they are: widened to int64 before any comparison (a uint8
+    label 156 would equal -100, an int8 50 would be >= 300), and a uint64 label of ``2**63`` or more,
+    which int64 cannot hold (it would wrap onto a negative value, possibly ``ignore_index``), is out
+    of range. The error quotes the offending label as given.
 
     On CPU this raises ``ValueError`` at once. On CUDA it enqueues an asynchronous device assert
     (``torch._assert_async``) instead of synchronising with the host: a bad label then surfaces as a
@@ -143,13 +161,39 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) 
     (a device assert cannot be recovered from). A CUDA caller who wants a catchable error should
     validate labels on the host first.
     """
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    wide = labels.long()
+    bad = (wide != ignore_index) & ((wide < 0) | (wide >= vocab_size))
+    if labels.dtype == torch.uint64:
+        bad = bad | (wide < 0)  # wrapped: at least 2**63 as given (an unsigned label is never negative)
     if labels.device.type == "cuda":
         torch._assert_async(~bad.any(), f"labels must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")
-        return
+        return wide
     if labels.numel() and bool(bad.any()):
         position = [int(i) for i in bad.nonzero()[0]]
-        raise ValueError(label_range_message(int(labels[tuple(position)]), position, vocab_size, ignore_index))
+        raise ValueError(label_range_message(labels[tuple(position)].item(), position, vocab_size, ignore_index))
+    return wide
+
+
+class _CheckedLabels(torch.autograd.Function):
+    """:func:`check_label_range` as a Function: under ``torch.func.vmap`` its rule sees the whole batch of
+    labels, where a data-dependent check of one element could not run (positions then count the mapped
+    dimension first)."""
+
+    @staticmethod
+    def forward(labels, vocab_size: int, ignore_index: int):
+        return check_label_range(labels, vocab_size, ignore_index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, labels, vocab_size, ignore_index):
+        return _CheckedLabels.apply(labels.movedim(in_dims[0], 0), vocab_size, ignore_index), 0
 
 
 def loss_options(
@@ -223,9 +267,22 @@ def linear_cross_entropy(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the logits.
 
+    Autocast: when ``torch.autocast`` is enabled for the inputs' device type at call time,
+    ``hidden`` and ``weight`` are first cast (differentiably) to the autocast dtype, as ``F.linear``
+    under autocast casts them (float16/bfloat16/float32 inputs; float64 stays), so a bfloat16
+    ``hidden`` with a float32 ``weight`` works there; the implementation then computes with autocast
+    off, in its forward and its backward, so a backward called inside or outside the autocast block
+    gives the same gradients. Outside autocast, the dtype rules below apply as stated.
+
+    Higher order: ``"chunked"`` and ``"reference"`` can be differentiated twice
+    (``torch.autograd.grad(..., create_graph=True)``; ``"chunked"`` computes the second derivative
+    chunk by chunk and refuses a third with a ``RuntimeError``; ``"reference"`` supports any order),
+    and compose with ``torch.func.grad``, ``vjp`` and ``vmap`` (``"chunked"`` maps by looping over
+    the batch). See ``docs/robustness.md``.
+
     Args:
         hidden: ``(..., D)`` float16/bfloat16/float32/float64 tensor.
-        weight: ``(V, D)`` tensor, same dtype and device as ``hidden``.
+        weight: ``(V, D)`` tensor, same dtype and device as ``hidden`` (after autocast's cast).
         labels: ``(...)`` integer tensor (``hidden.shape[:-1]``), values in ``[0, V)`` or ``ignore_index``.
         bias: None or ``(V,)`` of the weight's dtype and device, added to the logits first; differentiable.
         ignore_index: label value that contributes loss 0 and gradient 0.
@@ -256,9 +313,9 @@ def linear_cross_entropy(
 
     Raises:
         TypeError: non-tensor inputs, a non-float ``hidden``, mismatched dtypes, non-integer labels.
-        ValueError: shape mismatch, labels out of range (eagerly on CPU; see
-            :func:`check_label_range` for CUDA), bad ``reduction``/``filter_eps``, an ``impl`` that
-            cannot run on these inputs.
+        ValueError: shape mismatch, labels out of range, also an unsigned label beyond int64, quoted
+            as given (eagerly on CPU; see :func:`check_label_range` for CUDA), bad
+            ``reduction``/``filter_eps``, an ``impl`` that cannot run on these inputs.
 
     Example:
         >>> h = torch.randn(2, 5, 16, requires_grad=True)
@@ -266,7 +323,8 @@ def linear_cross_entropy(
         >>> y = torch.randint(0, 100, (2, 5))
         >>> linear_cross_entropy(h, w, y, reduction="mean").backward()
     """
-    _check_tensors(hidden, weight, labels)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    check_tensors(hidden, weight, labels)
     check_lce_shapes(hidden.shape, weight.shape, labels.shape)
     _check_bias(bias, weight)
     options = loss_options(
@@ -276,15 +334,14 @@ def linear_cross_entropy(
     )
     check_shift_fits(options.shift, tuple(labels.shape))
     implementation = REGISTRY.choose(impl, hidden, options)
-    # Comparisons with a Python int wrap in narrow and unsigned dtypes (a uint8 label 156 equals
-    # -100; an int8 label 50 is >= 300), so labels are widened to int64 before any check.
-    labels = labels.long()
     check_ignore_index_fits(options.ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
-    check_label_range(labels, weight.shape[0], options.ignore_index)
+    labels = _CheckedLabels.apply(labels, weight.shape[0], options.ignore_index)
     if options.shift:
         labels = shift_labels(labels, options.shift, options.ignore_index)
 
-    out = implementation.loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), options, bias=bias)
+    n = labels.numel()  # not reshape(-1): under torch.func.vmap an empty batch could not infer it
+    with autocast_disabled(hidden.device):
+        out = implementation.loss(hidden.reshape(n, hidden.shape[-1]), weight, labels.reshape(n), options, bias=bias)
     loss, lse = out if options.return_lse else (out, None)
     if reduction == "none":
         loss = _unshift(loss.reshape(labels.shape), options.shift)

@@ -31,10 +31,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from heads_common import LM_IGNORE_INDEX, check_ignore_index, check_interpret, check_reduction
+from heads_common import (
+    LM_IGNORE_INDEX,
+    check_ignore_index,
+    check_ignore_index_fits,
+    check_interpret,
+    check_lce_shapes,
+    check_reduction,
+)
 from torch_heads import _cce, _pallas
+from torch_heads._autograd import autocast_disabled, autocast_inputs
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward, chunked_lse_target
-from torch_heads.functional import FLOAT_DTYPES, check_label_range, is_dtensor, reduce_loss
+from torch_heads.functional import check_label_range, check_tensors, nan_where_infinite, reduce_loss
 from torch_heads.reference import math_dtype
 
 PARALLEL_IMPLEMENTATIONS = ("pallas", "chunked")
@@ -78,17 +86,18 @@ class _PallasShard:
 class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start: int, ignore_index: int, group, shard):
-        counted = labels != ignore_index
-        local = labels - vocab_start
-        local = torch.where(counted & (local >= 0) & (local < weight.shape[0]), local, -1)
-        lse_k, target = shard.lse_target(hidden, weight, local)
-        m = lse_k.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        m = torch.where(torch.isfinite(m), m, 0.0)  # an all -inf row stays -inf below, never NaN
-        total = torch.exp(lse_k - m)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group)
-        lse = m + torch.log(total)
+        with autocast_disabled(hidden.device):
+            counted = labels != ignore_index
+            local = labels - vocab_start
+            local = torch.where(counted & (local >= 0) & (local < weight.shape[0]), local, -1)
+            lse_k, target = shard.lse_target(hidden, weight, local)
+            m = lse_k.clone()
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            m = torch.where(torch.isfinite(m), m, 0.0)  # an all -inf row stays -inf below, never NaN
+            total = torch.exp(lse_k - m)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+            dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group)
+            lse = m + torch.log(total)
         ctx.save_for_backward(hidden, weight, local, counted, lse)
         ctx.group, ctx.shard = group, shard
         return torch.where(counted, lse - target, 0.0)
@@ -96,20 +105,32 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, local, counted, lse = ctx.saved_tensors
-        # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
-        g = torch.where(counted, grad_loss.to(lse.dtype), 0.0)
-        d_hidden, d_weight = ctx.shard.grads(hidden, weight, local, counted, lse, g, ctx.needs_input_grad[1])
-        # Every rank must join the all_reduce, whether or not it needs d_hidden itself.
-        dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
         need_h, need_w = ctx.needs_input_grad[:2]
-        return (
-            d_hidden.to(hidden.dtype) if need_h else None,
-            d_weight if need_w else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        d_hidden, d_weight = _VocabParallelGrads.apply(
+            hidden, weight, local, counted, lse, grad_loss, ctx.group, ctx.shard, need_h, need_w
+        )
+        return d_hidden, d_weight, None, None, None, None, None
+
+
+class _VocabParallelGrads(torch.autograd.Function):
+    """The op's gradients, as a Function so that differentiating them raises a clear error (no second order)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, local, counted, lse, grad_loss, group, shard, need_h: bool, need_w: bool):
+        with autocast_disabled(hidden.device):
+            # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
+            g = torch.where(counted, grad_loss.to(lse.dtype), 0.0)
+            d_hidden, d_weight = shard.grads(hidden, weight, local, counted, lse, g, need_w)
+            # Every rank must join the all_reduce, whether or not it needs d_hidden itself.
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=group)
+        return d_hidden.to(hidden.dtype) if need_h else None, d_weight if need_w else None
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "second-order derivatives are not supported by the vocabulary-parallel op; "
+            "torch_heads.linear_cross_entropy with impl='chunked' (twice) or impl='reference' (any order) on the "
+            "full weight supports them"
         )
 
 
@@ -171,6 +192,12 @@ def vocab_parallel_linear_cross_entropy(
     Collective: every rank of ``group`` must call it with the same ``hidden``, ``labels``,
     ``vocab_size`` and reduction (and call backward).
 
+    It shares the checks, the autocast rule and the non-finite semantics of
+    :func:`torch_heads.linear_cross_entropy`: under ``torch.autocast`` the inputs are cast to the
+    autocast dtype at the entry and the op computes with autocast off, forward and backward; a
+    token whose hidden state holds inf or NaN gets a NaN loss. Its gradients cannot be
+    differentiated again (a second derivative raises ``RuntimeError``).
+
     Args:
         hidden: ``(..., D)`` float16/bfloat16/float32/float64, identical on every rank of ``group``.
         weight_shard: ``(V_shard, D)``, same dtype and device (a plain tensor: a ``DTensor`` is
@@ -193,9 +220,12 @@ def vocab_parallel_linear_cross_entropy(
         full one on every rank.
 
     Raises:
-        TypeError: non-tensor or DTensor inputs, mismatched or non-float dtypes, non-integer labels.
-        ValueError: shapes, a shard outside the vocabulary, labels out of range (eagerly on CPU),
-            bad ``reduction``, an ``impl`` that is unknown or cannot run on these inputs.
+        TypeError: non-tensor or DTensor inputs, mismatched or non-float dtypes, non-integer labels
+            (as :func:`torch_heads.linear_cross_entropy`).
+        ValueError: shapes (as :func:`torch_heads.linear_cross_entropy`, but a shard may hold no
+            rows), a shard outside the vocabulary, labels out of range (eagerly on CPU; an unsigned
+            label beyond int64 quoted as given), bad ``reduction``, an ``impl`` that is unknown or
+            cannot run on these inputs.
         RuntimeError: ``torch.distributed`` is not initialised.
 
     Example (on every rank of a 2-process group)::
@@ -205,17 +235,9 @@ def vocab_parallel_linear_cross_entropy(
             hidden, full_weight[start:stop], labels, vocab_start=start, vocab_size=V, reduction="mean")
         loss.backward()
     """
-    _check_plain_tensor("hidden", hidden)
-    _check_plain_tensor("weight_shard", weight_shard)
-    _check_plain_tensor("labels", labels)
-    if hidden.dtype not in FLOAT_DTYPES or weight_shard.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight_shard must share one float dtype, got {hidden.dtype} and {weight_shard.dtype}")
-    if labels.dtype == torch.bool or labels.is_floating_point():
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if weight_shard.ndim != 2 or weight_shard.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight_shard must be (V_shard, {hidden.shape[-1]}), got {tuple(weight_shard.shape)}")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    hidden, weight_shard = autocast_inputs(hidden, weight_shard)
+    check_tensors(hidden, weight_shard, labels, weight_name="weight_shard")
+    check_lce_shapes(hidden.shape, weight_shard.shape, labels.shape, weight_name="weight_shard", allow_no_rows=True)
     if not (0 <= vocab_start and vocab_start + weight_shard.shape[0] <= vocab_size):
         raise ValueError(
             f"shard rows [{vocab_start}, {vocab_start + weight_shard.shape[0]}) fall outside the vocabulary [0, {vocab_size})"
@@ -225,26 +247,16 @@ def vocab_parallel_linear_cross_entropy(
     name = select_parallel_implementation(hidden, impl, interpret)
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group first")
-    # Widened first, as in linear_cross_entropy: comparisons wrap in narrow and unsigned dtypes.
-    labels = labels.long()
-    check_label_range(labels, vocab_size, ignore_index)
+    check_ignore_index_fits(ignore_index, "int64", torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max)
+    labels = check_label_range(labels, vocab_size, ignore_index)
     flat_labels = labels.reshape(-1)
     shard = _PallasShard(interpret) if name == "pallas" else _ChunkedShard(hidden, weight_shard)
-    loss = _VocabParallel.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight_shard, flat_labels, int(vocab_start), ignore_index, group, shard
-    )
-    loss = reduce_loss(loss, flat_labels != ignore_index, reduction)
-    return loss.reshape(labels.shape) if reduction == "none" else loss
-
-
-def _check_plain_tensor(name: str, value: object) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if is_dtensor(value):
-        raise TypeError(
-            f"{name} is a DTensor ({value.placements}); pass a plain tensor: its local shard "
-            f"(`.to_local()`) for the vocabulary-parallel op, or `.full_tensor()` for the single-device one"
+    with autocast_disabled(hidden.device):
+        loss = _VocabParallel.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight_shard, flat_labels, int(vocab_start), ignore_index, group, shard
         )
+        loss = reduce_loss(nan_where_infinite(loss), flat_labels != ignore_index, reduction)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
 
 
 def shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
