@@ -2,7 +2,7 @@
 
 Implementations (``impl=``):
 
-* ``"pallas"`` — GPU, our Pallas kernels (``jax_heads/pallas_lce.py``, imported on first use);
+* ``"pallas"`` — GPU, our Pallas kernels (``jax_heads/pallas/``, imported on first use);
   on CPU only in Pallas interpret mode (``interpret=True``, for tests).
 * ``"chunked"`` — any backend, ``lax.scan`` over token chunks under ``jax.custom_vjp``.
 * ``"reference"`` — materialised logits, float32 math; the test oracle.
@@ -55,14 +55,14 @@ def _runs_anywhere(hidden: jax.Array, interpret: bool) -> str | None:
 
 def _pallas_unsupported(hidden: jax.Array, interpret: bool) -> str | None:
     try:
-        from jax_heads.pallas_lce import unsupported_reason
+        from jax_heads.pallas import unsupported_reason
     except ImportError as exc:  # pragma: no cover - depends on the checkout
-        return f"jax_heads.pallas_lce is not importable ({exc})"
+        return f"jax_heads.pallas is not importable ({exc})"
     return unsupported_reason(hidden, interpret=interpret)
 
 
 def _pallas_loss(hidden, weight, labels, ignore_index: int, interpret: bool, filter_eps: float | None = None):
-    from jax_heads.pallas_lce import pallas_loss
+    from jax_heads.pallas import pallas_loss
 
     # Labels reach here in [0, V) or equal to ignore_index (see linear_cross_entropy), so int32 is exact.
     return pallas_loss(hidden, weight, labels.astype(jnp.int32), ignore_index, interpret=interpret, filter_eps=filter_eps)
