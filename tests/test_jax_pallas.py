@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ground_truth import filtered_tile_maxima, lce_filtered_ground_truth, lce_ground_truth, threshold_between_tiles
+from tolerances import assert_close
 
 from jax_heads import pallas
 from jax_heads.pallas import (
@@ -22,8 +24,6 @@ from jax_heads.pallas import (
 )
 from jax_heads.pallas.op import forward_kernel_for
 from jax_heads.pallas.plan import plan_for
-from ground_truth import filtered_tile_maxima, lce_filtered_ground_truth, lce_ground_truth, threshold_between_tiles
-from tolerances import assert_close
 
 # Small tiles so that tiny CPU shapes still have several token blocks, vocabulary splits,
 # backward chunks (a shorter last one) and ragged edges everywhere.
@@ -138,7 +138,8 @@ def _naive_filtered(h, w, y, upstream, keep, bs: BlockSizes):
     valid = y != -100
     p = jax.nn.softmax(logits, axis=-1)
     onehot = jax.nn.one_hot(jnp.where(valid, y, 0), w.shape[0], dtype=jnp.float32)
-    mask = np.repeat(np.repeat(keep, bs.backward.block_n, axis=0), bs.backward.block_v, axis=1)[: h.shape[0], : w.shape[0]]
+    tiles = bs.backward
+    mask = np.repeat(np.repeat(keep, tiles.block_n, axis=0), tiles.block_v, axis=1)[: h.shape[0], : w.shape[0]]
     g = jnp.where(valid, jnp.asarray(upstream, jnp.float32), 0.0)[:, None]
     grad_logits = ((p - onehot) * g * mask).astype(h.dtype)
     loss = _naive(h, w, y, upstream)[0]
@@ -186,7 +187,8 @@ def test_interpret_filtered_separate_targets_matches_its_truth(shape, quantile):
                                       TINY.backward.block_n, TINY.backward.block_v, separate_targets=True)
         keep = maxima >= threshold_between_tiles(maxima, quantile)
         yy = np.asarray(y)
-        assert sum(1 for n, t in enumerate(yy) if t >= 0 and not keep[n // TINY.backward.block_n, t // TINY.backward.block_v]) > 0
+        tiles = TINY.backward
+        assert sum(1 for n, t in enumerate(yy) if t >= 0 and not keep[n // tiles.block_n, t // tiles.block_v]) > 0
     _check_filtered(h, w, y, up, "float32", TINY, quantile, separate=True, interpret=True)
 
 

@@ -97,11 +97,11 @@ def test_variants_lower_for_cuda(cfg):
 
 @pytest.mark.parametrize("bad, field", [
     (dict(block_n=96), "block_n"), (dict(block_n=64), "block_n"), (dict(block_v=512), "block_v"),
-    (dict(block_v=100), "block_v"), (dict(block_k=32), "block_k"), (dict(max_concurrent_steps=1), "max_concurrent_steps"),
-    (dict(max_concurrent_steps=8), "max_concurrent_steps"), (dict(block_n=256, block_v=256), "block_n, block_v"),
-    (dict(block_n=True), "block_n"), (dict(compute_registers=240), "compute_registers"),
-    (dict(memory_registers=20), "memory_registers"), (dict(compute_registers=256, memory_registers=256),
-                                                      "compute_registers, memory_registers"),
+    (dict(block_v=100), "block_v"), (dict(block_k=32), "block_k"),
+    (dict(max_concurrent_steps=1), "max_concurrent_steps"), (dict(max_concurrent_steps=8), "max_concurrent_steps"),
+    (dict(block_n=256, block_v=256), "block_n, block_v"), (dict(block_n=True), "block_n"),
+    (dict(compute_registers=240), "compute_registers"), (dict(memory_registers=20), "memory_registers"),
+    (dict(compute_registers=256, memory_registers=256), "compute_registers, memory_registers"),
 ])
 def test_config_validation(bad, field):
     with pytest.raises(ValueError, match=rf"^MosaicForwardConfig\.{field}"):

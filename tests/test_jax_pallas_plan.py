@@ -67,7 +67,7 @@ def test_pad_inputs():
     # Aligned inputs are not copied.
     aligned = Plan(n=64, v=128, d=32, n_pad=64, v_pad=128, d_pad=32, block_n=32, block_v=32, block_d=16, bwd_block_d=32)
     h, w, y = jnp.zeros((64, 32)), jnp.zeros((128, 32)), jnp.zeros((64,), jnp.int32)
-    assert all(a is b for a, b in zip(pad_inputs(h, w, y, aligned), (h, w, y)))
+    assert all(a is b for a, b in zip(pad_inputs(h, w, y, aligned), (h, w, y), strict=True))
 
 
 def test_choose_splits_by_whole_waves():

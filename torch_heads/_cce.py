@@ -19,6 +19,7 @@ import torch
 from torch_heads._common import ZeroLoss, tensor_reason
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward
 
+
 def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
     """Why ``cce`` cannot run on these inputs, or None when it can."""
     reason = tensor_reason(hidden)

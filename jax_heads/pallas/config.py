@@ -183,7 +183,8 @@ class FilterConfig:
         _check_powers_of_two(self, "block_d", "block_rows", "block_k")
         _check_positive(self, "num_warps", "num_stages")
         dense = self.dense_above
-        if dense is not None and (isinstance(dense, bool) or not isinstance(dense, (int, float)) or not 0 <= dense <= 1):
+        number = isinstance(dense, (int, float)) and not isinstance(dense, bool)
+        if dense is not None and not (number and 0 <= dense <= 1):
             raise ValueError(f"FilterConfig.dense_above must be None or a number in [0, 1], got {dense!r}")
 
 
