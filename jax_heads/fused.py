@@ -9,7 +9,7 @@ the product runs over all of ``V``) and adds ``Gᵀ @ H_chunk`` into a float32 `
 accumulator. The backward only scales the two saved gradients by the upstream scalar.
 
 Three matrix products per token (6·N·D·V) instead of the four of a recomputing kernel
-(``pallas_lce``: 8·N·D·V), all of them cuBLAS products through XLA. The price is memory: one
+(``jax_heads.pallas``: 8·N·D·V), all of them cuBLAS products through XLA. The price is memory: one
 ``(chunk_rows, V)`` float32 logits block (``logits_budget_bytes``, 512 MiB by default) and the float32
 ``(V, D)`` accumulator, plus the saved gradients themselves between forward and backward. This is
 Liger-Kernel's schedule with a float32 weight-gradient accumulator (Liger adds the chunks' weight

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from heads_common import LM_IGNORE_INDEX
 from heads_common.registry import LossOptions
-from jax_heads import pallas_lce
+from jax_heads import pallas
 from jax_heads.chunked import chunk_rows_for, chunked_grads, chunked_lse_target
 from jax_heads.reference import PRECISION, math_dtype
 
@@ -59,26 +59,6 @@ def _reference_grads(h, w, local_labels, lse, g):
     return d_h.astype(h.dtype), d_w.astype(w.dtype)
 
 
-def _pallas_parts(h, w, local_labels, *, interpret):
-    plan = pallas_lce.plan_for(h.shape[0], w.shape[0], h.shape[1], pallas_lce.DEFAULT_BLOCK_SIZES)
-    hp, wp, yp = pallas_lce.pad_inputs(h, w, _outside_to_minus_one(local_labels, w.shape[0]), plan)
-    lse, target = pallas_lce.lce_forward(
-        hp, wp, yp, block_sizes=pallas_lce.DEFAULT_BLOCK_SIZES, plan=plan, interpret=interpret
-    )
-    return lse[: plan.n], target[: plan.n]
-
-
-def _pallas_grads(h, w, local_labels, lse, g, *, interpret):
-    plan = pallas_lce.plan_for(h.shape[0], w.shape[0], h.shape[1], pallas_lce.DEFAULT_BLOCK_SIZES)
-    hp, wp, yp = pallas_lce.pad_inputs(h, w, _outside_to_minus_one(local_labels, w.shape[0]), plan)
-    pad = plan.n_pad - plan.n
-    d_h, d_w = pallas_lce.lce_backward(
-        hp, wp, yp, jnp.pad(lse, (0, pad)), jnp.pad(g, (0, pad)),
-        block_sizes=pallas_lce.DEFAULT_BLOCK_SIZES, plan=plan, interpret=interpret,
-    )
-    return d_h[: plan.n, : plan.d], d_w[: plan.v, : plan.d]
-
-
 def _chunk_rows(h, w):
     return max(1, min(chunk_rows_for(w.shape[0], math_dtype(h.dtype).itemsize), h.shape[0]))
 
@@ -98,8 +78,8 @@ def _outside_to_minus_one(local_labels, v_shard):
 def _parts(impl: str, interpret: bool):
     if impl == "pallas":
         return (
-            functools.partial(_pallas_parts, interpret=interpret),
-            functools.partial(_pallas_grads, interpret=interpret),
+            functools.partial(pallas.lse_and_target, interpret=interpret),
+            functools.partial(pallas.grads, interpret=interpret),
         )
     if impl == "chunked":
         return _chunked_parts, _chunked_grads

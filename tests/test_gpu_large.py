@@ -35,7 +35,7 @@ def _run(impl, h, w, y, up):
         import jax
 
         from interop import to_jax, to_torch
-        from jax_heads.pallas_lce import pallas_loss
+        from jax_heads.pallas import pallas_loss
 
         loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, to_jax(y.int()), -100), to_jax(h), to_jax(w))
         dh, dw = vjp(to_jax(up))

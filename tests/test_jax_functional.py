@@ -27,7 +27,7 @@ from jax_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunke
 IGNORE = -100
 HAS_PALLAS = True
 try:
-    import jax_heads.pallas_lce  # noqa: F401
+    import jax_heads.pallas  # noqa: F401
 except ImportError:  # the kernel file is written in parallel; skip its cases until it exists
     HAS_PALLAS = False
 
@@ -47,7 +47,7 @@ def shape_id(shape) -> str:
 def impl_kwargs(impl: str) -> dict:
     if impl == "pallas":
         if not HAS_PALLAS:
-            pytest.skip("jax_heads/pallas_lce.py is not there yet")
+            pytest.skip("jax_heads/pallas/ is not there yet")
         return {"impl": "pallas", "interpret": True}
     return {"impl": impl}
 
@@ -481,7 +481,7 @@ def test_import_does_not_import_torch():
 
 def test_filter_eps_runs_the_filtered_pallas_backward():
     """A float ``filter_eps`` reaches the Pallas kernel; exact implementations refuse it by name."""
-    from jax_heads.pallas_lce import pallas_loss
+    from jax_heads.pallas import pallas_loss
 
     rng = np.random.default_rng(4)
     # Near-uniform softmax over 1000 classes, targets all in the first 256-row vocabulary tile: the

@@ -34,7 +34,7 @@ from tolerances import assert_close
 
 import interop.dlpack
 from interop.dlpack import to_jax, to_torch
-from jax_heads.pallas_lce import pallas_loss as jax_pallas_loss
+from jax_heads.pallas import pallas_loss as jax_pallas_loss
 from torch_heads import (
     SplitLanguageModellingHead,
     linear_cross_entropy,
@@ -53,7 +53,7 @@ CPU_SHAPES = {"3x13x24x101": ((3, 13), 24, 101), "5x3x7": ((5,), 3, 7)}
 # identity, so a jitted program (the torch path) and JAX's op-by-op evaluation give the same bits
 # whatever the combine does. (It now sums in a fixed order, which the GPU bit-for-bit test checks
 # with several splits.)
-ONE_SPLIT = dataclasses.replace(TINY, min_programs=1, sm_count=1)
+ONE_SPLIT = dataclasses.replace(TINY, triton=dataclasses.replace(TINY.triton, min_programs=1), sm_count=1)
 
 
 def interpret_lce(reduction: str = "none", ignore_index: int = IGNORE):
@@ -61,7 +61,7 @@ def interpret_lce(reduction: str = "none", ignore_index: int = IGNORE):
 
     def fn(h, w, y):
         flat = y.reshape(-1)
-        loss = pallas_loss(h.reshape(-1, h.shape[-1]), w, flat, ignore_index, interpret=True, block_sizes=TINY)
+        loss = pallas_loss(h.reshape(-1, h.shape[-1]), w, flat, ignore_index, interpret=True, config=TINY)
         loss = reduce_loss(loss, flat != ignore_index, reduction)
         return loss.reshape(y.shape) if reduction == "none" else loss
 
@@ -123,13 +123,13 @@ def test_interpret_equals_jax_pallas_bit_for_bit(dtype):
     upstream = torch.randn(n * m, generator=torch.Generator().manual_seed(0))
 
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss = pallas_loss(h, w, labels, IGNORE, interpret=True, block_sizes=ONE_SPLIT)
+    loss = pallas_loss(h, w, labels, IGNORE, interpret=True, config=ONE_SPLIT)
     loss.backward(upstream)
 
     y = to_jax(labels)
 
     def f(a, b):
-        return jax_pallas_loss(a, b, y, IGNORE, interpret=True, block_sizes=ONE_SPLIT)
+        return jax_pallas_loss(a, b, y, IGNORE, interpret=True, config=ONE_SPLIT)
 
     j_loss, vjp = jax.vjp(f, to_jax(hidden), to_jax(weight))
     j_dh, j_dw = vjp(to_jax(upstream))
@@ -143,14 +143,14 @@ def test_interpret_filter_eps_reaches_the_kernel_bit_for_bit():
     hidden, weight, labels = make_inputs(_rng("filtered"), (n * m,), d, v, torch.float32)
     eps = 1e-2
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    pallas_loss(h, w, labels, IGNORE, interpret=True, block_sizes=ONE_SPLIT, filter_eps=eps).sum().backward()
+    pallas_loss(h, w, labels, IGNORE, interpret=True, config=ONE_SPLIT, filter_eps=eps).sum().backward()
     _, vjp = jax.vjp(
-        lambda a, b: jax_pallas_loss(a, b, to_jax(labels), IGNORE, interpret=True, block_sizes=ONE_SPLIT, filter_eps=eps),
+        lambda a, b: jax_pallas_loss(a, b, to_jax(labels), IGNORE, interpret=True, config=ONE_SPLIT, filter_eps=eps),
         to_jax(hidden), to_jax(weight),
     )
     j_dh, j_dw = vjp(jax.numpy.ones(n * m, jax.numpy.float32))
     assert torch.equal(h.grad, to_torch(j_dh)) and torch.equal(w.grad, to_torch(j_dw))
-    exact = jax.vjp(lambda a, b: jax_pallas_loss(a, b, to_jax(labels), IGNORE, interpret=True, block_sizes=ONE_SPLIT),
+    exact = jax.vjp(lambda a, b: jax_pallas_loss(a, b, to_jax(labels), IGNORE, interpret=True, config=ONE_SPLIT),
                     to_jax(hidden), to_jax(weight))[1](jax.numpy.ones(n * m, jax.numpy.float32))
     assert not torch.equal(w.grad, to_torch(exact[1]))  # the filter did skip something
 
@@ -184,7 +184,7 @@ def test_interpret_hands_inputs_over_zero_copy(monkeypatch):
         return array
 
     monkeypatch.setattr(interop.dlpack, "to_jax", spy)
-    pallas_loss(hidden, weight, labels, IGNORE, interpret=True, block_sizes=TINY)
+    pallas_loss(hidden, weight, labels, IGNORE, interpret=True, config=TINY)
     assert seen[hidden.data_ptr()] == hidden.data_ptr()
     assert seen[weight.data_ptr()] == weight.data_ptr()
 
@@ -198,7 +198,7 @@ def test_interpret_all_ignored_and_empty():
     assert loss.item() == 0.0 and not h.grad.any() and not w.grad.any()
 
     empty = torch.zeros(0, d, requires_grad=True)
-    loss = pallas_loss(empty, w, torch.zeros(0, dtype=torch.long), IGNORE, interpret=True, block_sizes=TINY)
+    loss = pallas_loss(empty, w, torch.zeros(0, dtype=torch.long), IGNORE, interpret=True, config=TINY)
     loss.sum().backward()
     assert loss.shape == (0,) and loss.dtype == torch.float32 and empty.grad.shape == (0, d)
 
@@ -221,7 +221,7 @@ def test_second_call_at_a_shape_does_not_retrace():
 
     def step(h):
         h = h.clone().requires_grad_(True)
-        pallas_loss(h, weight, labels, IGNORE, interpret=True, block_sizes=TINY).sum().backward()
+        pallas_loss(h, weight, labels, IGNORE, interpret=True, config=TINY).sum().backward()
 
     with TraceCounter() as first:
         step(hidden)

@@ -17,19 +17,8 @@ from __future__ import annotations
 import torch
 
 from torch_heads._autograd import autocast_disabled
+from torch_heads._common import ZeroLoss, tensor_reason
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_grads
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of the cce and pallas paths
-
-
-def tensor_reason(hidden: torch.Tensor, *, cuda: bool = True) -> str | None:
-    """Why the CUDA paths (``cce``, ``pallas``) cannot take ``hidden``'s device (when ``cuda``)
-    or dtype, or None."""
-    if cuda and hidden.device.type != "cuda":
-        return f"needs CUDA tensors, got device {hidden.device}"
-    if hidden.dtype not in SUPPORTED_DTYPES:
-        return f"supports {[str(d) for d in SUPPORTED_DTYPES]}, got {hidden.dtype}"
-    return None
 
 
 def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
@@ -54,20 +43,6 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.contiguous()
-
-
-class _ZeroLoss(torch.autograd.Function):
-    """Zeros of shape ``(N,)`` with zero gradients for hidden and weight (every label ignored)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight):
-        ctx.save_for_backward(hidden, weight)
-        return hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
-        return torch.zeros_like(hidden), torch.zeros_like(weight)
 
 
 class _Float32Backward(torch.autograd.Function):
@@ -108,7 +83,7 @@ def cce_loss(
 
     # CCE finds the valid rows with a nonzero() (a host sync) itself; this check costs one more.
     if hidden.shape[0] == 0 or not bool((labels != ignore_index).any()):
-        return _ZeroLoss.apply(hidden, weight)
+        return ZeroLoss.apply(hidden, weight)
     if hidden.dtype == torch.float32:
         with torch.no_grad():
             loss = cce_linear_cross_entropy(

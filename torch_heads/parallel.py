@@ -12,7 +12,7 @@ Each rank of a process group holds one contiguous shard of the ``(V, D)`` weight
 How the shard's partials are computed (``impl=``):
 
 * ``"pallas"`` — CUDA (float16/bfloat16/float32): our JAX Pallas kernels
-  (``jax_heads/pallas_lce.py``) on the torch tensors, zero-copy through :mod:`interop.dlpack`
+  (``jax_heads/pallas/``) on the torch tensors, zero-copy through :mod:`interop.dlpack`
   (``torch_heads/_pallas.py``, :func:`~torch_heads._pallas._shard_programs`); ``interpret=True``
   runs them in Pallas interpret mode on any device (tests).
 * ``"chunked"`` — any device and float dtype: our chunked building blocks
@@ -39,7 +39,7 @@ from heads_common import (
     check_lce_shapes,
     check_reduction,
 )
-from torch_heads import _cce, _pallas
+from torch_heads import _common, _pallas
 from torch_heads._autograd import autocast_disabled, autocast_inputs
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_backward, chunked_lse_target
 from torch_heads.functional import check_label_range, check_tensors, nan_where_infinite, reduce_loss
@@ -160,7 +160,7 @@ def select_parallel_implementation(hidden: torch.Tensor, impl: str | None, inter
     if impl == "chunked":
         return impl
     if interpret:
-        reason = _cce.tensor_reason(hidden, cuda=False)
+        reason = _common.tensor_reason(hidden, cuda=False)
         if reason is not None:
             raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}")
         return "pallas"

@@ -1,4 +1,4 @@
-"""The Mosaic GPU forward partials (jax_heads/mgpu_lce.py).
+"""The Mosaic GPU forward partials (jax_heads/pallas/mosaic_forward.py).
 
 On any machine: the kernel runs in Mosaic GPU interpret mode at a tiny shape (TMA pipeline, barriers,
 WGMMA accumulation and the online log-sum-exp epilogue simulated on the CPU) and lowers for CUDA
@@ -17,12 +17,9 @@ import jax.numpy as jnp
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
-from jax_heads.mgpu_lce import (
-    MgpuConfig,
-    choose_grid,
-    mgpu_forward_partials,
-)
-from jax_heads.pallas_lce import combine_partials
+from jax_heads.pallas import BlockSizes, MosaicForwardConfig
+from jax_heads.pallas.mosaic_forward import choose_grid, forward_partials, interpret_params
+from jax_heads.pallas.op import combine_partials
 from tolerances import assert_close
 
 
@@ -50,14 +47,12 @@ def _reference(h, w, y, v):
 
 def test_interpret_matches_reference():
     """2 token blocks × 2 splits (the last split shorter), 3 D steps through 2 slots, ragged vocabulary."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
     n, d, v = 256, 192, 600
-    cfg = MgpuConfig(max_concurrent_steps=2)
+    cfg = MosaicForwardConfig(max_concurrent_steps=2)
     v_pad = 768
     h, w, y = _inputs(n, d, v, v_pad, seed=17)
-    m, s, t = mgpu_forward_partials(h, w, y, vocab_size=v, splits=2, tiles_per_split=2, config=cfg,
-                                    interpret=InterpretGPUParams())
+    m, s, t = forward_partials(h, w, y, vocab_size=v, splits=2, tiles_per_split=2, config=cfg,
+                               interpret=interpret_params())
     assert m.shape == s.shape == t.shape == (2, n)
     lse, tgt = combine_partials(m, s, t)
     ref_lse, ref_tgt, logits = _reference(h, w, y, v)
@@ -79,51 +74,51 @@ def _export(n, d, v, cfg):
             jax.ShapeDtypeStruct((n_pad,), jnp.int32))
 
     def f(h, w, y):
-        return combine_partials(*mgpu_forward_partials(h, w, y, vocab_size=v, splits=splits, tiles_per_split=tps,
-                                                       config=cfg))
+        return combine_partials(*forward_partials(h, w, y, vocab_size=v, splits=splits, tiles_per_split=tps,
+                                                  config=cfg))
 
     return export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
 
-@pytest.mark.parametrize("lowering", ["warpgroup", "lane"])
 @pytest.mark.parametrize("shape", [(8192, 2304, 256_000), (1000, 200, 5003)], ids=["gemma2", "ragged"])
-def test_lowers_for_cuda(shape, lowering):
+def test_lowers_for_cuda(shape):
     """The Mosaic GPU lowering on any machine (no GPU needed); PTX/ptxas run only on the GPU."""
-    module = _export(*shape, MgpuConfig(lowering=lowering))
+    module = _export(*shape, MosaicForwardConfig())
     assert "mosaic_gpu" in module
 
 
 @pytest.mark.parametrize("cfg", [
     dict(block_n=256, block_v=128),
     dict(block_k=128, max_concurrent_steps=2),
-    dict(wgmma_in_flight=0),
-    dict(num_compute_wgs=1, block_n=64, compute_registers=256, memory_registers=40),
-], ids=["256x128", "k128", "wait0", "one-wg"])
+], ids=["256x128", "k128"])
 def test_variants_lower_for_cuda(cfg):
-    assert "mosaic_gpu" in _export(1000, 200, 5003, MgpuConfig(**cfg))
+    assert "mosaic_gpu" in _export(1000, 200, 5003, MosaicForwardConfig(**cfg))
 
 
-@pytest.mark.parametrize("bad", [
-    dict(block_n=96), dict(block_v=512), dict(block_v=100), dict(block_k=32), dict(max_concurrent_steps=1),
-    dict(max_concurrent_steps=8), dict(num_compute_wgs=3), dict(block_n=256, block_v=256), dict(lowering="x"),
-    dict(wgmma_in_flight=2), dict(block_n=True), dict(compute_registers=240),
+@pytest.mark.parametrize("bad, field", [
+    (dict(block_n=96), "block_n"), (dict(block_n=64), "block_n"), (dict(block_v=512), "block_v"),
+    (dict(block_v=100), "block_v"), (dict(block_k=32), "block_k"),
+    (dict(max_concurrent_steps=1), "max_concurrent_steps"), (dict(max_concurrent_steps=8), "max_concurrent_steps"),
+    (dict(block_n=256, block_v=256), "block_n, block_v"), (dict(block_n=True), "block_n"),
+    (dict(compute_registers=240), "compute_registers"), (dict(memory_registers=20), "memory_registers"),
+    (dict(compute_registers=256, memory_registers=256), "compute_registers, memory_registers"),
 ])
-def test_config_validation(bad):
-    with pytest.raises(ValueError):
-        MgpuConfig(**bad)
+def test_config_validation(bad, field):
+    with pytest.raises(ValueError, match=rf"^MosaicForwardConfig\.{field}"):
+        MosaicForwardConfig(**bad)
 
 
 def test_input_validation():
-    cfg = MgpuConfig()
+    cfg = MosaicForwardConfig()
     h, w, y = jnp.zeros((128, 64), jnp.bfloat16), jnp.zeros((512, 64), jnp.bfloat16), jnp.zeros((128,), jnp.int32)
     ok = dict(vocab_size=500, splits=2, tiles_per_split=1, config=cfg)
     for kwargs in (dict(vocab_size=100), dict(splits=3), dict(splits=1), dict(tiles_per_split=0)):
         with pytest.raises(ValueError):
-            mgpu_forward_partials(h, w, y, **{**ok, **kwargs})
+            forward_partials(h, w, y, **{**ok, **kwargs})
     with pytest.raises(ValueError):
-        mgpu_forward_partials(h.astype(jnp.float32), w.astype(jnp.float32), y, **ok)
+        forward_partials(h.astype(jnp.float32), w.astype(jnp.float32), y, **ok)
     with pytest.raises(ValueError):
-        mgpu_forward_partials(h[:100], w, y[:100], **ok)
+        forward_partials(h[:100], w, y[:100], **ok)
 
 
 def test_choose_grid_covers_vocabulary():
@@ -138,22 +133,11 @@ def test_choose_grid_covers_vocabulary():
 def test_gpu_matches_triton_forward(shape):
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
-    from jax_heads.pallas_lce import BlockSizes, lce_forward, pad_inputs, plan_for
+    from jax_heads.pallas import lse_and_target
 
     n, d, v = shape
-    cfg = MgpuConfig()
-    bs = BlockSizes(forward_kernel="triton")
-    plan = plan_for(n, v, d, bs)
     h, w, y = _inputs(n, d, v, v, seed=sum(shape))
-    hp, wp, yp = pad_inputs(h, w[:v], y, plan)
-    # The Triton kernel expects out-of-range labels already mapped to "no target".
-    y_tri = jnp.where((yp >= 0) & (yp < v), yp, -1)
-    ref_lse, ref_tgt = lce_forward(hp, wp, y_tri, block_sizes=bs, plan=plan, interpret=False)
-    d_pad = -(-d // cfg.block_k) * cfg.block_k
-    hm = jnp.pad(hp, ((0, 0), (0, d_pad - hp.shape[1])))
-    wm = jnp.pad(wp, ((0, 0), (0, d_pad - wp.shape[1])))
-    splits, tps = choose_grid(hm.shape[0], wm.shape[0], cfg)
-    lse, tgt = combine_partials(*mgpu_forward_partials(hm, wm, yp, vocab_size=v, splits=splits,
-                                                       tiles_per_split=tps, config=cfg))
-    assert_close("lse", np.asarray(lse)[:n], np.asarray(ref_lse)[:n], "float32")
-    assert_close("target logit", np.asarray(tgt)[:n], np.asarray(ref_tgt)[:n], "float32")
+    ref_lse, ref_tgt = lse_and_target(h, w, y, config=BlockSizes(forward_kernel="triton"))
+    lse, tgt = lse_and_target(h, w, y, config=BlockSizes(forward_kernel="mosaic"))
+    assert_close("lse", np.asarray(lse), np.asarray(ref_lse), "float32")
+    assert_close("target logit", np.asarray(tgt), np.asarray(ref_tgt), "float32")

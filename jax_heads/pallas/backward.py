@@ -1,0 +1,227 @@
+"""The backward: the gradient-logits kernel and the loop over vocabulary chunks.
+
+Per vocabulary chunk of ``chunk_v`` rows, the ``lce_grad_logits`` kernel recomputes the logits tile
+by tile and writes ``g * (softmax - onehot)`` for that chunk (``(N, chunk_v)`` in the input dtype,
+with the chunk's buffers at most ``BackwardConfig.chunk_bytes``); two matrix products then add the
+chunk's share to ``d_hidden`` (a float32 ``(N, D)`` accumulator) and give ``d_weight`` for the
+chunk's rows. With the forward, 8·N·D·V FLOPs in all, no tokens × vocabulary buffer, no atomics
+(``docs/kernel-notes.md`` says why this split). The products are XLA's, or with gradient filtering
+the block-sparse ones of ``filtered.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jax_heads.pallas.config import BackwardConfig, BlockSizes, matmul_precision, triton_params
+from jax_heads.pallas.filtered import add_skipped_targets, sparse_products
+from jax_heads.pallas.plan import Plan
+
+
+def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
+    """float32 ``(block_n, block_v)`` logits of rows ``n0:`` against vocabulary rows ``v0:``."""
+    num_d = h_ref.shape[1] // block_d
+
+    def step(k, acc):
+        d0 = pl.multiple_of(k * block_d, block_d)
+        h = h_ref[pl.ds(n0, block_n), pl.ds(d0, block_d)]
+        w = w_ref[pl.ds(v0, block_v), pl.ds(d0, block_d)]
+        return acc + lax.dot_general(
+            h, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
+
+    return lax.fori_loop(0, num_d, step, jnp.zeros((block_n, block_v), jnp.float32))
+
+
+def _grad_logits_kernel(
+    bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *out_refs, block_n, block_v, block_d, vocab_size, precision,
+    filter_eps, separate_targets=False,
+):
+    """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
+
+    The chunk covers vocabulary rows ``start : start + chunk_v`` with ``(lo, start, dense) = bounds_ref``;
+    columns below ``lo`` (done by the previous chunk) and at or past the real vocabulary size are
+    written as zeros.
+
+    With ``filter_eps`` (gradient filtering) a second output flags the tiles that matter: a tile
+    whose ``|softmax - onehot|`` is below ``filter_eps`` everywhere on counted rows (``g != 0``) —
+    so it holds no target of a counted row — gets flag 0 and is not written at all; the two
+    filtered products read only flagged tiles. With ``separate_targets`` the test is on the
+    probabilities alone (``|softmax|`` below ``filter_eps``): a tile holding targets but only small
+    probabilities is skipped too, and the caller adds those targets' ``−g`` entries exactly. With
+    ``dense`` set, an unflagged tile is written as zeros instead, so that dense products of the
+    chunk give the filtered values.
+    """
+    i, j = pl.program_id(0), pl.program_id(1)
+    lo, start = bounds_ref[0], bounds_ref[1]
+    n0 = pl.multiple_of(i * block_n, block_n)
+    c0 = pl.multiple_of(j * block_v, block_v)
+    v0 = start + c0
+    logits = _logits_tile(h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision)
+    lse = lse_ref[pl.ds(n0, block_n)]
+    g = g_ref[pl.ds(n0, block_n)]
+    labels = y_ref[pl.ds(n0, block_n)]
+    cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
+    probs = jnp.exp(logits - lse[:, None])
+    diff = probs - jnp.where(cols == labels[:, None], 1.0, 0.0)
+    in_vocab = (cols >= lo) & (cols < vocab_size)
+    grad = jnp.where(in_vocab, diff * g[:, None], 0.0).astype(out_refs[0].dtype)
+    if filter_eps is None:
+        out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
+        return
+    out_ref, flag_ref = out_refs
+    counted = in_vocab & (g != 0.0)[:, None]  # a NaN upstream gradient counts (NaN != 0)
+    value = probs if separate_targets else jnp.abs(diff)
+    # "not below eps" rather than ">= eps": a NaN (a non-finite hidden state or upstream gradient)
+    # keeps its tile, so it reaches the gradients as in the exact path instead of being skipped.
+    big = counted & jnp.logical_not((value < filter_eps) & (g == g)[:, None])
+    flag = jnp.max(jnp.where(big, jnp.int32(1), jnp.int32(0)))
+    keep = flag > 0
+    flag_ref[i, j] = flag
+
+    @pl.when(keep | (bounds_ref[2] != 0))
+    def _():
+        out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = jnp.where(keep, grad, jnp.zeros_like(grad))
+
+
+def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
+    """Vocabulary rows per backward chunk: whole ``plan.block_v`` tiles within ``config.chunk_bytes``.
+
+    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and its
+    ``d_weight`` row twice (the chunk's product and the rows it is added to).
+    """
+    per_row = (plan.n_pad + 2 * plan.d_pad) * itemsize
+    rows = (config.chunk_bytes // per_row) // plan.block_v * plan.block_v
+    return int(min(plan.v_pad, max(plan.block_v, rows)))
+
+
+def backward(
+    hidden, weight, labels, lse, g, *, plan: Plan, config: BlockSizes, interpret: bool,
+    filter_eps: float | None = None, separate_targets: bool = False,
+):
+    """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored).
+
+    Args:
+        hidden, weight, labels: padded to ``plan`` (:func:`jax_heads.pallas.plan.pad_inputs`); a label
+            outside ``[0, plan.v)`` has no target.
+        lse: ``(n_pad,)`` float32 log-sum-exp the softmax is taken against.
+        g: ``(n_pad,)`` float32 upstream gradient, 0 at ignored and padded rows.
+        plan, config, interpret: geometry, tiles, Pallas interpret mode.
+        filter_eps, separate_targets: gradient filtering (None: exact).
+
+    Returns:
+        ``d_hidden`` ``(n_pad, d_pad)`` in hidden's dtype and ``d_weight`` ``(v_pad, d_pad)`` in
+        weight's dtype.
+
+    The vocabulary is walked in ``ceil(v_pad / chunk_v)`` chunks of ``chunk_v`` rows: per chunk,
+    the gradient logits ``G_c`` ``(N_pad, chunk_v)`` in the input dtype, ``d_hidden += G_c @ W_c``
+    into a float32 accumulator and ``d_weight[c] += G_cᵀ @ H`` in the weight dtype (the product
+    accumulates in float32 and is complete for its rows: every token is in it; the rows start at
+    zero, so the addition is exact). When ``chunk_v`` does not divide the vocabulary, the last chunk
+    is placed at ``v_pad − chunk_v``, overlapping the one before: its kernel writes zeros for the
+    columns already done, which then add nothing to either gradient. Every chunk has one shape, so
+    the loop's buffers are all there is (no separate tail buffers).
+
+    Exact (``filter_eps`` None): the two products are XLA matrix products. Filtered: the
+    gradient-logits kernel also flags the tiles that hold a value ≥ ``filter_eps``, and two Pallas
+    kernels form the products from flagged tiles only (block-sparse), skipping the rest; a chunk
+    after one with more than ``config.filtered.dense_above`` of its tiles flagged uses the dense
+    products on a gradient-logits block whose unflagged tiles are zeros (the same values, the dense
+    rate). With ``separate_targets`` a tile is flagged on its probabilities alone, and the targets
+    that fell in unflagged tiles get their ``−g`` entries afterwards, exactly.
+    """
+    bwd = config.backward
+    separate_targets = bool(separate_targets) and filter_eps is not None
+    dtype = hidden.dtype
+    precision = matmul_precision(dtype)
+    chunk_v = chunk_v_for(plan, bwd, jnp.dtype(dtype).itemsize)
+    num_chunks = -(-plan.v_pad // chunk_v)
+    tiles = chunk_v // bwd.block_v
+    n_blocks = plan.n_pad // bwd.block_n
+
+    grad_logits = pl.pallas_call(
+        functools.partial(
+            _grad_logits_kernel, block_n=bwd.block_n, block_v=bwd.block_v, block_d=plan.bwd_block_d,
+            vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
+        ),
+        out_shape=(
+            jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
+            *(() if filter_eps is None else (jax.ShapeDtypeStruct((n_blocks, tiles), jnp.int32),)),
+        ),
+        grid=(n_blocks, tiles),
+        compiler_params=triton_params(bwd),
+        interpret=interpret,
+        name="lce_grad_logits" if filter_eps is None else "lce_grad_logits_filtered",
+    )
+    if filter_eps is not None:
+        d_hidden_product, d_weight_product = sparse_products(
+            plan, bwd, config.filtered, chunk_v=chunk_v, dtype=weight.dtype, precision=precision, interpret=interpret
+        )
+
+    row_block = lax.broadcasted_iota(jnp.int32, labels.shape, 0) // bwd.block_n  # each token's flag row
+    dense_above = None if filter_eps is None else config.filtered.dense_above
+    if dense_above:  # chunks choose between dense and sparse products at run time
+        # Token blocks holding a counted row: the share of flagged tiles is taken over these only (a
+        # block of ignored or padding rows is never flagged, and would otherwise dilute the share).
+        active_blocks = jnp.any((g != 0).reshape(n_blocks, bwd.block_n), axis=1)
+        active_tiles = jnp.maximum(jnp.sum(active_blocks.astype(jnp.float32)), 1.0) * tiles
+
+    def dense_products(gl, start, d_hidden):
+        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
+        d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
+        dw_chunk = lax.dot_general(
+            gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
+        )
+        return d_hidden, dw_chunk
+
+    def filtered_products(gl, flags, d_hidden, bounds):
+        return d_hidden_product(bounds, flags, gl, weight, d_hidden), d_weight_product(flags, gl, hidden)
+
+    def body(k, carry):
+        d_hidden, d_weight, target_kept, dense = carry
+        lo = k * chunk_v
+        start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
+        bounds = jnp.stack([lo, start, dense]).astype(jnp.int32)
+        if filter_eps is None:
+            (gl,) = grad_logits(bounds, hidden, weight, labels, lse, g)
+            d_hidden, dw_chunk = dense_products(gl, start, d_hidden)
+        else:
+            gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g)
+            if dense_above is None:
+                d_hidden, dw_chunk = filtered_products(gl, flags, d_hidden, bounds)
+            elif dense_above == 0:
+                d_hidden, dw_chunk = dense_products(gl, start, d_hidden)
+            else:  # chosen from the previous chunk's share of flagged tiles (this one's G is written for it)
+                d_hidden, dw_chunk = lax.cond(
+                    dense != 0,
+                    lambda: dense_products(gl, start, d_hidden),
+                    lambda: filtered_products(gl, flags, d_hidden, bounds),
+                )
+                dense = (jnp.sum(flags.astype(jnp.float32)) / active_tiles > dense_above).astype(jnp.int32)
+            if separate_targets:  # was each token's target tile (if in this chunk's new columns) flagged?
+                in_chunk = (labels >= lo) & (labels < start + chunk_v)
+                tile = jnp.clip((labels - start) // bwd.block_v, 0, tiles - 1)
+                target_kept = jnp.where(in_chunk, flags[row_block, tile], target_kept)
+        # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
+        old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
+        d_weight = lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0)
+        return d_hidden, d_weight, target_kept, dense
+
+    init = (
+        jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
+        jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
+        jnp.ones(labels.shape, jnp.int32),
+        jnp.int32(dense_above == 0),  # the first chunk: sparse unless every chunk is dense
+    )
+    d_hidden, d_weight, target_kept, _ = lax.fori_loop(0, num_chunks, body, init)
+    if separate_targets:
+        skipped = (labels >= 0) & (labels < plan.v) & (g != 0) & (target_kept == 0)
+        d_hidden, d_weight = add_skipped_targets(
+            hidden, weight, labels, jnp.where(skipped, g, 0.0), d_hidden, d_weight, plan
+        )
+    return d_hidden.astype(dtype), d_weight

@@ -1,0 +1,303 @@
+"""The Mosaic GPU forward kernel (Hopper: TMA + WGMMA): the same per-split partials as the Triton one.
+
+Design (one CTA per (token block, vocabulary split), warp specialised)::
+
+    CTA = 3 warpgroups: 2 compute warpgroups + 1 memory warpgroup (the last).
+    token block: block_n rows (default 128); compute warpgroup w owns rows
+                 [w * block_n/2, (w+1) * block_n/2) (64 rows by default).
+    vocabulary tile: block_v rows of the weight (default 256), shared by both compute warpgroups.
+    K pipeline over D in block_k steps (default 64), max_concurrent_steps SMEM slots (default 3):
+        slot = (hidden tile (block_n, block_k), weight tile (block_v, block_k)), both 16-bit,
+        tiled (8, 64) and 128-byte swizzled; 48 KiB per slot at the defaults (144 KiB in all).
+
+The memory warpgroup walks the flat sequence of (vocabulary tile, D step) pairs of its split and
+issues two TMA loads per step into the next slot (one "loaded" barrier per slot counts both), after
+waiting on the slot's "consumed" barrier (both compute warpgroups arrive on it). Because the
+sequence is flat, loads of the next vocabulary tile are already in flight while the compute
+warpgroups finish the current one: the pipeline never drains at a tile boundary.
+
+Each compute warpgroup, per vocabulary tile: a float32 WGMMA accumulator of
+``(block_n/2, block_v)`` (64 x 256 = 128 registers per thread), ``D / block_k`` WGMMAs of
+``h[rows, k-step] @ w[tile, k-step]ᵀ`` (the weight slot is used through ``ref.transpose((1, 0))``,
+so the transposed operand is fed from SMEM without a copy), one WGMMA kept in flight (the slot of
+step ``k - 1`` is released after issuing step ``k``), then an epilogue on the accumulator in
+registers (``Layout.WGMMA``): columns at or past ``vocab_size`` are masked to ``-inf``, the row
+maximum and the online sum of exponentials are updated (base 2: the running max is kept in units of
+``log2(e)·logit`` so that every element costs one FMA and one ``ex2``), and the target logit is
+picked by comparing a column iota with the row's label. Row statistics live in the
+``Layout.WGMMA.reduce(1)`` row layout across all tiles of the split and are written once at the
+end (registers → SMEM → TMA store). All arithmetic after the products (and the products'
+accumulation) is float32.
+
+The Mosaic GPU import is lazy (inside functions): importing :mod:`jax_heads` never needs it.
+API points used are those common to jax 0.10 and 0.11 (barriers always created with an explicit
+``num_barriers`` and indexed; the Warpgroup lowering semantics passed explicitly, since the default
+changed from Lane to Warpgroup; SMEM row vectors read with ``layout_cast(ref[...])`` rather than
+``plgpu.load``, whose index argument changed; ``ref.transpose`` rather than the deprecated
+``plgpu.transpose_ref``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_heads.pallas.config import COMPUTE_WARPGROUPS, MosaicForwardConfig
+from jax_heads.pallas.plan import choose_splits
+
+# Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
+MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_DEFAULT_CONFIG = MosaicForwardConfig()
+
+
+def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size, weight_t, cast):
+    """The kernel of :func:`forward_partials` for one static configuration."""
+    from jax.experimental import pallas as pl
+
+    rows, bv, bk, stages, nwg = cfg.wg_rows, cfg.block_v, cfg.block_k, cfg.max_concurrent_steps, COMPUTE_WARPGROUPS
+    ragged = vocab_size % bv != 0
+    neg_inf = float("-inf")
+
+    def iota(shape, dim):
+        return cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
+
+    def lce_forward_mosaic(h_gmem, w_gmem, y_gmem, m_gmem, s_gmem, t_gmem, h_smem, w_smem, lab_smem, out_smem,
+                           loaded, consumed, lab_bar):
+        block, split = lax.axis_index("n"), lax.axis_index("split")
+        wg = lax.axis_index("wg")
+        n0 = block * cfg.block_n
+        first = split * tiles_per_split
+        count = jnp.minimum(tiles_per_split, num_tiles - first)
+        total = count * k_iters
+
+        @pl.when(wg == nwg)
+        def _memory():
+            plgpu.set_max_registers(cfg.memory_registers, action="decrease")
+
+            @pl.loop(0, total)
+            def _step(step):
+                slot = lax.rem(step, stages)
+                tile = lax.div(step, k_iters)
+                k0 = (step - tile * k_iters) * bk
+                v0 = (first + tile) * bv
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(n0, cfg.block_n), pl.ds(k0, bk)], h_smem.at[slot],
+                                        loaded.at[slot])
+                w_src = w_gmem.at[pl.ds(k0, bk), pl.ds(v0, bv)] if weight_t else w_gmem.at[pl.ds(v0, bv), pl.ds(k0, bk)]
+                plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], loaded.at[slot])
+
+            # Observe the last releases too, so that no barrier phase is left unobserved at exit.
+            @pl.loop(jnp.maximum(total - stages, 0), total)
+            def _drain(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        @pl.when(wg < nwg)
+        def _compute():
+            plgpu.set_max_registers(cfg.compute_registers, action="increase")
+            row0 = n0 + wg * rows
+            plgpu.copy_gmem_to_smem(y_gmem.at[pl.ds(row0, rows)], lab_smem.at[wg], lab_bar.at[wg])
+            plgpu.barrier_wait(lab_bar.at[wg])
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            lab = cast(lab_smem.at[wg][...], row_layout)
+
+            def tile_body(tile, carry):
+                m2, s, tgt = carry
+                base = tile * k_iters
+
+                def mma(acc_ref):
+                    def kstep(kk, carry):
+                        step = base + kk
+                        slot = lax.rem(step, stages)
+                        plgpu.barrier_wait(loaded.at[slot])
+                        w_op = w_smem.at[slot] if weight_t else w_smem.at[slot].transpose((1, 0))
+                        plgpu.wgmma(acc_ref, h_smem.at[slot].at[pl.ds(wg * rows, rows)], w_op)
+                        plgpu.wgmma_wait(1)  # step k - 1's WGMMA is done: release its slot
+
+                        @pl.when(kk > 0)
+                        def _():
+                            plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
+
+                    lax.fori_loop(0, k_iters, kstep, None)
+                    logits = acc_ref[...]
+                    plgpu.barrier_arrive(consumed.at[lax.rem(base + k_iters - 1, stages)])
+                    return logits
+
+                logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
+                v0 = (first + tile) * bv
+                cols = iota((rows, bv), 1)
+                if ragged:
+                    logits = jnp.where(cols < vocab_size - v0, logits, neg_inf)
+                # Running max in units of log2(e) * logit: each element costs one FMA and one ex2.
+                m_new = jnp.maximum(m2, logits.max(axis=1) * _LOG2E)
+                p = jnp.exp2(logits * _LOG2E - lax.broadcast_in_dim(m_new, (rows, bv), [0]))
+                s = s * jnp.exp2(m2 - m_new) + p.sum(axis=1)
+                hit = cols == lax.broadcast_in_dim(lab - v0, (rows, bv), [0])
+                tgt = tgt + jnp.where(hit, logits, 0.0).sum(axis=1)
+                return m_new, s, tgt
+
+            init = (
+                cast(jnp.full((rows,), neg_inf, jnp.float32), row_layout),
+                cast(jnp.full((rows,), 0.0, jnp.float32), row_layout),
+                cast(jnp.full((rows,), 0.0, jnp.float32), row_layout),
+            )
+            m2, s, tgt = lax.fori_loop(0, count, tile_body, init)
+            out_smem.at[0, wg][...] = m2 * _LN2
+            out_smem.at[1, wg][...] = s
+            out_smem.at[2, wg][...] = tgt
+            plgpu.commit_smem()
+            for i, out in enumerate((m_gmem, s_gmem, t_gmem)):
+                plgpu.copy_smem_to_gmem(out_smem.at[i, wg], out.at[split, pl.ds(row0, rows)])
+            plgpu.wait_smem_to_gmem(0)
+
+    return lce_forward_mosaic
+
+
+def choose_grid(n_pad: int, v_pad: int, config: MosaicForwardConfig = _DEFAULT_CONFIG,
+                sm_count: int = 132) -> tuple[int, int]:
+    """``(splits, tiles_per_split)`` of the Mosaic forward grid (one CTA per multiprocessor at a time).
+
+    Same policy as the Triton forward (:func:`jax_heads.pallas.plan.choose_splits`): about
+    ``config.min_programs`` CTAs, then the fewest splits whose whole waves of ``sm_count`` CTAs
+    are within 2 % of the best.
+    """
+    if n_pad % config.block_n or v_pad % config.block_v:
+        raise ValueError(
+            f"n_pad={n_pad} and v_pad={v_pad} must be multiples of block_n={config.block_n} and "
+            f"block_v={config.block_v}")
+    if n_pad <= 0 or v_pad <= 0:
+        raise ValueError(f"n_pad and v_pad must be positive, got {n_pad}, {v_pad}")
+    return choose_splits(n_pad // config.block_n, v_pad // config.block_v, config.min_programs, sm_count)
+
+
+def interpret_params():
+    """Mosaic GPU's interpret-mode parameters (public in jax 0.11, private in 0.10)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
+def _check_inputs(hidden, weight, labels, vocab_size, splits, tiles_per_split, config):
+    if not isinstance(config, MosaicForwardConfig):
+        raise ValueError(f"config must be a MosaicForwardConfig, got {type(config).__name__}")
+    if hidden.ndim != 2 or weight.ndim != 2 or labels.ndim != 1:
+        raise ValueError(
+            f"expected hidden (n, d), weight (v, d), labels (n,); got {hidden.shape}, {weight.shape}, {labels.shape}")
+    n_pad, d_pad = hidden.shape
+    v_pad = weight.shape[0]
+    if weight.shape[1] != d_pad:
+        raise ValueError(f"hidden and weight disagree on D: {hidden.shape} vs {weight.shape}")
+    if labels.shape[0] != n_pad:
+        raise ValueError(f"labels has {labels.shape[0]} entries for {n_pad} hidden rows")
+    if jnp.dtype(hidden.dtype) not in MOSAIC_DTYPES:
+        raise ValueError(f"hidden must be bfloat16 or float16 for WGMMA, got {hidden.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if n_pad % config.block_n:
+        raise ValueError(f"n_pad={n_pad} must be a multiple of block_n={config.block_n}")
+    if d_pad % config.block_k or d_pad == 0:
+        raise ValueError(f"d_pad={d_pad} must be a positive multiple of block_k={config.block_k}")
+    if v_pad % config.block_v or v_pad == 0:
+        raise ValueError(f"v_pad={v_pad} must be a positive multiple of block_v={config.block_v}")
+    num_tiles = v_pad // config.block_v
+    if not isinstance(vocab_size, int) or not (v_pad - config.block_v < vocab_size <= v_pad):
+        raise ValueError(
+            f"vocab_size={vocab_size!r} must be an int in ({v_pad - config.block_v}, {v_pad}] "
+            "(the weight is padded by less than one tile)")
+    for name, value in (("splits", splits), ("tiles_per_split", tiles_per_split)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if (splits - 1) * tiles_per_split >= num_tiles or splits * tiles_per_split < num_tiles:
+        raise ValueError(
+            f"splits={splits} x tiles_per_split={tiles_per_split} must cover the {num_tiles} vocabulary "
+            "tiles with no empty split")
+
+
+def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *, vocab_size: int, splits: int,
+                     tiles_per_split: int, config: MosaicForwardConfig = _DEFAULT_CONFIG, interpret=None):
+    """Per-split partial max, sum of exponentials and target logit (Mosaic GPU kernel).
+
+    Args:
+        hidden: ``(n_pad, d_pad)`` bfloat16/float16; ``n_pad % block_n == 0``, ``d_pad % block_k == 0``.
+        weight: ``(v_pad, d_pad)`` same dtype, ``v_pad = num_tiles * block_v``; rows at or past
+            ``vocab_size`` are padding (their logits count as ``-inf``).
+        labels: ``(n_pad,)`` integers; a label outside ``[0, vocab_size)`` picks no target.
+        vocab_size: the real vocabulary size (the weight is padded by less than one tile).
+        splits, tiles_per_split: split ``j`` covers vocabulary tiles
+            ``[j * tiles_per_split, min((j + 1) * tiles_per_split, num_tiles))`` (see
+            :func:`choose_grid`); no split may be empty.
+        config: :class:`MosaicForwardConfig`.
+        interpret: None on a GPU; Mosaic GPU interpret parameters (:func:`interpret_params`) to run
+            on the CPU.
+
+    Returns:
+        ``(m, s, t)``, each ``(splits, n_pad)`` float32: per split, the maximum of the float32
+        logits ``h · wᵀ`` over the split's real columns, ``Σ exp(logit − m)``, and the target
+        logit if the label lies in the split (else 0).
+
+    Raises:
+        ValueError: shapes, dtypes or the grid do not fit ``config`` (the message says which).
+    """
+    _check_inputs(hidden, weight, labels, vocab_size, splits, tiles_per_split, config)
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cfg = config
+    n_pad, d_pad = hidden.shape
+    v_pad = weight.shape[0]
+    rows, bv, bk, stages, nwg = cfg.wg_rows, cfg.block_v, cfg.block_k, cfg.max_concurrent_steps, COMPUTE_WARPGROUPS
+    dtype = hidden.dtype
+    # Labels outside [0, vocab_size) (ignored tokens, or ids of padded rows) become -1: no column matches.
+    labels = labels.astype(jnp.int32)
+    labels = jnp.where((labels >= 0) & (labels < vocab_size), labels, -1)
+
+    swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
+    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
+    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
+    if interpret is None:
+        cast = plgpu.layout_cast
+    else:
+        # Interpret mode keeps values in their logical layout; jax 0.11's interpreter treats
+        # layout_cast as a no-op, jax 0.10's has no rule for it, so it is skipped here.
+        def cast(x, layout):
+            del layout
+            return x
+
+    # jax 0.10's interpreter cannot read a transposed SMEM operand of wgmma; interpret mode feeds
+    # it the weight as a (d_pad, v_pad) matrix (tiles (block_k, block_v), B used as is) instead.
+    weight_t = interpret is not None
+    kernel = _kernel_body(plgpu=plgpu, cfg=cfg, k_iters=d_pad // bk, num_tiles=v_pad // bv,
+                          tiles_per_split=tiles_per_split, vocab_size=vocab_size, weight_t=weight_t, cast=cast)
+    part = jax.ShapeDtypeStruct((splits, n_pad), jnp.float32)
+    scratch = (
+        plgpu.SMEM((stages, cfg.block_n, bk), dtype, transforms=transforms),
+        plgpu.SMEM((stages, bk, bv) if weight_t else (stages, bv, bk), dtype, transforms=transforms),
+        plgpu.SMEM((nwg, rows), jnp.int32),
+        plgpu.SMEM((3, nwg, rows), jnp.float32),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
+    )
+    call = plgpu.kernel(
+        kernel,
+        out_type=(part, part, part),
+        scratch_types=scratch,
+        grid=(n_pad // cfg.block_n, splits),
+        grid_names=("n", "split"),
+        num_threads=nwg + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=cfg.approx_math, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({} if interpret is None else {"interpret": interpret}),
+    )
+    return call(hidden, weight.T if weight_t else weight, labels)
