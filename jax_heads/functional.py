@@ -9,7 +9,7 @@ Implementations (``impl=``), each an :class:`~heads_common.registry.Implementati
 * ``"chunked"`` — any backend, ``lax.scan`` over token chunks under ``jax.custom_vjp``.
 * ``"reference"`` — materialised logits, float32 math; the test oracle. Named only.
 * ``"fused"`` — reductions ``"sum"``/``"mean"`` only: gradients formed in the forward
-  (:mod:`jax_heads.fused`). Named only.
+  (:mod:`jax_heads.fused`), so no ``return_lse`` (its upstream is unknown then). Named only.
 
 ``impl=None`` picks the first record marked ``auto`` (``"pallas"``, then ``"chunked"``) that supports
 the inputs and options; a named implementation that cannot run raises ``ValueError`` saying why,
@@ -79,8 +79,10 @@ Reduction = Literal["none", "sum", "mean"]
 
 
 def _sharding_reason(options: LossOptions) -> str | None:
+    # The vocabulary-parallel op's Pallas shards run the plain kernels; chunked and reference shards take every option.
     if options.sharding is not None and options.loss_options:
-        return f"the vocabulary-parallel op does not support {', '.join(sorted(options.loss_options))}"
+        return (f"the vocabulary-parallel op's Pallas shards do not support {', '.join(sorted(options.loss_options))} "
+                "(impl='chunked' or 'reference' shards do)")
     return None
 
 
@@ -100,7 +102,7 @@ def _exact_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     if options.filtered:
         return (f"computes exact gradients only (filter_eps={options.filter_eps} asks for gradient filtering, "
                 "which needs impl='pallas')")
-    return _sharding_reason(options)
+    return None
 
 
 def _fused_reason(hidden: jax.Array, options: LossOptions) -> str | None:
@@ -134,7 +136,7 @@ def _per_token(name: str, single: Callable[..., jax.Array]):
         else:
             from jax_heads.parallel import sharded_loss
 
-            out = sharded_loss(hidden, weight, labels, options, name)
+            out = sharded_loss(hidden, weight, labels, options, name, bias)
         per_token, lse = out if options.return_lse else (out, None)
         valid = labels != options.ignore_index
         loss = finish_loss(per_token, valid, bad, options.reduction)
@@ -153,21 +155,32 @@ def _reference_tokens(hidden, weight, labels, o: LossOptions, bias):
     return (loss, lse) if o.return_lse else loss
 
 
+def _chunked_tokens(hidden, weight, labels, o: LossOptions, bias):
+    return chunked_loss(
+        hidden, weight, labels, o.ignore_index, bias=bias, softcap=o.softcap, label_smoothing=o.label_smoothing,
+        lse_square_scale=o.lse_square_scale, return_lse=o.return_lse,
+    )
+
+
 def _fused(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
     from jax_heads.fused import fused_loss
 
     # Out-of-range labels: NaN loss and NaN gradient rows there only (the other rows exact).
-    loss = fused_loss(hidden, weight, labels, options.ignore_index, options.reduction, nan_rows=bad)
+    loss = fused_loss(
+        hidden, weight, labels, options.ignore_index, options.reduction, bias=bias, softcap=options.softcap,
+        label_smoothing=options.label_smoothing, lse_square_scale=options.lse_square_scale, nan_rows=bad,
+    )
     return loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
 
 
 REGISTRY = Registry([
     Implementation("pallas", _pallas_reason, _per_token("pallas", _pallas_tokens)),
-    Implementation("chunked", _exact_reason, _per_token(
-        "chunked", lambda h, w, y, o, b: chunked_loss(h, w, y, o.ignore_index))),
+    Implementation("chunked", _exact_reason, _per_token("chunked", _chunked_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("reference", _exact_reason, _per_token("reference", _reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
-    Implementation("fused", _fused_reason, _fused, auto=False),
+    # No return_lse: fused forms the gradients in the forward, before the lse's upstream is known.
+    Implementation("fused", _fused_reason, _fused, auto=False,
+                   options=frozenset({"bias", "softcap", "label_smoothing", "lse_square_scale"})),
 ])
 IMPLEMENTATIONS = REGISTRY.names
 
@@ -379,8 +392,8 @@ def linear_cross_entropy(
             whatever the reduction, 0 where ignored; differentiable).
         impl: ``"pallas"``, ``"chunked"``, ``"reference"`` or None for the best available (with
             ``vocab_axis``: the per-shard computation, same names and default). ``"fused"``
-            (reductions ``"sum"``/``"mean"`` only, never chosen by None): the gradients are formed
-            during the forward pass (6·N·D·V FLOPs instead of 8, all cuBLAS products;
+            (reductions ``"sum"``/``"mean"`` only, no ``return_lse``, never chosen by None): the
+            gradients are formed during the forward pass (6·N·D·V FLOPs instead of 8, all cuBLAS products;
             :mod:`jax_heads.fused`), at the price of memory — a 512 MiB float32 logits chunk and a
             float32 ``(V, D)`` accumulator during the forward, and the two gradients kept from the
             forward to the backward. Any backend.

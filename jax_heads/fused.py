@@ -17,6 +17,14 @@ gradients in the weight dtype).
 
 Without differentiation (evaluation) the primal runs the plain chunked forward (2·N·D·V): the
 gradient work happens only under ``jax.grad``/``jax.vjp``.
+
+Loss options: the bias and soft-capping transform the chunk's logits; label smoothing and the
+z-loss change the per-row coefficients of ``G = p·A − B·onehot − C`` (times the soft-cap's
+derivative), all known in the forward since the upstream is one scalar; the bias gradient is the
+column sum of ``G``, accumulated like ``d_weight``. A returned log-sum-exp is not supported: its
+upstream gradient ``g_lse`` differs per token and adds ``g_lse·p`` to each row of ``G``, which
+cannot be formed before ``g_lse`` is known — that is, not in the forward (``impl="chunked"``
+returns it).
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_heads.chunked import chunk_logits, split_rows
-from jax_heads.reference import PRECISION, math_dtype, safe_labels
+from jax_heads.chunked import chunk_logits, logit_grads, split_rows
+from jax_heads.reference import PRECISION, grad_coefficients, loss_terms, math_dtype, safe_labels
 
 DEFAULT_LOGITS_BUDGET_BYTES = 512 * 2**20
 REDUCTIONS = ("sum", "mean")
@@ -40,22 +48,28 @@ class _Options:
     ignore_index: int
     reduction: str
     chunk_rows: int
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
 
 
-def _chunk_loss(h, weight, y, ignore_index):
-    """Logits, validity, safe index and per-token loss of one chunk."""
+def _chunk_loss(h, weight, bias, y, o: _Options):
+    """Transformed logits, validity, safe index, log-sum-exp and per-token loss of one chunk."""
     acc = math_dtype(h.dtype)
-    logits = chunk_logits(h, weight, acc)
-    valid, index = safe_labels(y, weight.shape[0], ignore_index)
+    vocab = weight.shape[0]
+    logits = chunk_logits(h, weight, acc, bias, o.softcap)
+    valid, index = safe_labels(y, vocab, o.ignore_index)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, index[:, None], axis=1)[:, 0]
-    return logits, lse, valid, index, jnp.where(valid, lse - target, 0.0)
+    row_sum = jnp.sum(logits, axis=-1) if o.label_smoothing else None
+    loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
+    return logits, lse, valid, index, jnp.where(valid, loss, 0.0)
 
 
-def _forward_only(hidden, weight, labels, nan_rows, o: _Options):
+def _forward_only(hidden, weight, bias, labels, nan_rows, o: _Options):
     def step(total, xs):
         h, y, bad = xs
-        loss = _chunk_loss(h, weight, y, o.ignore_index)[-1]
+        loss = _chunk_loss(h, weight, bias, y, o)[-1]
         return total + jnp.sum(jnp.where(bad, jnp.nan, loss)), None
 
     acc = math_dtype(hidden.dtype)
@@ -71,30 +85,39 @@ def _token_chunks(hidden, labels, nan_rows, o: _Options):
     )
 
 
-def _with_gradients(hidden, weight, labels, nan_rows, scale, o: _Options):
-    """Total loss, ``d_hidden`` (input dtype) and ``d_weight`` (float32) of ``scale · Σ loss``.
+def _with_gradients(hidden, weight, bias, labels, nan_rows, scale, o: _Options):
+    """Total loss, ``d_hidden`` (input dtype), ``d_weight`` and ``d_bias`` (float32; None without a
+    bias) of ``scale · Σ loss``.
 
-    ``scale`` is folded into ``G = scale · (softmax − onehot)`` before its rounding to the input
-    dtype, as differentiation of the scaled loss would do. Rows in ``nan_rows`` get a NaN loss and NaN
-    gradient rows (their share of ``d_weight`` makes it NaN, as in every implementation).
+    ``scale`` is folded into ``G = p·A − B·onehot − C`` (the per-row coefficients of
+    :func:`~jax_heads.reference.grad_coefficients` for an upstream ``scale``, times the softcap
+    derivative) before its rounding to the input dtype, as differentiation of the scaled loss would
+    do. Rows in ``nan_rows`` get a NaN loss and NaN gradient rows (their share of ``d_weight`` makes
+    it NaN, as in every implementation).
     """
     acc = math_dtype(hidden.dtype)
+    vocab = weight.shape[0]
 
-    def step(d_weight, xs):
+    def step(carry, xs):
+        d_weight, d_bias = carry
         h, y, bad = xs
-        logits, lse, valid, index, loss = _chunk_loss(h, weight, y, o.ignore_index)
+        logits, lse, valid, index, loss = _chunk_loss(h, weight, bias, y, o)
         onehot = index[:, None] == lax.broadcasted_iota(jnp.int32, logits.shape, 1)
         row_scale = jnp.where(bad, jnp.nan, jnp.where(valid, scale, 0.0))
-        g = ((jnp.exp(logits - lse[:, None]) - onehot) * row_scale[:, None]).astype(hidden.dtype)
+        coefficients = grad_coefficients(row_scale, None, lse, vocab, o.label_smoothing, o.lse_square_scale)
+        g = logit_grads(logits, lse, onehot, coefficients, o.softcap).astype(hidden.dtype)
         d_h = jnp.dot(g, weight, preferred_element_type=hidden.dtype, precision=PRECISION)
         d_weight = d_weight + lax.dot_general(
             g, h, (((0,), (0,)), ((), ())), preferred_element_type=acc, precision=PRECISION
         )
-        return d_weight, (jnp.sum(jnp.where(bad, jnp.nan, loss)), d_h)
+        if d_bias is not None:
+            d_bias = d_bias + jnp.sum(g, axis=0, dtype=acc)
+        return (d_weight, d_bias), (jnp.sum(jnp.where(bad, jnp.nan, loss)), d_h)
 
-    d_weight, (totals, d_h) = lax.scan(step, jnp.zeros(weight.shape, acc), _token_chunks(hidden, labels, nan_rows, o))
+    init = (jnp.zeros(weight.shape, acc), None if bias is None else jnp.zeros(bias.shape, acc))
+    (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, _token_chunks(hidden, labels, nan_rows, o))
     d_hidden = d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]]
-    return jnp.sum(totals), d_hidden, d_weight
+    return jnp.sum(totals), d_hidden, d_weight, d_bias
 
 
 def _scale(labels, o: _Options, dtype):
@@ -103,34 +126,36 @@ def _scale(labels, o: _Options, dtype):
     return 1.0 / jnp.maximum(jnp.sum(labels != o.ignore_index), 1).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(hidden, weight, labels, nan_rows, o: _Options):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused(hidden, weight, bias, labels, nan_rows, o: _Options):
     acc = math_dtype(hidden.dtype)
-    return _forward_only(hidden, weight, labels, nan_rows, o) * _scale(labels, o, acc)
+    return _forward_only(hidden, weight, bias, labels, nan_rows, o) * _scale(labels, o, acc)
 
 
-def _fused_fwd(hidden, weight, labels, nan_rows, o: _Options):
+def _fused_fwd(hidden, weight, bias, labels, nan_rows, o: _Options):
     acc = math_dtype(hidden.dtype)
     scale = _scale(labels, o, acc)
-    total, d_hidden, d_weight = _with_gradients(hidden, weight, labels, nan_rows, scale, o)
-    # Saved in the weight dtype: the float32 accumulator does not outlive the forward.
-    return total * scale, (d_hidden, d_weight.astype(weight.dtype))
+    total, d_hidden, d_weight, d_bias = _with_gradients(hidden, weight, bias, labels, nan_rows, scale, o)
+    # Saved in the parameters' dtype: the float32 accumulators do not outlive the forward.
+    d_bias = None if bias is None else d_bias.astype(bias.dtype)
+    return total * scale, (d_hidden, d_weight.astype(weight.dtype), d_bias)
 
 
 def _fused_bwd(o: _Options, residuals, grad):
     """Scale the saved gradients by the upstream scalar; an upstream of 1 (a loss itself) leaves
     them as they are, without a scaled copy."""
-    d_hidden, d_weight = residuals
 
     def scaled(x):
+        if x is None:
+            return None
         return lax.cond(grad == 1, lambda: x, lambda: (x.astype(grad.dtype) * grad).astype(x.dtype))
 
-    return scaled(d_hidden), scaled(d_weight), None, None
+    return (*(scaled(x) for x in residuals), None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 # Compiled once per options and shapes: eager calls neither dispatch op by op nor retrace the scans.
-_fused_jit = jax.jit(_fused, static_argnums=(4,))
+_fused_jit = jax.jit(_fused, static_argnums=(5,))
 
 
 def fused_loss(
@@ -140,6 +165,10 @@ def fused_loss(
     ignore_index: int,
     reduction: str,
     *,
+    bias: jax.Array | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
     logits_budget_bytes: int = DEFAULT_LOGITS_BUDGET_BYTES,
     nan_rows: jax.Array | None = None,
 ) -> jax.Array:
@@ -151,21 +180,27 @@ def fused_loss(
         labels: ``(N,)`` integer, each in ``[0, V)`` or ``ignore_index`` (validated by the caller).
         ignore_index: label value with loss 0 and gradient 0.
         reduction: ``"sum"`` or ``"mean"`` (over non-ignored tokens; 0 when all are ignored).
+        bias, softcap, label_smoothing, lse_square_scale: the loss options of
+            :func:`jax_heads.linear_cross_entropy` (validated by the caller). There is no
+            ``return_lse``: the log-sum-exp's upstream gradient differs per token and is unknown
+            while the forward forms the gradients (module docstring).
         logits_budget_bytes: bytes of one float32 ``(chunk_rows, V)`` logits block.
         nan_rows: ``(N,)`` bool or None: tokens whose loss and gradient rows are to be NaN (the
             caller's out-of-range labels under a transformation); the other rows stay exact.
 
     Returns:
-        A float32 (float64) scalar, differentiable in ``hidden`` and ``weight`` (gradients in their
-        dtype).
+        A float32 (float64) scalar, differentiable in ``hidden``, ``weight`` and ``bias``
+        (gradients in their dtype).
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"the fused path needs a uniform upstream gradient: reduction in {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(
+            f"the fused path needs a uniform upstream gradient: reduction in {REDUCTIONS}, got {reduction!r}"
+        )
     itemsize = math_dtype(hidden.dtype).itemsize
     rows = max(1, min(hidden.shape[0], logits_budget_bytes // (weight.shape[0] * itemsize)))
     if rows >= 16:
         rows -= rows % 16
-    o = _Options(int(ignore_index), reduction, int(rows))
+    o = _Options(int(ignore_index), reduction, int(rows), softcap, float(label_smoothing), float(lse_square_scale))
     if nan_rows is None:
         nan_rows = jnp.zeros(labels.shape, bool)
-    return _fused_jit(hidden, weight, labels, nan_rows, o)
+    return _fused_jit(hidden, weight, bias, labels, nan_rows, o)

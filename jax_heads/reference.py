@@ -55,6 +55,26 @@ def loss_terms(lse, target, row_sum, vocab_size: int, label_smoothing: float, ls
     return loss
 
 
+def grad_coefficients(g, g_lse, lse, vocab_size: int, label_smoothing: float, lse_square_scale: float):
+    """Per-row coefficients of the gradient of :func:`loss_terms` (upstream ``g``) and of the
+    log-sum-exp (upstream ``g_lse``, or None) with respect to the transformed logits ``z'``:
+    ``dL/dz'_v = p_v·A − B·[v == y] − C`` with ``p = softmax(z')``, ``A = g(1 + 2λ·lse) + g_lse``,
+    ``B = g(1 − ε)``, ``C = g·ε/V``.
+
+    Returns:
+        ``(A, B, C)``, each shaped like ``g``; ``B`` is None where it equals ``A`` and ``C`` None
+        where it is 0 — so the defaults give ``(g, None, None)`` and cost no extra operation.
+    """
+    if not (label_smoothing or lse_square_scale or g_lse is not None):
+        return g, None, None
+    a = g * (1.0 + 2.0 * lse_square_scale * lse) if lse_square_scale else g
+    if g_lse is not None:
+        a = a + g_lse
+    if not label_smoothing:
+        return a, g, None
+    return a, g * (1.0 - label_smoothing), g * (label_smoothing / vocab_size)
+
+
 @functools.partial(
     jax.jit, static_argnames=("ignore_index", "softcap", "label_smoothing", "lse_square_scale")
 )

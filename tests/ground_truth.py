@@ -165,3 +165,43 @@ def lce_options_ground_truth(hidden, weight, labels, upstream, *, bias=None, sof
     if softcap is not None:
         grad *= 1 - (zc / softcap) ** 2
     return loss, np.where(valid, lse, 0.0), grad @ w, grad.T @ h, grad.sum(axis=0)
+
+
+def shifted_options_ground_truth(hidden, weight, labels, upstream=None, *, shift: int = 0, reduction: str = "none",
+                                 upstream_lse=None, ignore_index: int = -100, **options):
+    """:func:`lce_options_ground_truth` as ``linear_cross_entropy`` sees it: ``(..., S, D)`` hidden,
+    ``(..., S)`` labels, position ``t`` predicting ``labels[..., t + shift]`` (the last ``shift``
+    positions ignored), the loss reduced by ``reduction``.
+
+    Args:
+        upstream: the per-token upstream gradient of shape ``labels[..., shift:].shape`` for
+            ``"none"`` (ignored for ``"sum"``/``"mean"``, which imply theirs).
+        upstream_lse: None or the upstream gradient of the returned lse, same shape.
+        options: ``bias``, ``softcap``, ``label_smoothing``, ``lse_square_scale``.
+
+    Returns:
+        ``(loss, lse, d_hidden, d_weight, d_bias)`` in float64: ``loss`` of shape
+        ``labels[..., shift:].shape`` for ``"none"`` (else a scalar), ``lse`` of that shape,
+        ``d_hidden`` of the hidden's shape, ``d_bias`` None without a bias.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    lead, s, d = y.shape[:-1], y.shape[-1], np.shape(hidden)[-1]
+    if shift:
+        y = np.concatenate([y[..., shift:], np.full((*lead, shift), ignore_index)], axis=-1)
+    kept = y[..., : s - shift]
+
+    def pad(x):  # (..., S - shift) -> flat (N,), zeros at the positions without a target
+        return np.concatenate([np.asarray(x, np.float64), np.zeros((*lead, shift))], axis=-1).reshape(-1)
+
+    count = max(int((kept != ignore_index).sum()), 1)
+    factor = {"sum": 1.0, "mean": 1.0 / count}.get(reduction)
+    g = np.full(kept.shape, factor) if factor is not None else upstream
+    loss, lse, d_hidden, d_weight, d_bias = lce_options_ground_truth(
+        np.reshape(hidden, (-1, d)), weight, y.reshape(-1), pad(g),
+        upstream_lse=None if upstream_lse is None else pad(upstream_lse), ignore_index=ignore_index, **options,
+    )
+    loss = loss.reshape(y.shape)[..., : s - shift]
+    if factor is not None:
+        loss = loss.sum() * factor
+    d_bias = d_bias if options.get("bias") is not None else None
+    return loss, lse.reshape(y.shape)[..., : s - shift], d_hidden.reshape(np.shape(hidden)), d_weight, d_bias

@@ -57,9 +57,9 @@ def small_chunks(monkeypatch):
     """Make ``chunked`` use CHUNK_ROWS rows per chunk for any vocabulary (restored afterwards)."""
     original = chunked_module.chunked_loss
 
-    def chunked_loss_small(hidden, weight, labels, ignore_index, chunk_budget_bytes=None):
+    def chunked_loss_small(hidden, weight, labels, ignore_index, chunk_budget_bytes=None, **options):
         budget = CHUNK_ROWS * weight.shape[0] * 4
-        return original(hidden, weight, labels, ignore_index, budget)
+        return original(hidden, weight, labels, ignore_index, budget, **options)
 
     monkeypatch.setattr("jax_heads.functional.chunked_loss", chunked_loss_small)
 

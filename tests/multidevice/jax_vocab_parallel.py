@@ -22,7 +22,9 @@ from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repository root first: this checkout's packages, not those of another (editable) install.
+sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 from ground_truth import lce_ground_truth  # noqa: E402
 from tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 
