@@ -194,7 +194,7 @@ class _ChunkedOptionsLoss(torch.autograd.Function):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         grads = _ChunkedOptionGrads.apply(
             hidden, weight, bias, labels, lse, grad_loss, grad_lse if ctx.options.return_lse else None, ctx.options,
-            tuple(ctx.needs_input_grad[:3]),
+            *ctx.needs_input_grad[:3],
         )
         return *grads, None, None
 
@@ -211,15 +211,16 @@ class _ChunkedOptionGrads(torch.autograd.Function):
     """``(d_hidden, d_weight, d_bias)`` of the loss with options (None where not needed); a second order is refused."""
 
     @staticmethod
-    def forward(hidden, weight, bias, labels, lse, grad_loss, grad_lse, options: ChunkedOptions, needs):
+    def forward(hidden, weight, bias, labels, lse, grad_loss, grad_lse, options: ChunkedOptions, need_h: bool,
+                need_w: bool, need_b: bool):
         with autocast_disabled(hidden.device):
             valid = labels != options.ignore_index
             coefficients = row_coefficients(
                 grad_loss, grad_lse, lse, valid, weight.shape[0], options.label_smoothing, options.lse_square_scale
             )
             return chunked_backward(
-                hidden, weight, torch.where(valid, labels, 0).long(), valid, valid, lse, coefficients, needs,
-                options.chunk_rows, bias=bias, softcap=options.softcap,
+                hidden, weight, torch.where(valid, labels, 0).long(), valid, valid, lse, coefficients,
+                (need_h, need_w, need_b), options.chunk_rows, bias=bias, softcap=options.softcap,
             )
 
     @staticmethod
@@ -263,7 +264,7 @@ def chunked_grads(hidden, weight, labels, lse, grad_loss, ignore_index: int, chu
         return _ChunkedGrads.apply(hidden, weight, labels, lse, grad_loss, ignore_index, chunk_rows, need_h, need_w)
     options = ChunkedOptions(ignore_index, chunk_rows, softcap=softcap)
     return _ChunkedOptionGrads.apply(
-        hidden, weight, None, labels, lse, grad_loss, None, options, (need_h, need_w, False)
+        hidden, weight, None, labels, lse, grad_loss, None, options, need_h, need_w, False
     )[:2]
 
 

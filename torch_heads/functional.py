@@ -102,7 +102,8 @@ def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
 
 REGISTRY = Registry([
     Implementation("cce", lambda h, o: _cce.unsupported_reason(h, o.filter_eps),
-                   _per_token(lambda h, w, y, o, b: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps))),
+                   _per_token(lambda h, w, y, o, b: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps, o.softcap)),
+                   options=frozenset({"softcap"})),
     Implementation("chunked", _exact_reason, _per_token(_chunked_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("reference", _exact_reason, _per_token(_reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
