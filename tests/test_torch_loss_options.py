@@ -33,25 +33,25 @@ OPTION_SETS = {
 }
 
 
-def problem(name: str, dtype=torch.float32, n=N, d=D, v=V):
+def problem(name: str, dtype=torch.float32, n=N, d=D, v=V, device="cpu"):
     """Hidden ``(n, d)``, weight ``(v, d)``, bias ``(v,)`` in ``dtype`` (logits of order 1..4, so a soft-cap
     of 2 changes them), labels with ignored tokens, upstream gradients of the loss and of the lse."""
     rng = np.random.default_rng(zlib.crc32(name.encode()))
-    t = lambda x: torch.from_numpy(x).to(dtype)  # noqa: E731
+    t = lambda x: torch.from_numpy(x).to(device, dtype)  # noqa: E731
     hidden, weight = t(rng.standard_normal((n, d)) * 2.0), t(rng.standard_normal((v, d)) / np.sqrt(d))
     bias = t(rng.standard_normal(v) * 0.5)
     labels = rng.integers(0, v, n)
     labels[rng.permutation(n)[: n // 5]] = IGNORE
-    upstream = torch.from_numpy(rng.standard_normal(n)).float()
-    upstream_lse = torch.from_numpy(rng.standard_normal(n)).float()
-    return hidden, weight, bias, torch.from_numpy(labels), upstream, upstream_lse
+    upstream = torch.from_numpy(rng.standard_normal(n)).float().to(device)
+    upstream_lse = torch.from_numpy(rng.standard_normal(n)).float().to(device)
+    return hidden, weight, bias, torch.from_numpy(labels).to(device), upstream, upstream_lse
 
 
 def truth(hidden, weight, bias, labels, upstream, upstream_lse, options):
     """Float64 ground truth of the per-token loss, lse, d_hidden, d_weight, d_bias (for the rounded inputs)."""
-    f64 = lambda x: x.detach().double().numpy()  # noqa: E731
+    f64 = lambda x: x.detach().cpu().double().numpy()  # noqa: E731
     return lce_options_ground_truth(
-        f64(hidden), f64(weight), labels.numpy(), f64(upstream), bias=f64(bias) if options.get("bias") else None,
+        f64(hidden), f64(weight), labels.cpu().numpy(), f64(upstream), bias=f64(bias) if options.get("bias") else None,
         softcap=options.get("softcap"), label_smoothing=options.get("label_smoothing", 0.0),
         lse_square_scale=options.get("lse_square_scale", 0.0),
         upstream_lse=f64(upstream_lse) if options.get("return_lse") else None, ignore_index=IGNORE,
@@ -68,7 +68,7 @@ def run(fn, hidden, weight, bias, labels, upstream, upstream_lse, options):
     loss, lse = out if options.get("return_lse") else (out, None)
     total = (loss.float() * upstream).sum() + (0 if lse is None else (lse.float() * upstream_lse).sum())
     total.backward()
-    f64 = lambda x: None if x is None else x.detach().double().numpy()  # noqa: E731
+    f64 = lambda x: None if x is None else x.detach().cpu().double().numpy()  # noqa: E731
     return f64(loss), f64(lse), f64(h.grad), f64(w.grad), None if b is None else f64(b.grad)
 
 
@@ -88,7 +88,7 @@ def single(impl, **fixed):
 # --- chunked --------------------------------------------------------------------------------------
 
 
-def naive_bf16(h, w, b, y, softcap=None, label_smoothing=0.0, lse_square_scale=0.0, return_lse=False):
+def naive_same_dtype(h, w, b, y, softcap=None, label_smoothing=0.0, lse_square_scale=0.0, return_lse=False):
     """The materialised logits and the loss terms in the input dtype (the baseline of a low-precision dtype)."""
     logits = transform_logits(h @ w.T, b, softcap)
     valid = y != IGNORE
@@ -105,7 +105,7 @@ def test_chunked_bfloat16_within_the_naive_bound(name):
     inputs = problem(f"bf16-{name}", torch.bfloat16)
     want = truth(*inputs, options)
     got = run(single("chunked"), *inputs, options)
-    naive = run(naive_bf16, *inputs, options)
+    naive = run(naive_same_dtype, *inputs, options)
     check(f"bf16-{name}", got, want, "bfloat16", naive=naive)
 
 
@@ -221,6 +221,20 @@ def test_cce_declares_softcap_only():
     assert registry.choose(None, hidden, options).name == "chunked"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("impl", ["cce", "chunked"])
+def test_cuda_softcap_against_truth(impl, dtype):
+    """On CUDA: cut-cross-entropy's soft-capping (exact gradients; float32 through our chunked backward)
+    and chunked with every option, against the float64 truth (low precision: the naive bound)."""
+    options = {"softcap": 2.0} if impl == "cce" else OPTION_SETS["all"]
+    inputs = problem(f"cuda-{impl}-{dtype}", getattr(torch, dtype), n=253, d=123, v=1027, device="cuda")
+    got = run(single(impl, filter_eps=None) if impl == "cce" else single(impl), *inputs, options)
+    tolerance = {"float32": "float32-tf32" if impl == "cce" else "float32"}.get(dtype, dtype)
+    naive = None if dtype == "float32" else run(naive_same_dtype, *inputs, options)
+    check(f"cuda-{impl}-{dtype}", got, truth(*inputs, options), tolerance, naive=naive)
+
+
 # --- the vocabulary-parallel op ---------------------------------------------------------------------
 
 
@@ -281,3 +295,14 @@ def test_vocab_parallel_refuses_bad_options_as_linear_cross_entropy(gloo_world, 
             fn(hidden, weight, b, labels.reshape(1, N), **kwargs)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+def test_vocab_parallel_options_under_autocast_equal_linear_cross_entropy(gloo_world):
+    """Under CPU bfloat16 autocast the bias is cast with hidden and weight (as ``F.linear`` casts its
+    operands) in both ops, which then agree."""
+    options = dict(OPTION_SETS["all"])
+    inputs = problem("parallel-autocast")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(parallel(gloo_world), *inputs, options)
+        want = run(single("chunked"), *inputs, options)
+    check("parallel-autocast", got, want)
