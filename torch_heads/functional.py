@@ -283,7 +283,8 @@ def linear_cross_entropy(
 
     Higher order: ``"chunked"`` and ``"reference"`` can be differentiated twice
     (``torch.autograd.grad(..., create_graph=True)``; ``"chunked"`` computes the second derivative
-    chunk by chunk and refuses a third with a ``RuntimeError``; ``"reference"`` supports any order),
+    chunk by chunk and refuses a third with a ``RuntimeError``, or a second when a loss option other
+    than ``shift`` is set; ``"reference"`` supports any order),
     and compose with ``torch.func.grad``, ``vjp`` and ``vmap`` (``"chunked"`` maps by looping over
     the batch). See ``docs/robustness.md``.
 
