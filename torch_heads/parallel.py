@@ -125,10 +125,10 @@ class _VocabParallel(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, local, counted, lse)
         ctx.vocab_size, ctx.options, ctx.group, ctx.shard = vocab_size, options, group, shard
         ctx.set_materialize_grads(False)
-        lse_out = torch.where(counted, lse, 0.0)
         if not options.return_lse:
-            ctx.mark_non_differentiable(lse_out)
-        return torch.where(counted, loss, 0.0), lse_out
+            ctx.mark_non_differentiable(lse)
+            return torch.where(counted, loss, 0.0), lse
+        return torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
