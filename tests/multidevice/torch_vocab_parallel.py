@@ -54,9 +54,9 @@ def _options_case(rank, world):
     returned lse) on uneven shards against the single-device reference on the full weight and bias."""
     h, w, y, up = _inputs(17)
     b = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(17))
-    options = dict(softcap=2.0, label_smoothing=0.2, lse_square_scale=0.05, shift=1, return_lse=True)
+    options = {"softcap": 2.0, "label_smoothing": 0.2, "lse_square_scale": 0.05, "shift": 1, "return_lse": True}
     start, stop = shard_range(w.shape[0], rank, world)
-    hh, ws, bs = h.clone().requires_grad_(), w[start:stop].clone().requires_grad_(), b[start:stop].clone().requires_grad_()
+    hh, ws, bs = (x.clone().requires_grad_() for x in (h, w[start:stop], b[start:stop]))
     loss, lse = vocab_parallel_linear_cross_entropy(
         hh, ws, y, vocab_start=start, vocab_size=w.shape[0], bias_shard=bs, **options
     )
