@@ -160,7 +160,8 @@ def chunked_backward(hidden, weight, safe_labels, has_target, counted, lse, grad
 
 def _option_grad_logits_(logits, idx, labels, lse, a, b, c, softcap):
     """``dL/dz`` of one chunk in place of its ``logits`` (``(rows, V)``, bias included):
-    ``(p·a − b·onehot − c)·(1 − (z'/softcap)²)``, ``p = exp(z' − lse)``, ``z' = softcap·tanh(logits/softcap)``."""
+    ``(p·a − b·onehot − c)·(1 − (z'/softcap)²)``, ``p = exp(z' − lse)``,
+    ``z' = softcap·tanh(logits/softcap)``."""
     if softcap is None:
         grad = logits.sub_(lse[:, None]).exp_().mul_(a[:, None])
         if c is not None:
