@@ -6,22 +6,30 @@ The forward saves only the per-token log-sum-exp; the backward recomputes each c
 
 Three Functions, each the derivative of the one before: the loss, its gradients
 (:func:`chunked_grads`, so a backward with ``create_graph=True`` can be differentiated again) and
-their derivatives (:func:`chunked_second_order`, two ``(chunk_rows / 2, V)`` blocks at a time);
-differentiating those raises (no third order). All three compute with autocast off, compose with
-``torch.func.grad``/``vjp`` and ``vmap`` (a loop over the batch; ``torch_heads/_autograd.py``), and
-refuse forward-mode AD with a ``RuntimeError`` naming ``impl="reference"``.
+their derivatives (``chunked_second_order``, two ``(chunk_rows / 2, V)`` blocks at a time);
+differentiating those raises (no third order). With loss options (bias, softcap, label smoothing,
+z-loss, returned log-sum-exp) the loss and its gradients are two other Functions, differentiable
+once (a second order raises). The backward then builds ``dL/dz' = p·A − B·onehot − C`` from three
+per-row coefficients (``row_coefficients``) and applies the softcap's derivative in place. All
+compute with autocast off, compose with ``torch.func.grad``/``vjp`` and ``vmap`` (a loop over the
+batch; ``torch_heads/_autograd.py``), and refuse forward-mode AD with a ``RuntimeError`` naming
+``impl="reference"``. The chunk loops themselves are in ``torch_heads/_chunk_loops.py``.
 
-Memory beyond inputs and outputs: one logits chunk (``chunk_budget_bytes``, 32 MiB by default),
-the float32 gradient accumulators, and — for float16/bfloat16 inputs — one float32 copy of the
-weight so that every product accumulates and is rounded in float32.
+Memory beyond inputs and outputs: one logits chunk (``chunk_budget_bytes``, 32 MiB by default;
+the softcap's backward adds a quarter of one as a temporary), the float32 gradient accumulators,
+and — for float16/bfloat16 inputs — one float32 copy of the weight (and bias) so that every
+product accumulates and is rounded in float32.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from torch_heads._autograd import autocast_disabled, vmap_by_loop
-from torch_heads.reference import math_dtype
+from torch_heads._chunk_loops import chunked_backward, chunked_lse_target, chunked_second_order, row_coefficients
+from torch_heads.reference import loss_terms, math_dtype
 
 DEFAULT_CHUNK_BUDGET_BYTES = 32 * 2**20
 
@@ -34,6 +42,19 @@ _NO_FORWARD_MODE = (
 def chunk_rows_for(vocab_size: int, itemsize: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES) -> int:
     """Rows per chunk so that one ``(rows, V)`` logits block fits ``budget_bytes``."""
     return max(1, budget_bytes // (vocab_size * itemsize))
+
+
+@dataclass(frozen=True)
+class ChunkedOptions:
+    """The static options of one chunked call with loss options (hashable; the loss options as
+    ``torch_heads.linear_cross_entropy`` documents them)."""
+
+    ignore_index: int
+    chunk_rows: int
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    return_lse: bool = False
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -80,8 +101,8 @@ class _ChunkedGrads(torch.autograd.Function):
             valid = labels != ignore_index
             safe_labels = torch.where(valid, labels, 0).long()
             return chunked_backward(
-                hidden, weight, safe_labels, valid, valid, lse, grad_loss, (need_h, need_w), chunk_rows
-            )
+                hidden, weight, safe_labels, valid, valid, lse, grad_loss, (need_h, need_w, False), chunk_rows
+            )[:2]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -144,9 +165,89 @@ class _ChunkedSecondOrder(torch.autograd.Function):
         raise RuntimeError(_NO_FORWARD_MODE)
 
 
+class _ChunkedOptionsLoss(torch.autograd.Function):
+    """Per-token loss and log-sum-exp (0 where ignored) with loss options; the log-sum-exp is
+    differentiable when ``options.return_lse``."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, options: ChunkedOptions):
+        with autocast_disabled(hidden.device):
+            valid = labels != options.ignore_index
+            eps = options.label_smoothing
+            lse, target, *row_sum = chunked_lse_target(
+                hidden, weight, torch.where(valid, labels, 0).long(), valid, options.chunk_rows, bias=bias,
+                softcap=options.softcap, row_sum=eps > 0,
+            )
+            loss = loss_terms(lse, target, row_sum[0] if eps else None, weight.shape[0], eps, options.lse_square_scale)
+            return torch.where(valid, loss, 0.0), torch.where(valid, lse, 0.0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, options = inputs
+        if not options.return_lse:
+            ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grads = _ChunkedOptionGrads.apply(
+            hidden, weight, bias, labels, lse, grad_loss, grad_lse if ctx.options.return_lse else None, ctx.options,
+            *ctx.needs_input_grad[:3],
+        )
+        return *grads, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(_ChunkedOptionsLoss, info, in_dims, *args)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NO_FORWARD_MODE)
+
+
+class _ChunkedOptionGrads(torch.autograd.Function):
+    """``(d_hidden, d_weight, d_bias)`` of the loss with options (None where not needed); a second order is refused."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, lse, grad_loss, grad_lse, options: ChunkedOptions, need_h: bool,
+                need_w: bool, need_b: bool):
+        with autocast_disabled(hidden.device):
+            valid = labels != options.ignore_index
+            coefficients = row_coefficients(
+                grad_loss, grad_lse, lse, valid, weight.shape[0], options.label_smoothing, options.lse_square_scale
+            )
+            return chunked_backward(
+                hidden, weight, torch.where(valid, labels, 0).long(), valid, valid, lse, coefficients,
+                (need_h, need_w, need_b), options.chunk_rows, bias=bias, softcap=options.softcap,
+            )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "second-order derivatives of linear_cross_entropy with loss options (bias, softcap, label_smoothing, "
+            "lse_square_scale, return_lse) are not supported by impl='chunked' (without them it differentiates "
+            "twice); impl='reference' (plain autograd) supports any order"
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(_ChunkedOptionGrads, info, in_dims, *args)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NO_FORWARD_MODE)
+
+
 def chunked_grads(hidden, weight, labels, lse, grad_loss, ignore_index: int, chunk_rows: int, need_h: bool,
-                  need_w: bool):
-    """``(d_hidden, d_weight)`` of ``sum(grad_loss * loss)`` (None where not needed), differentiable once more.
+                  need_w: bool, *, softcap: float | None = None):
+    """``(d_hidden, d_weight)`` of ``sum(grad_loss * loss)`` (None where not needed), differentiable once more
+    (without ``softcap``).
 
     Args:
         hidden ``(N, D)``, weight ``(V, D)``: the forward's inputs.
@@ -154,148 +255,17 @@ def chunked_grads(hidden, weight, labels, lse, grad_loss, ignore_index: int, chu
         lse ``(N,)``: the forward's log-sum-exp in the accumulation dtype.
         grad_loss ``(N,)``: upstream gradient of the per-token loss.
         chunk_rows: tokens per chunk. need_h, need_w: which gradients to compute.
+        softcap: None, or the soft-cap ``c`` of the loss (its logits ``c·tanh(hidden @ weight.T / c)``).
 
     A second derivative (through ``hidden``, ``weight`` and ``grad_loss``) is computed chunk by chunk
-    too (:func:`chunked_second_order`); a third raises ``RuntimeError``.
+    too (:func:`chunked_second_order`); a third, or a second with ``softcap``, raises ``RuntimeError``.
     """
-    return _ChunkedGrads.apply(hidden, weight, labels, lse, grad_loss, ignore_index, chunk_rows, need_h, need_w)
-
-
-def chunked_lse_target(hidden, weight, safe_labels, has_target, chunk_rows):
-    """Per-token log-sum-exp over the rows of ``weight`` and the target logit, one chunk at a time.
-
-    Args:
-        hidden ``(N, D)``, weight ``(V, D)``.
-        safe_labels ``(N,)`` int64 in ``[0, V)`` (any value where ``has_target`` is False).
-        has_target ``(N,)`` bool: whether the token's label is a row of ``weight``.
-        chunk_rows: tokens per chunk.
-
-    Returns:
-        ``(lse, target)``, each ``(N,)`` in the accumulation dtype; ``target`` is 0 where
-        ``has_target`` is False.
-    """
-    acc = math_dtype(hidden.dtype)
-    w = weight.to(acc)
-    n = hidden.shape[0]
-    lse = torch.empty(n, dtype=acc, device=hidden.device)
-    target = torch.empty(n, dtype=acc, device=hidden.device)
-    for start in range(0, n, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n))
-        logits = hidden[rows].to(acc) @ w.T
-        lse[rows] = torch.logsumexp(logits, dim=-1)
-        target[rows] = logits.gather(1, safe_labels[rows, None]).squeeze(1)
-    return lse, torch.where(has_target, target, 0.0)
-
-
-def chunked_backward(hidden, weight, safe_labels, has_target, counted, lse, grad_loss, needs_grad, chunk_rows):
-    """Gradients of ``sum(grad_loss * loss)`` w.r.t. hidden and weight, one chunk of logits at a time.
-
-    ``d loss / d logits = g · (exp(logits − lse) − onehot(label))``, with the one-hot term only
-    where the label is a row of ``weight``. With a vocabulary-parallel weight shard, ``lse`` is the
-    global log-sum-exp and ``has_target`` marks labels inside the shard.
-
-    Args:
-        hidden ``(N, D)``, weight ``(V, D)``: the forward's inputs.
-        safe_labels ``(N,)`` int64 in ``[0, V)`` (any value where ``has_target`` is False).
-        has_target ``(N,)`` bool: the label is a row of ``weight``.
-        counted ``(N,)`` bool: the token is not ignored.
-        lse ``(N,)``: per-token log-sum-exp in the accumulation dtype (unused where not counted).
-        grad_loss ``(N,)``: upstream gradient (any layout, any values where not counted).
-        needs_grad: (hidden, weight) flags; a gradient not needed is returned as None.
-        chunk_rows: tokens per chunk.
-
-    Returns:
-        ``(d_hidden, d_weight)`` in the inputs' dtypes (or None where not needed).
-    """
-    need_h, need_w = needs_grad
-    acc = lse.dtype
-    w = weight.to(acc)
-    n = hidden.shape[0]
-    # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN), and an
-    # infinite lse so that their recomputed softmax is exactly 0 (never inf * 0).
-    g = torch.where(counted, grad_loss.to(acc), 0.0)
-    lse = torch.where(counted, lse, float("inf"))
-    d_hidden = torch.empty(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    for start in range(0, n, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n))
-        h = hidden[rows].to(acc)
-        # d loss / d logits = g * (softmax - onehot(label)), built in place in the logits buffer.
-        grad_logits = (h @ w.T).sub_(lse[rows, None]).exp_()
-        idx = torch.arange(grad_logits.shape[0], device=h.device)
-        grad_logits[idx, safe_labels[rows]] -= has_target[rows].to(acc)
-        grad_logits.mul_(g[rows, None])
-        if need_h:
-            d_hidden[rows] = grad_logits @ w
-        if need_w:
-            d_weight.addmm_(grad_logits.T, h)
-    return (
-        d_hidden.to(hidden.dtype) if need_h else None,
-        d_weight.to(weight.dtype) if need_w else None,
-    )
-
-
-def chunked_second_order(hidden, weight, safe_labels, valid, lse, grad_loss, u_hidden, u_weight, needs, chunk_rows):
-    """Derivatives of ``<u_hidden, d_hidden> + <u_weight, d_weight>``, the gradients of :func:`chunked_backward`
-    contracted with their cotangents, w.r.t. hidden, weight and grad_loss, one chunk of logits at a time.
-
-    Per counted row, with ``P = softmax(logits)``, ``G = g · (P − onehot(label))`` (so that
-    ``d_hidden = G W`` and ``d_weight = Gᵀ H``) and ``A = U Wᵀ + H Qᵀ`` (``U = u_hidden``,
-    ``Q = u_weight``: the cotangent of ``G``): ``d g = ⟨A, P − onehot⟩``,
-    ``d logits = g · P ⊙ (A − ⟨P, A⟩)`` (the softmax Jacobian), ``d H = (d logits) W + G Q`` and
-    ``d W = (d logits)ᵀ H + Gᵀ U``. Ignored rows contribute nothing.
-
-    Args:
-        hidden ``(N, D)``, weight ``(V, D)``, safe_labels ``(N,)`` int64 in ``[0, V)``, valid ``(N,)``
-            bool, lse ``(N,)`` in the accumulation dtype, grad_loss ``(N,)``: as for :func:`chunked_backward`.
-        u_hidden ``(N, D)``, u_weight ``(V, D)``: the cotangents, or None for zero.
-        needs: (hidden, weight, grad_loss) flags; a derivative not needed is returned as None.
-        chunk_rows: tokens per chunk (two ``(chunk_rows, V)`` blocks exist at a time).
-
-    Returns:
-        ``(d_hidden, d_weight, d_grad_loss)`` in the dtypes of hidden, weight and grad_loss.
-    """
-    need_h, need_w, need_g = needs
-    acc = lse.dtype
-    w = weight.to(acc)
-    q = None if u_weight is None else u_weight.to(acc)
-    n = hidden.shape[0]
-    g = torch.where(valid, grad_loss.to(acc), 0.0)
-    lse = torch.where(valid, lse, float("inf"))  # a recomputed softmax of exactly 0 at ignored rows
-    d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    d_grad = torch.zeros(n, dtype=acc, device=hidden.device) if need_g else None
-    for start in range(0, n if u_hidden is not None or q is not None else 0, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, n))
-        h = hidden[rows].to(acc)
-        u = None if u_hidden is None else u_hidden[rows].to(acc)
-        idx = torch.arange(h.shape[0], device=h.device)
-        target = safe_labels[rows]
-        p = (h @ w.T).sub_(lse[rows, None]).exp_()
-        a = torch.zeros_like(p)
-        if u is not None:
-            a.addmm_(u, w.T)
-        if q is not None:
-            a.addmm_(h, q.T)
-        pa = torch.einsum("nv,nv->n", p, a)
-        if need_g:
-            d_grad[rows] = torch.where(valid[rows], pa - a[idx, target], 0.0)
-        d_logits = a.sub_(pa[:, None]).mul_(p).mul_(g[rows, None])
-        grad_logits = p.mul_(g[rows, None])
-        grad_logits[idx, target] -= g[rows]  # g is 0 at ignored rows
-        if need_h:
-            d_hidden[rows] = d_logits @ w
-            if q is not None:
-                d_hidden[rows] += grad_logits @ q
-        if need_w:
-            d_weight.addmm_(d_logits.T, h)
-            if u is not None:
-                d_weight.addmm_(grad_logits.T, u)
-    return (
-        d_hidden.to(hidden.dtype) if need_h else None,
-        d_weight.to(weight.dtype) if need_w else None,
-        d_grad.to(grad_loss.dtype) if need_g else None,
-    )
+    if softcap is None:
+        return _ChunkedGrads.apply(hidden, weight, labels, lse, grad_loss, ignore_index, chunk_rows, need_h, need_w)
+    options = ChunkedOptions(ignore_index, chunk_rows, softcap=softcap)
+    return _ChunkedOptionGrads.apply(
+        hidden, weight, None, labels, lse, grad_loss, None, options, need_h, need_w, False
+    )[:2]
 
 
 def chunked_loss(
@@ -304,7 +274,13 @@ def chunked_loss(
     labels: torch.Tensor,
     ignore_index: int,
     chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
-) -> torch.Tensor:
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss of flat inputs without materialising the ``(N, V)`` logits.
 
     Args:
@@ -313,10 +289,19 @@ def chunked_loss(
         labels: ``(N,)`` integer tensor, each in ``[0, V)`` or ``ignore_index``.
         ignore_index: label value that gives loss 0 and gradient 0.
         chunk_budget_bytes: the most bytes one logits chunk may take.
+        bias, softcap, label_smoothing, lse_square_scale, return_lse: the loss options, as
+            ``torch_heads.linear_cross_entropy`` documents them (validated there; ``bias`` ``(V,)`` of
+            the weight's dtype and device). With any of them set the loss can be differentiated once.
 
     Returns:
-        ``(N,)`` loss, float32 (float64 for float64 inputs). Gradients come back in the inputs' dtype.
+        ``(N,)`` loss, float32 (float64 for float64 inputs), 0 where ignored; with ``return_lse``,
+        ``(loss, lse)``, ``lse`` ``(N,)`` of the loss's dtype, 0 where ignored. Gradients come back in the
+        inputs' dtypes.
     """
     itemsize = torch.finfo(math_dtype(hidden.dtype)).bits // 8
     rows = chunk_rows_for(weight.shape[0], itemsize, chunk_budget_bytes)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows)[0]
+    if bias is None and softcap is None and not (label_smoothing or lse_square_scale or return_lse):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, rows)[0]
+    options = ChunkedOptions(ignore_index, rows, softcap, label_smoothing, lse_square_scale, return_lse)
+    loss, lse = _ChunkedOptionsLoss.apply(hidden, weight, bias, labels, options)
+    return (loss, lse) if return_lse else loss

@@ -87,6 +87,13 @@ def _reference_tokens(hidden, weight, labels, o: LossOptions, bias):
     )
 
 
+def _chunked_tokens(hidden, weight, labels, o: LossOptions, bias):
+    return chunked_loss(
+        hidden, weight, labels, o.ignore_index, bias=bias, softcap=o.softcap, label_smoothing=o.label_smoothing,
+        lse_square_scale=o.lse_square_scale, return_lse=o.return_lse,
+    )
+
+
 def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     # "auto" is exact for our kernel; a float turns its gradient filtering on.
     eps = options.filter_eps if options.filtered else None
@@ -95,9 +102,9 @@ def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
 
 REGISTRY = Registry([
     Implementation("cce", lambda h, o: _cce.unsupported_reason(h, o.filter_eps),
-                   _per_token(lambda h, w, y, o, b: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps))),
-    Implementation("chunked", _exact_reason,
-                   _per_token(lambda h, w, y, o, b: chunked_loss(h, w, y, o.ignore_index))),
+                   _per_token(lambda h, w, y, o, b: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps, o.softcap)),
+                   options=frozenset({"softcap"})),
+    Implementation("chunked", _exact_reason, _per_token(_chunked_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("reference", _exact_reason, _per_token(_reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
     Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps), _per_token(_pallas_tokens),
@@ -276,7 +283,8 @@ def linear_cross_entropy(
 
     Higher order: ``"chunked"`` and ``"reference"`` can be differentiated twice
     (``torch.autograd.grad(..., create_graph=True)``; ``"chunked"`` computes the second derivative
-    chunk by chunk and refuses a third with a ``RuntimeError``; ``"reference"`` supports any order),
+    chunk by chunk and refuses a third with a ``RuntimeError``, or a second when a loss option other
+    than ``shift`` is set; ``"reference"`` supports any order),
     and compose with ``torch.func.grad``, ``vjp`` and ``vmap`` (``"chunked"`` maps by looping over
     the batch). See ``docs/robustness.md``.
 

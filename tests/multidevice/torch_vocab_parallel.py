@@ -49,6 +49,27 @@ def _vocab_parallel_case(rank, world, reduction):
     return all(e <= PARITY_FLOAT32 for e in errs), f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight shard {errs[2]:.1e}"
 
 
+def _options_case(rank, world):
+    """Every loss option (bias sharded with the weight, softcap, label smoothing, z-loss, shift 1,
+    returned lse) on uneven shards against the single-device reference on the full weight and bias."""
+    h, w, y, up = _inputs(17)
+    b = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(17))
+    options = {"softcap": 2.0, "label_smoothing": 0.2, "lse_square_scale": 0.05, "shift": 1, "return_lse": True}
+    start, stop = shard_range(w.shape[0], rank, world)
+    hh, ws, bs = (x.clone().requires_grad_() for x in (h, w[start:stop], b[start:stop]))
+    loss, lse = vocab_parallel_linear_cross_entropy(
+        hh, ws, y, vocab_start=start, vocab_size=w.shape[0], bias_shard=bs, **options
+    )
+    ((loss + lse) * up[:, 1:]).sum().backward()
+    hr, wr, br = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    ref, ref_lse = torch_heads.linear_cross_entropy(hr, wr, y, bias=br, impl="reference", **options)
+    ((ref + ref_lse) * up[:, 1:]).sum().backward()
+    errs = [rel_err(loss.detach(), ref.detach()), rel_err(lse.detach(), ref_lse.detach()), rel_err(hh.grad, hr.grad),
+            rel_err(ws.grad, wr.grad[start:stop]), rel_err(bs.grad, br.grad[start:stop])]
+    return all(e <= PARITY_FLOAT32 for e in errs), "loss, lse, d_hidden, d_weight, d_bias shards " + " ".join(
+        f"{e:.1e}" for e in errs)
+
+
 def _ddp_case(rank, world):
     torch.manual_seed(0)
     head = torch_heads.SplitLanguageModellingHead({"text": 90, "special": 3}, ["text", "special"], 16)
@@ -190,6 +211,7 @@ def _worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         cases = [(f"vocab-parallel {r}", lambda r=r: _vocab_parallel_case(rank, world, r)) for r in ("none", "sum", "mean")]
+        cases.append(("vocab-parallel loss options", lambda: _options_case(rank, world)))
         cases += [("DDP split head", lambda: _ddp_case(rank, world)), ("DTensor weight", lambda: _dtensor_case(rank, world))]
         cases += [
             ("sharded split head", lambda: _sharded_head_case(rank, world)),
