@@ -46,7 +46,8 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from heads_common import LM_IGNORE_INDEX, check_ignore_index
-from jax_heads.functional import FLOAT_DTYPES, out_of_range_labels
+from jax_heads.functional import FLOAT_DTYPES
+from jax_heads.labels import out_of_range_labels
 
 
 def _check(hidden: object, labels: object, vocab_size: object, ignore_index: object) -> int:

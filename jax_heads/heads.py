@@ -37,9 +37,9 @@ from jax_heads.functional import (
     IMPLEMENTATIONS,
     check_mesh_options,
     linear_cross_entropy,
-    out_of_range_labels,
     select_implementation,
 )
+from jax_heads.labels import out_of_range_labels
 from jax_heads.reference import PRECISION
 
 # torch's nn.Linear init, kaiming_uniform(a=sqrt(5)): uniform(-b, b) with b = sqrt(3 * (1/3) / fan_in).
