@@ -9,6 +9,7 @@ and the split head with mesh options, 1 x 4 and 2 x 2 meshes; and the same probl
 torch results). Last, the 2-GPU benchmark script's ``--cpu-smoke`` mode.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +20,12 @@ HERE = os.path.join(os.path.dirname(__file__), "multidevice")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(script, env):
-    return subprocess.run([sys.executable, os.path.join(HERE, script)], capture_output=True, text=True, timeout=600, env=env)
+def _run(script, env, results):
+    """Run a multidevice script; returns the process and the checks it recorded (its JSON report)."""
+    env = dict(env, RESULTS_JSON=str(results))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, script)], capture_output=True, text=True, timeout=600, env=env)
+    checks = json.loads(results.read_text()) if results.exists() else []
+    return proc, checks
 
 
 @pytest.fixture(scope="module")
@@ -33,29 +38,35 @@ def sharded_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def torch_result(sharded_env):
-    return _run("torch_vocab_parallel.py", sharded_env)
+def torch_result(sharded_env, tmp_path_factory):
+    return _run("torch_vocab_parallel.py", sharded_env, tmp_path_factory.mktemp("torch") / "checks.json")
+
+
+TORCH_CASES = {"vocab-parallel none", "vocab-parallel sum", "vocab-parallel mean", "vocab-parallel loss options",
+               "DDP split head", "DTensor weight", "sharded split head", "pallas interpret per shard", "errors"}
 
 
 def test_torch_vocab_parallel_ddp_and_dtensor_on_gloo(torch_result):
-    out = torch_result.stdout + torch_result.stderr
-    assert torch_result.returncode == 0, out
-    # 9 cases on each of 2 + 3 ranks, and the 2-rank save for the JAX comparison
-    assert torch_result.stdout.count("ok  ") == 47, out
+    proc, checks = torch_result
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [c for c in checks if not c["ok"]] == []
+    ran = {(c["world"], c["rank"], c["name"]) for c in checks}
+    expected = {(w, r, name) for w in (2, 3) for r in range(w) for name in TORCH_CASES}
+    assert ran == expected | {(2, r, "save") for r in range(2)}, sorted(ran ^ expected)
 
 
-def test_jax_vocab_parallel_and_torch_sharded_parity(torch_result, sharded_env):
-    assert torch_result.returncode == 0, torch_result.stdout + torch_result.stderr
-    result = _run("jax_vocab_parallel.py", sharded_env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok  ") == 24, result.stdout
-    assert "ok   torch-sharded (2 ranks) vs JAX-sharded (4 devices)" in result.stdout
+def test_jax_vocab_parallel_and_torch_sharded_parity(torch_result, sharded_env, tmp_path):
+    assert torch_result[0].returncode == 0, torch_result[0].stdout + torch_result[0].stderr
+    proc, checks = _run("jax_vocab_parallel.py", sharded_env, tmp_path / "checks.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [c for c in checks if not c["ok"]] == []
+    names = {c["name"] for c in checks}
+    assert len(checks) == 24 and len(names) == 24, sorted(names)
+    assert "torch-sharded (2 ranks) vs JAX-sharded (4 devices)" in names
 
 
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     """``benchmarks/vocab_parallel_gpu.py --cpu-smoke``: the GPU script's logic on tiny shapes (gloo, 2 CPU JAX devices)."""
-    import json
-
     root = os.path.dirname(os.path.dirname(HERE))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(

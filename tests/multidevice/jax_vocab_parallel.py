@@ -8,6 +8,7 @@ against their unsharded selves, and the configuration errors. Prints one line pe
 on a failure.
 """
 
+import json
 import os
 import sys
 import zlib
@@ -33,6 +34,16 @@ from jax_heads.parallel import shard_weight, vocab_parallel_linear_cross_entropy
 
 assert len(jax.devices()) == 4, jax.devices()
 failures = 0
+RESULTS = []  # one {"name", "ok", "detail"} per check, written to $RESULTS_JSON at the end for pytest
+
+
+def record(ok, name, detail=""):
+    """Print one check's line and keep it for the JSON report."""
+    global failures
+    failures += not ok
+    RESULTS.append({"name": name, "ok": bool(ok), "detail": detail})
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+
 
 
 def check(name, impl, mesh_shape, n, d, v, reduction, interpret=False):
@@ -69,9 +80,8 @@ def check(name, impl, mesh_shape, n, d, v, reduction, interpret=False):
     errs.append(rel_err(dw_p, truth[2]))
     shard_rows = {s.data.shape[0] for s in dw_p.addressable_shards}
     ok = all(e <= PARITY_FLOAT32 for e in errs) and shard_rows == {v // mesh_shape[1]}
-    failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel err loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e} "
-          f"(vs float64 {errs[3]:.1e}); d_weight shard rows {sorted(shard_rows)}", flush=True)
+    record(ok, name, f"rel err loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e} "
+           f"(vs float64 {errs[3]:.1e}); d_weight shard rows {sorted(shard_rows)}")
 
 
 for impl, interpret in (("reference", False), ("chunked", False), ("pallas", True)):
@@ -93,18 +103,13 @@ if os.environ.get("SHARDED_PARITY_FILE"):
     loss = vocab_parallel_linear_cross_entropy(jnp.asarray(h.reshape(-1, d)), ws, jnp.asarray(y.reshape(-1)), mesh=mesh, vocab_axis="vocab")
     dh, dw = jax.jit(jax.grad(fn, (0, 1)))(jnp.asarray(h.reshape(-1, d)), ws)
     errs = [rel_err(loss, saved["loss"].reshape(-1)), rel_err(dh, saved["d_hidden"].reshape(-1, d)), rel_err(dw, saved["d_weight"])]
-    ok = all(e <= PARITY_FLOAT32 for e in errs)
-    failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} torch-sharded (2 ranks) vs JAX-sharded (4 devices): loss {errs[0]:.1e} "
-          f"d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e}", flush=True)
+    record(all(e <= PARITY_FLOAT32 for e in errs), "torch-sharded (2 ranks) vs JAX-sharded (4 devices)",
+           f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e}")
 
 
 
 def report(name, errs, extra=""):
-    global failures
-    ok = all(e <= PARITY_FLOAT32 for e in errs)
-    failures += not ok
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: rel errs {' '.join(f'{e:.1e}' for e in errs)}{extra}", flush=True)
+    record(all(e <= PARITY_FLOAT32 for e in errs), name, f"rel errs {' '.join(f'{e:.1e}' for e in errs)}{extra}")
 
 
 def public_op(name, mesh_shape, lead, d, v, reduction):
@@ -139,13 +144,12 @@ opts = dict(mesh=mesh, vocab_axis="vocab")
 h4, w4, y4 = jnp.ones((2, 3, 8)), jnp.ones((8, 8)), jnp.array([[0, 9, 1], [2, 3, -100]], jnp.int32)
 try:
     linear_cross_entropy(h4, w4, y4, **opts)
-    print("FAIL eager out-of-range label did not raise"); failures += 1
+    record(False, "linear_cross_entropy(mesh) eager out-of-range label", "did not raise")
 except ValueError as exc:
-    print(f"ok   linear_cross_entropy(mesh) eager out-of-range label: {exc}")
+    record(True, "linear_cross_entropy(mesh) eager out-of-range label", str(exc))
 traced = jax.jit(lambda a, b, c: linear_cross_entropy(a, b, c, **opts))(h4, w4, y4)
 ok = bool(jnp.isnan(traced[0, 1])) and not bool(jnp.isnan(traced).sum() > 1) and float(traced[1, 2]) == 0.0
-failures += not ok
-print(f"{'ok  ' if ok else 'FAIL'} linear_cross_entropy(mesh) traced out-of-range label: NaN there only: {np.asarray(traced)}")
+record(ok, "linear_cross_entropy(mesh) traced out-of-range label", f"NaN there only: {np.asarray(traced)}")
 
 
 def head_case(name, mesh_shape, sizes, order, impl=None, interpret=False, lead=(4, 6), hidden=16):
@@ -197,7 +201,10 @@ bad_configs = [
 for name, fn, error in bad_configs:
     try:
         fn()
-        print(f"FAIL {name} did not raise"); failures += 1
+        record(False, name, "did not raise")
     except error as exc:
-        print(f"ok   {name}: {exc}")
+        record(True, name, str(exc))
+if os.environ.get("RESULTS_JSON"):
+    with open(os.environ["RESULTS_JSON"], "w") as f:
+        json.dump(RESULTS, f, indent=1)
 sys.exit(1 if failures else 0)

@@ -8,6 +8,7 @@ dict, equals the unsharded head; impl='pallas' (interpret mode) per shard equals
 configurations are refused. Prints one line per rank and case; exits 1 on a failure.
 """
 
+import json
 import os
 import sys
 import tempfile
@@ -222,7 +223,7 @@ def _worker(rank, world, init_file, results):
             cases.append(("save", lambda: _save_for_jax(rank, world, os.environ["SHARDED_PARITY_FILE"])))
         for name, case in cases:
             ok, detail = case()
-            results.put((ok, f"{'ok  ' if ok else 'FAIL'} world {world} rank {rank} {name}: {detail}"))
+            results.put({"world": world, "rank": rank, "name": name, "ok": bool(ok), "detail": detail})
     finally:
         # Every rank reaches the teardown together: a rank that destroys its group while another
         # still has gloo work in flight can abort ("terminate called without an active exception").
@@ -231,17 +232,22 @@ def _worker(rank, world, init_file, results):
 
 
 def main():
-    failures = 0
+    """Every case on 2 and 3 gloo ranks; one line each, and the JSON list of them in $RESULTS_JSON (for pytest)."""
+    records = []
     for world in (2, 3):
         with tempfile.TemporaryDirectory() as tmp:
             ctx = mp.get_context("spawn")
             results = ctx.SimpleQueue()
             mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, start_method="spawn")
             while not results.empty():
-                ok, line = results.get()
-                failures += not ok
-                print(line, flush=True)
-    sys.exit(1 if failures else 0)
+                r = results.get()
+                records.append(r)
+                print(f"{'ok  ' if r['ok'] else 'FAIL'} world {r['world']} rank {r['rank']} {r['name']}: {r['detail']}",
+                      flush=True)
+    if os.environ.get("RESULTS_JSON"):
+        with open(os.environ["RESULTS_JSON"], "w") as f:
+            json.dump(records, f, indent=1)
+    sys.exit(1 if any(not r["ok"] for r in records) else 0)
 
 
 if __name__ == "__main__":
