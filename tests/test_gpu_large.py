@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-
 from tolerances import assert_close
 
 import torch_heads

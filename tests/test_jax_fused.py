@@ -6,15 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from ground_truth import lce_ground_truth
-from jax_heads.fused import fused_loss
-from test_jax_pallas import DTYPES, _inputs, _naive
+from helpers import JAX_DTYPES, jax_naive, pallas_inputs
 from tolerances import assert_close
+
+from jax_heads.fused import fused_loss
 
 
 def _check(shape, dtype, reduction, upstream_scalar, budget_rows=7):
-    h, w, y, _ = _inputs(*shape, DTYPES[dtype], seed=sum(shape) + 7)
+    h, w, y, _ = pallas_inputs(*shape, JAX_DTYPES[dtype], seed=sum(shape) + 7)
     n, v = shape[0], shape[2]
     count = max(int((np.asarray(y) != -100).sum()), 1)
     per_token = np.full(n, upstream_scalar if reduction == "sum" else upstream_scalar / count)
@@ -27,7 +27,7 @@ def _check(shape, dtype, reduction, upstream_scalar, budget_rows=7):
     loss, gdh, gdw = lce_ground_truth(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), per_token)
     naive = [None] * 3
     if dtype != "float32":
-        nl, ndh, ndw = _naive(h, w, y, per_token)
+        nl, ndh, ndw = jax_naive(h, w, y, per_token)
         naive = [np.sum(np.asarray(nl, np.float64) * per_token), np.asarray(ndh, np.float64), np.asarray(ndw, np.float64)]
     for name, got, truth, base in zip(("loss", "d_hidden", "d_weight"), (value, dh, dw), (np.sum(loss * per_token), gdh, gdw), naive):
         assert_close(name, np.asarray(got, np.float64), truth, dtype, base)
@@ -45,20 +45,20 @@ def test_upstream_scalar_scales_both_gradients():
 
 
 def test_all_ignored_and_empty():
-    h, w, y, _ = _inputs(20, 8, 30, jnp.float32, seed=1, ignore_frac=1.0)
+    h, w, y, _ = pallas_inputs(20, 8, 30, jnp.float32, seed=1, ignore_frac=1.0)
     for a, b, labels in ((h, w, y), (h[:0], w, y[:0])):
         value, (dh, dw) = jax.value_and_grad(lambda p, q: fused_loss(p, q, labels, -100, "mean"), (0, 1))(a, b)
         assert float(value) == 0.0 and not np.any(dh) and not np.any(dw)
 
 
 def test_evaluation_runs_the_forward_only():
-    h, w, y, _ = _inputs(37, 24, 101, jnp.float32, seed=2)
+    h, w, y, _ = pallas_inputs(37, 24, 101, jnp.float32, seed=2)
     text = jax.jit(lambda a, b: fused_loss(a, b, y, -100, "sum")).lower(h, w).as_text()
     assert text.count("dot_general") == 1  # the logits product; no gradient products
 
 
 def test_needs_a_uniform_upstream():
-    h, w, y, _ = _inputs(5, 3, 7, jnp.float32, seed=3)
+    h, w, y, _ = pallas_inputs(5, 3, 7, jnp.float32, seed=3)
     with pytest.raises(ValueError, match="uniform upstream gradient"):
         fused_loss(h, w, y, -100, "none")
 
@@ -67,7 +67,7 @@ def test_through_linear_cross_entropy():
     """``impl="fused"`` in the public function: same value and gradients as the direct call, checks."""
     import jax_heads
 
-    h, w, y, _ = _inputs(37, 24, 101, jnp.float32, seed=4)
+    h, w, y, _ = pallas_inputs(37, 24, 101, jnp.float32, seed=4)
     h3, y3 = h.reshape(1, 37, 24), y.reshape(1, 37)
     for reduction in ("sum", "mean"):
         got = jax.value_and_grad(

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ground_truth import filtered_tile_maxima, lce_filtered_ground_truth, lce_ground_truth, threshold_between_tiles
+from helpers import JAX_DTYPES, TINY, jax_naive, pallas_inputs
 from tolerances import assert_close
 
 from jax_heads import pallas
@@ -25,15 +26,6 @@ from jax_heads.pallas import (
 from jax_heads.pallas.op import forward_kernel_for
 from jax_heads.pallas.plan import plan_for
 
-# Small tiles so that tiny CPU shapes still have several token blocks, vocabulary splits,
-# backward chunks (a shorter last one) and ragged edges everywhere.
-TINY = BlockSizes(
-    triton=TritonForwardConfig(block_n=16, block_v=16, block_d=16, min_programs=8),
-    backward=BackwardConfig(block_n=16, block_v=16, block_d=16, chunk_bytes=32 * (48 + 2 * 32) * 4),
-    filtered=FilterConfig(block_d=16, block_rows=16),
-    sm_count=2,
-)
-
 
 def _tiny(*, backward=None, filtered=None, **changes) -> BlockSizes:
     """TINY with some fields of its backward and filter configurations changed."""
@@ -41,37 +33,12 @@ def _tiny(*, backward=None, filtered=None, **changes) -> BlockSizes:
         TINY, backward=dataclasses.replace(TINY.backward, **(backward or {})),
         filtered=dataclasses.replace(TINY.filtered, **(filtered or {})), **changes,
     )
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _inputs(n, d, v, dtype, seed, ignore_frac=0.2):
-    rng = np.random.default_rng(seed)
-    h = jnp.asarray(rng.standard_normal((n, d)), dtype)
-    w = jnp.asarray(rng.standard_normal((v, d)) * d**-0.5 * 2.0, dtype)
-    y = rng.integers(0, v, n)
-    y[rng.random(n) < ignore_frac] = -100
-    return h, w, jnp.asarray(y, jnp.int32), rng.standard_normal(n)
-
-
-def _naive(h, w, y, upstream):
-    """Materialised logits in the input dtype: the baseline for half-precision bounds."""
-
-    def loss_fn(h, w):
-        logits = (h @ w.T).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
-        return jnp.where(y != -100, lse - tgt, 0.0)
-
-    loss, vjp = jax.vjp(loss_fn, h, w)
-    return (loss, *vjp(jnp.asarray(upstream, jnp.float32)))
-
-
 def _check(h, w, y, upstream, dtype_name, **kw):
     loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, **kw), h, w)
     dh, dw = vjp(jnp.asarray(upstream, jnp.float32))
     assert loss.dtype == jnp.float32 and dh.dtype == h.dtype and dw.dtype == w.dtype
     truth = lce_ground_truth(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), upstream)
-    naive = _naive(h, w, y, upstream) if dtype_name != "float32" else (None, None, None)
+    naive = jax_naive(h, w, y, upstream) if dtype_name != "float32" else (None, None, None)
     for name, value, t, nv in zip(("loss", "d_hidden", "d_weight"), (loss, dh, dw), truth, naive):
         assert_close(name, np.asarray(value, np.float64), t, dtype_name, None if nv is None else np.asarray(nv, np.float64))
 
@@ -82,27 +49,27 @@ CPU_CASES = [(37, 24, 101), (16, 16, 16), (5, 3, 7), (1, 1, 1), (50, 40, 257)]
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", CPU_CASES, ids=lambda s: "x".join(map(str, s)))
 def test_interpret_matches_ground_truth(shape, dtype):
-    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape))
+    h, w, y, up = pallas_inputs(*shape, JAX_DTYPES[dtype], seed=sum(shape))
     _check(h, w, y, up, dtype, interpret=True, config=TINY)
 
 
 @pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257), (1, 1, 1)], ids=lambda s: "x".join(map(str, s)))
 def test_interpret_one_split_walks_every_tile(shape):
-    h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 3)
+    h, w, y, up = pallas_inputs(*shape, jnp.float32, seed=sum(shape) + 3)
     # One split per token block (one slot, one program minimum): every program walks all the tiles.
     one_split = dataclasses.replace(TINY, triton=dataclasses.replace(TINY.triton, min_programs=1), sm_count=1)
     _check(h, w, y, up, "float32", interpret=True, config=one_split)
 
 
 def test_interpret_all_ignored_gives_zeros():
-    h, w, y, up = _inputs(20, 8, 30, jnp.float32, seed=1, ignore_frac=1.0)
+    h, w, y, up = pallas_inputs(20, 8, 30, jnp.float32, seed=1, ignore_frac=1.0)
     loss, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, interpret=True, config=TINY), h, w)
     dh, dw = vjp(jnp.full((20,), jnp.nan, jnp.float32))  # ignored rows drop even a NaN upstream
     assert not np.any(loss) and not np.any(dh) and not np.any(dw)
 
 
 def test_interpret_default_blocks_under_jit():
-    h, w, y, up = _inputs(130, 70, 300, jnp.float32, seed=3)
+    h, w, y, up = pallas_inputs(130, 70, 300, jnp.float32, seed=3)
     f = jax.jit(lambda a, b: jnp.sum(pallas_loss(a, b, y, -100, interpret=True) * up.astype(np.float32)))
     value, (dh, dw) = jax.value_and_grad(f, (0, 1))(h, w)
     loss, gdh, gdw = lce_ground_truth(np.asarray(h), np.asarray(w), np.asarray(y), up)
@@ -128,7 +95,7 @@ GPU_CASES = [(1, 1, 1), (300, 200, 1000), (257, 3, 50_258), (1000, 256, 32_007),
 def test_gpu_matches_ground_truth(shape, dtype):
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
-    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape))
+    h, w, y, up = pallas_inputs(*shape, JAX_DTYPES[dtype], seed=sum(shape))
     _check(h, w, y, up, dtype)
 
 
@@ -142,7 +109,7 @@ def _naive_filtered(h, w, y, upstream, keep, bs: BlockSizes):
     mask = np.repeat(np.repeat(keep, tiles.block_n, axis=0), tiles.block_v, axis=1)[: h.shape[0], : w.shape[0]]
     g = jnp.where(valid, jnp.asarray(upstream, jnp.float32), 0.0)[:, None]
     grad_logits = ((p - onehot) * g * mask).astype(h.dtype)
-    loss = _naive(h, w, y, upstream)[0]
+    loss = jax_naive(h, w, y, upstream)[0]
     return loss, grad_logits @ w, grad_logits.T @ h
 
 
@@ -172,7 +139,7 @@ def _check_filtered(h, w, y, upstream, dtype_name, bs: BlockSizes, quantile: flo
 @pytest.mark.parametrize("quantile", [0.3, 0.8])
 @pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257)], ids=lambda s: "x".join(map(str, s)))
 def test_interpret_filtered_matches_filtered_truth(shape, quantile):
-    h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 1)
+    h, w, y, up = pallas_inputs(*shape, jnp.float32, seed=sum(shape) + 1)
     _check_filtered(h, w, y, up, "float32", TINY, quantile, interpret=True)
 
 
@@ -180,7 +147,7 @@ def test_interpret_filtered_matches_filtered_truth(shape, quantile):
 @pytest.mark.parametrize("shape", [(37, 24, 101), (50, 40, 257)], ids=lambda s: "x".join(map(str, s)))
 def test_interpret_filtered_separate_targets_matches_its_truth(shape, quantile):
     """Tiles judged by probabilities alone; the skipped targets' entries added exactly afterwards."""
-    h, w, y, up = _inputs(*shape, jnp.float32, seed=sum(shape) + 5)
+    h, w, y, up = pallas_inputs(*shape, jnp.float32, seed=sum(shape) + 5)
     y = y.at[1].set(y[0]).at[2].set(y[0])  # tokens sharing a target (summed before the row is touched)
     if quantile > 0.5:  # this case must exercise the exact addition of skipped targets
         maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), up,
@@ -194,13 +161,13 @@ def test_interpret_filtered_separate_targets_matches_its_truth(shape, quantile):
 
 def test_interpret_filtered_steps_through_tiles():
     """Backward tiles of 32 walked 16 rows/columns at a time by the two block-sparse products."""
-    h, w, y, up = _inputs(70, 40, 300, jnp.float32, seed=9)
+    h, w, y, up = pallas_inputs(70, 40, 300, jnp.float32, seed=9)
     bs = _tiny(backward=dict(block_n=32, block_v=32, chunk_bytes=96 * 64 * 4), filtered=dict(block_k=16))
     _check_filtered(h, w, y, up, "float32", bs, 0.5, interpret=True)
 
 
 def test_interpret_filter_below_every_value_keeps_every_tile():
-    h, w, y, up = _inputs(37, 24, 101, jnp.float32, seed=5)
+    h, w, y, up = pallas_inputs(37, 24, 101, jnp.float32, seed=5)
     _check(h, w, y, up, "float32", interpret=True, config=TINY, filter_eps=1e-30)
 
 
@@ -232,7 +199,7 @@ def test_gpu_filtered_matches_filtered_truth(shape, dtype, separate):
         pytest.skip("JAX has no GPU backend here")
     if separate and dtype != "float32":
         pytest.skip("the bf16 baseline models the in-tile filter only")
-    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape) + 2)
+    h, w, y, up = pallas_inputs(*shape, JAX_DTYPES[dtype], seed=sum(shape) + 2)
     _check_filtered(h, w, y, up, dtype, DEFAULT_BLOCK_SIZES, 0.5, separate=separate)
 
 
@@ -240,7 +207,7 @@ def test_gpu_filtered_matches_filtered_truth(shape, dtype, separate):
 def test_interpret_filter_keeps_tiles_with_nan(separate):
     """A NaN hidden state (or upstream gradient) is never filtered away: its tiles are kept, so it
     shows in the gradients as on the exact path, and the other rows of its token block keep theirs."""
-    h, w, y, up = _inputs(16, 16, 64, jnp.float32, seed=12, ignore_frac=0.0)
+    h, w, y, up = pallas_inputs(16, 16, 64, jnp.float32, seed=12, ignore_frac=0.0)
     eps = 0.5  # far above every probability: without NaN every tile but the targets' would be skipped
     for hidden, upstream in ((h.at[3].set(jnp.nan), up), (h, np.where(np.arange(16) == 5, np.nan, up))):
         _, vjp = jax.vjp(lambda a, b: pallas_loss(a, b, y, -100, interpret=True, config=TINY, filter_eps=eps,
@@ -260,7 +227,7 @@ def test_interpret_filter_keeps_tiles_with_nan(separate):
 def test_interpret_filtered_dense_chunks_with_overlapping_last_chunk(dense_above, separate):
     """Chunks of two tiles (32 rows) over a vocabulary padded to 272: the last chunk overlaps the one
     before, in dense and in block-sparse mode alike (its columns already done must add nothing)."""
-    h, w, y, up = _inputs(50, 40, 257, jnp.float32, seed=33)
+    h, w, y, up = pallas_inputs(50, 40, 257, jnp.float32, seed=33)
     bs = _tiny(filtered=dict(dense_above=dense_above), backward=dict(chunk_bytes=640 * 32))
     _check_filtered(h, w, y, up, "float32", bs, 0.5, separate=separate, interpret=True)
 
@@ -271,7 +238,7 @@ def test_interpret_filtered_dense_chunks_match_filtered_truth(dense_above, separ
     """Chunks whose products run dense (unflagged tiles written as zeros; interpret mode leaves an
     unwritten tile NaN, so a missing zero shows) give the filtered values. At 0.25 the first chunk is
     block-sparse and later ones switch by their predecessor's share of flagged tiles."""
-    h, w, y, up = _inputs(50, 40, 257, jnp.float32, seed=31)
+    h, w, y, up = pallas_inputs(50, 40, 257, jnp.float32, seed=31)
     bs = _tiny(filtered=dict(dense_above=dense_above))
     maxima = filtered_tile_maxima(np.asarray(h, np.float64), np.asarray(w, np.float64), np.asarray(y), up,
                                   bs.backward.block_n, bs.backward.block_v, separate_targets=separate)
@@ -306,7 +273,7 @@ def test_interpret_mosaic_forward_matches_ground_truth():
     """Loss and gradients with the Mosaic forward (interpret mode) at a ragged shape: N, V and D are
     padded to its tiles (130 → 256 tokens, 300 → 320 rows, 70 → 128 columns), 2 token blocks, ignored
     labels; the backward is the Triton one on the Mosaic forward's log-sum-exp."""
-    h, w, y, up = _inputs(130, 70, 300, jnp.bfloat16, seed=35)
+    h, w, y, up = pallas_inputs(130, 70, 300, jnp.bfloat16, seed=35)
     _check(h, w, y, up, "bfloat16", interpret=True, config=MOSAIC_TINY)
 
 
@@ -383,7 +350,7 @@ def test_gpu_triton_forward_matches_ground_truth(shape, dtype):
     """The Triton forward, which "auto" no longer picks for 16-bit inputs on a Hopper GPU."""
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
-    h, w, y, up = _inputs(*shape, DTYPES[dtype], seed=sum(shape) + 21)
+    h, w, y, up = pallas_inputs(*shape, JAX_DTYPES[dtype], seed=sum(shape) + 21)
     _check(h, w, y, up, dtype, config=BlockSizes(forward_kernel="triton"))
 
 
@@ -404,7 +371,7 @@ def test_gpu_non_finite_hidden_row(value, forward_kernel):
     rows are as without them."""
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
-    h, w, y, up = _inputs(300, 256, 1000, jnp.bfloat16, seed=41)
+    h, w, y, up = pallas_inputs(300, 256, 1000, jnp.bfloat16, seed=41)
     y = y.at[2].set(7).at[4].set(-100)
     bad = h.at[2, 1].set(value).at[4].set(jnp.nan)
     bs = BlockSizes(forward_kernel=forward_kernel)

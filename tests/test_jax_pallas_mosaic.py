@@ -17,10 +17,11 @@ import jax.numpy as jnp
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
+from tolerances import assert_close
+
 from jax_heads.pallas import BlockSizes, MosaicForwardConfig
 from jax_heads.pallas.mosaic_forward import choose_grid, forward_partials, interpret_params
 from jax_heads.pallas.op import combine_partials
-from tolerances import assert_close
 
 
 def _inputs(n, d, v, v_pad, seed):

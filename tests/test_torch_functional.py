@@ -6,22 +6,28 @@ bound, float16/bfloat16 relative to the naive computation in the same dtype (mat
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from ground_truth import lce_ground_truth, upstream_for
+from ground_truth import lce_ground_truth
+from helpers import (
+    IGNORE,
+    REDUCTIONS,
+    check_against_truth,
+    loss_and_grads,
+    make_inputs,
+    naive,
+    rng_for,
+    to_np,
+    truth_for,
+)
 from tolerances import assert_close
 
 from torch_heads import linear_cross_entropy, select_implementation
 from torch_heads.chunked import chunk_rows_for, chunked_loss
 
-IGNORE = -100
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLS = ("chunked", "reference")
-REDUCTIONS = ("none", "sum", "mean")
 # name -> (leading shape of hidden, D, V); all unaligned, the last two include V = 50257 + 1 special.
 SHAPES = {
     "1x1x1": ((1,), 1, 1),
@@ -30,84 +36,6 @@ SHAPES = {
     "64x32x50258": ((64,), 32, 50258),
     "3x37x48x301": ((3, 37), 48, 301),
 }
-
-
-def _rng(case_id: str) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(case_id.encode()))
-
-
-def to_np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().cpu().double().numpy()
-
-
-def make_inputs(rng, lead, d, v, dtype, ignored_fraction=None, device="cpu"):
-    """Hidden ``(*lead, D)`` and weight ``(V, D)`` in ``dtype`` (logits of order 1..3) and int64 labels.
-
-    ``ignored_fraction``: None for a random 10-30%, else exactly that fraction of labels set to -100.
-    """
-    n = int(np.prod(lead))
-    hidden = torch.from_numpy(rng.standard_normal((*lead, d)) * 1.5).to(device, dtype)
-    weight = torch.from_numpy(rng.standard_normal((v, d)) / np.sqrt(d)).to(device, dtype)
-    labels = rng.integers(0, v, size=n)
-    fraction = rng.uniform(0.1, 0.3) if ignored_fraction is None else ignored_fraction
-    labels[rng.permutation(n)[: int(round(fraction * n))]] = IGNORE
-    return hidden, weight, torch.from_numpy(labels.reshape(lead)).to(device)
-
-
-def reduce(per_token: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
-    return total if reduction == "sum" else total / max(int((labels != IGNORE).sum()), 1)
-
-
-def truth_for(hidden, weight, labels, upstream, reduction):
-    """Float64 ground truth of the loss (reduced like ``reduction``) and both gradients, in the inputs' shapes."""
-    labels = labels.cpu()
-    loss, d_hidden, d_weight = lce_ground_truth(
-        to_np(hidden).reshape(-1, hidden.shape[-1]), to_np(weight), labels.reshape(-1).numpy(), upstream
-    )
-    if reduction == "none":
-        loss = loss.reshape(labels.shape)
-    else:
-        loss = np.asarray(reduce(torch.from_numpy(loss), labels, reduction).item())
-    return loss, d_hidden.reshape(hidden.shape), d_weight
-
-
-def loss_and_grads(fn, hidden, weight, labels, upstream, reduction):
-    """``fn(h, w, y)``'s loss and the gradients of ``sum(upstream * loss)`` (``loss.backward()`` if reduced)."""
-    h = hidden.clone().requires_grad_(True)
-    w = weight.clone().requires_grad_(True)
-    loss = fn(h, w, labels)
-    if reduction == "none":
-        loss.backward(torch.from_numpy(upstream).to(loss.device, loss.dtype).reshape(loss.shape))
-    else:
-        loss.backward()
-    return loss.detach(), h.grad, w.grad
-
-
-def naive(h, w, y, reduction):
-    """Materialised logits and per-token loss in the input dtype; the reduction on the float32 upcast."""
-    logits = h.reshape(-1, h.shape[-1]) @ w.T
-    per_token = F.cross_entropy(logits, y.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return reduce(per_token.float().reshape(y.shape), y, reduction)
-
-
-def check_against_truth(fn, hidden, weight, labels, reduction, dtype_name, rng):
-    """Run ``fn`` and assert loss, d hidden and d weight are within ``dtype_name``'s tolerance of the truth."""
-    upstream = upstream_for(labels.shape, reduction, labels.cpu().numpy(), rng)
-    if reduction == "none":  # the truth sees the upstream gradient as the loss dtype rounds it
-        upstream = upstream.astype(np.float64 if hidden.dtype == torch.float64 else np.float32).astype(np.float64)
-    truths = truth_for(hidden, weight, labels, upstream, reduction)
-    results = loss_and_grads(fn, hidden, weight, labels, upstream, reduction)
-    baseline = (None, None, None)
-    if hidden.dtype in (torch.float16, torch.bfloat16):
-        baseline = loss_and_grads(
-            lambda h, w, y: naive(h, w, y, reduction), hidden, weight, labels, upstream, reduction
-        )
-    for name, value, truth, base in zip(("loss", "d_hidden", "d_weight"), results, truths, baseline, strict=True):
-        assert_close(name, to_np(value), truth, dtype_name, naive=to_np(base))
-    return results
 
 
 def _cases():
@@ -123,7 +51,7 @@ def _cases():
 @pytest.mark.parametrize("shape, dtype, impl, reduction", _cases())
 def test_matches_ground_truth(request, shape, dtype, impl, reduction):
     lead, d, v = SHAPES[shape]
-    rng = _rng(request.node.callspec.id)
+    rng = rng_for(request.node.callspec.id)
     hidden, weight, labels = make_inputs(rng, lead, d, v, DTYPES[dtype])
 
     def fn(h, w, y):
@@ -143,7 +71,7 @@ def test_matches_ground_truth(request, shape, dtype, impl, reduction):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_labels_ignored(dtype, impl, reduction):
-    rng = _rng(f"all-ignored-{dtype}-{impl}-{reduction}")
+    rng = rng_for(f"all-ignored-{dtype}-{impl}-{reduction}")
     hidden, weight, labels = make_inputs(rng, (4, 9), 16, 37, DTYPES[dtype], ignored_fraction=1.0)
     h = hidden.requires_grad_(True)
     w = weight.requires_grad_(True)
@@ -159,7 +87,7 @@ def test_all_labels_ignored(dtype, impl, reduction):
 @pytest.mark.parametrize("rows_per_chunk", [1, 10, 251], ids=lambda r: f"{r}rows")
 def test_chunked_tiny_budget(rows_per_chunk):
     """Many chunks with a ragged last one: 252 tokens in chunks of 1, 10 (last 2) or 251 (last 1)."""
-    rng = _rng(f"tiny-budget-{rows_per_chunk}")
+    rng = rng_for(f"tiny-budget-{rows_per_chunk}")
     hidden, weight, labels = make_inputs(rng, (252,), 123, 507, torch.float32)
     budget = rows_per_chunk * 507 * 4
     assert chunk_rows_for(507, 4, budget) == rows_per_chunk
@@ -173,7 +101,7 @@ def test_chunked_tiny_budget(rows_per_chunk):
 def test_chunk_budget_below_one_row():
     """A budget smaller than one row of logits still makes progress, one row at a time."""
     assert chunk_rows_for(50258, 4, 1000) == 1
-    rng = _rng("budget-below-one-row")
+    rng = rng_for("budget-below-one-row")
     hidden, weight, labels = make_inputs(rng, (5,), 8, 50258, torch.float32)
 
     def fn(h, w, y):
@@ -193,7 +121,7 @@ def _strided(hidden: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("impl", IMPLS)
 def test_non_contiguous_inputs(impl):
     """Hidden as a permuted, stride-2 view and labels as the transpose of a (S, B) tensor."""
-    rng = _rng(f"non-contiguous-inputs-{impl}")
+    rng = rng_for(f"non-contiguous-inputs-{impl}")
     hidden, weight, labels = make_inputs(rng, (6, 11), 24, 97, torch.float32)
     strided_labels = labels.t().contiguous().t()
     assert not _strided(hidden).is_contiguous() and not strided_labels.is_contiguous()
@@ -209,7 +137,7 @@ def test_non_contiguous_inputs(impl):
 @pytest.mark.parametrize("layout", ["transposed", "expanded"])
 def test_non_contiguous_upstream_gradient(impl, layout):
     """The (B, S) loss used through ``.t()`` times a random tensor, or through ``.sum()`` (a stride-0 gradient)."""
-    rng = _rng(f"non-contiguous-upstream-{impl}-{layout}")
+    rng = rng_for(f"non-contiguous-upstream-{impl}-{layout}")
     hidden, weight, labels = make_inputs(rng, (5, 13), 32, 211, torch.float32)
     scale = torch.from_numpy(rng.standard_normal((13, 5))).float()
     upstream = scale.t() if layout == "transposed" else torch.ones(5, 13)
@@ -230,7 +158,7 @@ def test_non_contiguous_upstream_gradient(impl, layout):
 
 def test_custom_ignore_index():
     """``ignore_index`` may be any int, even a valid class id: those labels then contribute nothing."""
-    rng = _rng("custom-ignore-index")
+    rng = rng_for("custom-ignore-index")
     hidden, weight, labels = make_inputs(rng, (40,), 16, 23, torch.float32, ignored_fraction=0.0)
     labels[::4] = 3
     h = hidden.clone().requires_grad_(True)
@@ -248,7 +176,7 @@ def test_custom_ignore_index():
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_auto_selects_chunked_on_cpu(dtype):
-    hidden, weight, labels = make_inputs(_rng(f"auto-{dtype}"), (9,), 8, 31, DTYPES[dtype])
+    hidden, weight, labels = make_inputs(rng_for(f"auto-{dtype}"), (9,), 8, 31, DTYPES[dtype])
     assert select_implementation(hidden, None) == "chunked"
     assert select_implementation(hidden, None, filter_eps=None) == "chunked"
     assert torch.equal(
@@ -261,7 +189,7 @@ def test_auto_selects_chunked_on_cpu(dtype):
 
 def _truth_and_naive_bf16():
     """bf16 inputs with 10-30% ignored labels, a random upstream gradient, the truth and the naive baseline."""
-    rng = _rng("tolerance-can-fail")
+    rng = rng_for("tolerance-can-fail")
     hidden, weight, labels = make_inputs(rng, (252,), 123, 507, torch.bfloat16)
     upstream = rng.standard_normal(252).astype(np.float32).astype(np.float64)
     truth = truth_for(hidden, weight, labels, upstream, "none")
@@ -270,7 +198,7 @@ def _truth_and_naive_bf16():
 
 
 def test_tolerance_rejects_one_wrong_row_float32():
-    rng = _rng("tolerance-one-row-float32")
+    rng = rng_for("tolerance-one-row-float32")
     hidden, weight, labels = make_inputs(rng, (252,), 123, 507, torch.float32)
     truth_loss = truth_for(hidden, weight, labels, np.ones(252), "none")[0]
     loss = linear_cross_entropy(hidden, weight, labels).double().numpy()
@@ -466,7 +394,7 @@ def _second_order(loss_fn, hidden, weight, labels, rng):
 def test_chunked_second_order_matches_reference(dtype, rows_per_chunk):
     """Differentiating the ``chunked`` gradients (``create_graph=True``) gives the float64 reference's
     plain-autograd second derivatives, across chunk boundaries and with ignored labels."""
-    rng = _rng(f"second-order-{dtype}-{rows_per_chunk}")
+    rng = rng_for(f"second-order-{dtype}-{rows_per_chunk}")
     hidden, weight, labels = make_inputs(rng, (3, 37), 48, 301, DTYPES[dtype])
     budget = {} if rows_per_chunk is None else {"chunk_budget_bytes": rows_per_chunk * 301 * 4}
 
@@ -476,8 +404,8 @@ def test_chunked_second_order_matches_reference(dtype, rows_per_chunk):
     def reference(h, w, y):
         return linear_cross_entropy(h, w, y, impl="reference")
 
-    first, second = _second_order(chunked, hidden, weight, labels, _rng("r"))
-    truth_first, truth_second = _second_order(reference, hidden.double(), weight.double(), labels, _rng("r"))
+    first, second = _second_order(chunked, hidden, weight, labels, rng_for("r"))
+    truth_first, truth_second = _second_order(reference, hidden.double(), weight.double(), labels, rng_for("r"))
     for name, value, truth in zip(("d_hidden", "d_weight", "dd_hidden", "dd_weight"), first + second,
                                   truth_first + truth_second, strict=True):
         assert value.dtype == DTYPES[dtype]
@@ -487,7 +415,7 @@ def test_chunked_second_order_matches_reference(dtype, rows_per_chunk):
 def test_chunked_gradgradcheck():
     """``torch.autograd.gradgradcheck`` (float64, finite differences of the gradients, with random
     upstream gradients that are differentiated too) on 2-row chunks with ignored labels."""
-    rng = _rng("gradgradcheck")
+    rng = rng_for("gradgradcheck")
     hidden, weight, labels = make_inputs(rng, (5,), 4, 7, torch.float64, ignored_fraction=0.4)
 
     def fn(h, w):
@@ -498,7 +426,7 @@ def test_chunked_gradgradcheck():
 
 
 def test_third_order_is_refused_by_chunked_only():
-    hidden, weight, labels = make_inputs(_rng("third-order"), (6,), 5, 9, torch.float64)
+    hidden, weight, labels = make_inputs(rng_for("third-order"), (6,), 5, 9, torch.float64)
 
     def third(impl):
         h = hidden.clone().requires_grad_(True)
@@ -515,7 +443,7 @@ def test_torch_func_grad_and_vmap_over_the_default_path():
     """``torch.func.grad``, ``vmap`` (over hidden and labels), per-sample gradients (``vmap(grad)``, also
     of an empty batch) and ``grad(grad)`` through the default (chunked) path equal the same computations
     done one by one."""
-    rng = _rng("torch-func")
+    rng = rng_for("torch-func")
     hidden, weight, labels = make_inputs(rng, (4, 9), 16, 37, torch.float64)
     assert select_implementation(hidden, None) == "chunked"
 
@@ -545,7 +473,7 @@ def test_torch_func_grad_and_vmap_over_the_default_path():
 
 
 def test_torch_func_vmap_still_checks_labels():
-    hidden, weight, labels = make_inputs(_rng("vmap-labels"), (3, 5), 8, 11, torch.float32)
+    hidden, weight, labels = make_inputs(rng_for("vmap-labels"), (3, 5), 8, 11, torch.float32)
     labels[1, 2] = 11
     fn = torch.func.vmap(lambda h, y: linear_cross_entropy(h, weight, y))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 11\).*found 11 at index \(1, 2\)"):
@@ -556,7 +484,7 @@ def test_torch_func_vmap_still_checks_labels():
 def test_forward_mode_refused_by_chunked_and_exact_in_reference():
     """``torch.func.jvp`` (also ``jacfwd``/``hessian``): ``chunked`` refuses naming ``impl='reference'``;
     the reference's directional derivative equals the gradient's inner product with the direction."""
-    hidden, weight, labels = make_inputs(_rng("jvp"), (6,), 5, 9, torch.float64)
+    hidden, weight, labels = make_inputs(rng_for("jvp"), (6,), 5, 9, torch.float64)
     direction = torch.randn(hidden.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def loss(impl):

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_torch_functional import (
+from helpers import (
     REDUCTIONS,
-    _rng,
     check_against_truth,
     make_inputs,
     naive,
+    rng_for,
     to_np,
     truth_for,
 )
@@ -48,7 +48,7 @@ def _cases(dtypes, impl):
 @pytest.mark.parametrize("shape, dtype, reduction", _cases(CCE_TOLERANCE, "cce"))
 def test_cce_exact_matches_ground_truth(request, shape, dtype, reduction):
     lead, d, v = SHAPES[shape]
-    rng = _rng(request.node.callspec.id)
+    rng = rng_for(request.node.callspec.id)
     hidden, weight, labels = make_inputs(rng, lead, d, v, DTYPES[dtype], device="cuda")
 
     def fn(h, w, y):
@@ -62,7 +62,7 @@ def test_cce_exact_matches_ground_truth(request, shape, dtype, reduction):
 @pytest.mark.parametrize("shape, dtype, reduction", _cases(["float32", "bfloat16", "float64"], "chunked"))
 def test_chunked_on_cuda_matches_ground_truth(request, shape, dtype, reduction):
     lead, d, v = SHAPES[shape]
-    rng = _rng(request.node.callspec.id)
+    rng = rng_for(request.node.callspec.id)
     hidden, weight, labels = make_inputs(rng, lead, d, v, DTYPES[dtype], device="cuda")
 
     def fn(h, w, y):
@@ -74,7 +74,7 @@ def test_chunked_on_cuda_matches_ground_truth(request, shape, dtype, reduction):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_cce_default_filter_keeps_the_loss_exact(dtype):
     """The default gradient filter only approximates gradients: the forward is the exact loss."""
-    rng = _rng(f"cce-default-filter-{dtype}")
+    rng = rng_for(f"cce-default-filter-{dtype}")
     hidden, weight, labels = make_inputs(rng, (4, 63), 123, 1027, DTYPES[dtype], device="cuda")
     loss = linear_cross_entropy(hidden, weight, labels, impl="cce")
     truth = truth_for(hidden, weight, labels, np.ones(labels.numel()), "none")[0]
@@ -85,7 +85,7 @@ def test_cce_default_filter_keeps_the_loss_exact(dtype):
 @pytest.mark.parametrize("layout", ["transposed", "expanded"])
 def test_cce_non_contiguous_upstream_gradient(dtype, layout):
     """CCE 25.1.1 calls ``grad_out.view(-1)``: a transposed or a stride-0 upstream gradient must still work."""
-    rng = _rng(f"cce-upstream-{dtype}-{layout}")
+    rng = rng_for(f"cce-upstream-{dtype}-{layout}")
     hidden, weight, labels = make_inputs(rng, (5, 61), 64, 509, DTYPES[dtype], device="cuda")
     scale = torch.from_numpy(rng.standard_normal((61, 5))).float().cuda()
     upstream = scale.t() if layout == "transposed" else torch.ones(5, 61, device="cuda")
@@ -111,7 +111,7 @@ def test_cce_non_contiguous_upstream_gradient(dtype, layout):
 @pytest.mark.parametrize("lead", [(37,), (3, 11)], ids=["flat", "batched"])
 def test_cce_all_labels_ignored(lead, reduction):
     hidden, weight, labels = make_inputs(
-        _rng(f"cce-ignored-{lead}-{reduction}"), lead, 64, 300, torch.bfloat16, ignored_fraction=1.0, device="cuda"
+        rng_for(f"cce-ignored-{lead}-{reduction}"), lead, 64, 300, torch.bfloat16, ignored_fraction=1.0, device="cuda"
     )
     h = hidden.requires_grad_(True)
     w = weight.requires_grad_(True)
@@ -131,7 +131,7 @@ def test_auto_selection_on_cuda(dtype, expected):
 
 def test_auto_selection_float32_on_cuda_trains():
     """Whatever ``impl=None`` picks for float32 CUDA inputs must give the loss and both gradients."""
-    rng = _rng("auto-float32-cuda")
+    rng = rng_for("auto-float32-cuda")
     hidden, weight, labels = make_inputs(rng, (4, 63), 123, 1027, torch.float32, device="cuda")
     chosen = select_implementation(hidden, None, filter_eps=None)
 
@@ -155,7 +155,7 @@ def test_lm_head_exact_on_cuda():
     """The split LM head in bf16 on CUDA with ``filter_eps=None`` picks ``cce``: exact loss and gradients."""
     vocab = {"text": 1021, "special": 3}
     head = SplitLanguageModellingHead(vocab, ["text", "special"], 96, filter_eps=None).to("cuda", torch.bfloat16)
-    rng = _rng("lm-head-cuda")
+    rng = rng_for("lm-head-cuda")
     hidden, _, labels = make_inputs(rng, (3, 41), 96, 1024, torch.bfloat16, device="cuda")
     labels[:, ::5] = 1022  # a special token
     assert head.implementation_for(hidden) == "cce"

@@ -21,12 +21,12 @@ import jax
 import jax.monitoring
 import pytest
 import torch
-from test_jax_pallas import TINY
-from test_torch_functional import (
-    _rng,
+from helpers import (
+    TINY,
     check_against_truth,
     make_inputs,
     naive,
+    rng_for,
     to_np,
     truth_for,
 )
@@ -105,7 +105,7 @@ class TraceCounter:
 )
 def test_interpret_matches_ground_truth(request, shape, dtype, reduction):
     lead, d, v = CPU_SHAPES[shape]
-    rng = _rng(request.node.callspec.id)
+    rng = rng_for(request.node.callspec.id)
     hidden, weight, labels = make_inputs(rng, lead, d, v, DTYPES[dtype])
     loss, d_hidden, d_weight = check_against_truth(
         interpret_lce(reduction), hidden, weight, labels, reduction, dtype, rng
@@ -119,7 +119,7 @@ def test_interpret_matches_ground_truth(request, shape, dtype, reduction):
 def test_interpret_equals_jax_pallas_bit_for_bit(dtype):
     """Same inputs, same kernels: the torch path adds no arithmetic of its own."""
     (n, m), d, v = CPU_SHAPES["3x13x24x101"]
-    hidden, weight, labels = make_inputs(_rng(f"bitwise-{dtype}"), (n * m,), d, v, DTYPES[dtype])
+    hidden, weight, labels = make_inputs(rng_for(f"bitwise-{dtype}"), (n * m,), d, v, DTYPES[dtype])
     upstream = torch.randn(n * m, generator=torch.Generator().manual_seed(0))
 
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
@@ -140,7 +140,7 @@ def test_interpret_equals_jax_pallas_bit_for_bit(dtype):
 def test_interpret_filter_eps_reaches_the_kernel_bit_for_bit():
     """A float ``filter_eps`` runs the kernel's filtered backward: the same bits as JAX's."""
     (n, m), d, v = CPU_SHAPES["3x13x24x101"]
-    hidden, weight, labels = make_inputs(_rng("filtered"), (n * m,), d, v, torch.float32)
+    hidden, weight, labels = make_inputs(rng_for("filtered"), (n * m,), d, v, torch.float32)
     eps = 1e-2
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     pallas_loss(h, w, labels, IGNORE, interpret=True, config=ONE_SPLIT, filter_eps=eps).sum().backward()
@@ -159,7 +159,7 @@ def test_interpret_filter_eps_reaches_the_kernel_bit_for_bit():
 def test_interpret_non_contiguous_upstream_gradient(layout):
     """The (B, S) loss used through ``.t()`` times a random tensor, or through ``.sum()`` (stride 0)."""
     lead, d, v = CPU_SHAPES["3x13x24x101"]
-    rng = _rng(f"upstream-{layout}")
+    rng = rng_for(f"upstream-{layout}")
     hidden, weight, labels = make_inputs(rng, lead, d, v, torch.float32)
     scale = torch.from_numpy(rng.standard_normal(lead[::-1])).float()
     upstream = scale.t() if layout == "transposed" else torch.ones(lead)
@@ -175,7 +175,7 @@ def test_interpret_non_contiguous_upstream_gradient(layout):
 def test_interpret_hands_inputs_over_zero_copy(monkeypatch):
     """Contiguous, aligned hidden and weight reach JAX at their own address (no copy on the way)."""
     lead, d, v = CPU_SHAPES["3x13x24x101"]
-    hidden, weight, labels = make_inputs(_rng("zero-copy"), (lead[0] * lead[1],), d, v, torch.float32)
+    hidden, weight, labels = make_inputs(rng_for("zero-copy"), (lead[0] * lead[1],), d, v, torch.float32)
     seen = {}
 
     def spy(tensor, **kwargs):
@@ -191,7 +191,7 @@ def test_interpret_hands_inputs_over_zero_copy(monkeypatch):
 
 def test_interpret_all_ignored_and_empty():
     lead, d, v = CPU_SHAPES["3x13x24x101"]
-    hidden, weight, labels = make_inputs(_rng("all-ignored"), lead, d, v, torch.float32, ignored_fraction=1.0)
+    hidden, weight, labels = make_inputs(rng_for("all-ignored"), lead, d, v, torch.float32, ignored_fraction=1.0)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     loss = interpret_lce("mean")(h, w, labels)
     loss.backward()
@@ -206,18 +206,18 @@ def test_interpret_all_ignored_and_empty():
 def test_interpret_ignore_index_beyond_int32():
     """int64 labels with an ignore index that int32 cannot hold: those positions are still ignored."""
     lead, d, v = CPU_SHAPES["3x13x24x101"]
-    hidden, weight, labels = make_inputs(_rng("wide-ignore"), lead, d, v, torch.float32)
+    hidden, weight, labels = make_inputs(rng_for("wide-ignore"), lead, d, v, torch.float32)
 
     def fn(h, w, y):
         return interpret_lce("mean", ignore_index=2**40)(h, w, torch.where(y == IGNORE, 2**40, y))
 
-    loss = check_against_truth(fn, hidden, weight, labels, "mean", "float32", _rng("wide-ignore-upstream"))[0]
+    loss = check_against_truth(fn, hidden, weight, labels, "mean", "float32", rng_for("wide-ignore-upstream"))[0]
     assert torch.equal(loss, interpret_lce("mean")(hidden, weight, labels))
 
 
 def test_second_call_at_a_shape_does_not_retrace():
     """The jitted programs are cached: only the first call at a new shape traces (and compiles)."""
-    hidden, weight, labels = make_inputs(_rng("retrace"), (11,), 8, 19, torch.float32)
+    hidden, weight, labels = make_inputs(rng_for("retrace"), (11,), 8, 19, torch.float32)
 
     def step(h):
         h = h.clone().requires_grad_(True)
@@ -282,7 +282,7 @@ def _gpu_cases():
 @pytest.mark.parametrize("shape, dtype, reduction", _gpu_cases())
 def test_gpu_matches_ground_truth(request, shape, dtype, reduction):
     lead, d, v = GPU_SHAPES[shape]
-    rng = _rng(request.node.callspec.id)
+    rng = rng_for(request.node.callspec.id)
     hidden, weight, labels = make_inputs(rng, lead, d, v, DTYPES[dtype], device="cuda")
 
     def fn(h, w, y):
@@ -309,7 +309,7 @@ def test_gpu_equals_jax_pallas_bit_for_bit(dtype, n, d, v):
     """``torch_heads`` pallas and ``jax_heads`` pallas (each jitted) give the same bits."""
     import jax_heads
 
-    hidden, weight, labels = make_inputs(_rng(f"gpu-bitwise-{dtype}-{n}"), (n,), d, v, DTYPES[dtype], device="cuda")
+    hidden, weight, labels = make_inputs(rng_for(f"gpu-bitwise-{dtype}-{n}"), (n,), d, v, DTYPES[dtype], device="cuda")
     upstream = torch.randn(n, device="cuda")
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     loss = linear_cross_entropy(h, w, labels, impl="pallas")
@@ -330,7 +330,7 @@ def test_gpu_equals_jax_pallas_bit_for_bit(dtype, n, d, v):
 @pytest.mark.gpu
 def test_gpu_misaligned_and_strided_inputs_and_upstream():
     """hidden 2 bytes off 16-byte alignment, weight a transposed view, a transposed upstream gradient."""
-    rng = _rng("gpu-layouts")
+    rng = rng_for("gpu-layouts")
     hidden, weight, labels = make_inputs(rng, (5, 61), 64, 509, torch.bfloat16, device="cuda")
     scale = torch.from_numpy(rng.standard_normal((61, 5))).float().cuda()
     upstream = scale.t()
@@ -375,7 +375,7 @@ def test_gpu_stream_ordering_around_the_call():
     the loss before it is written; without the inputs kept alive, torch's NaN overwrite lands while
     JAX still reads them.
     """
-    base, weight, labels = make_inputs(_rng("stream-ordering"), (4096,), 1024, 16384, torch.bfloat16, device="cuda")
+    base, weight, labels = make_inputs(rng_for("stream-ordering"), (4096,), 1024, 16384, torch.bfloat16, device="cuda")
     upstream = torch.randn(4096, device="cuda")
     scales = (1.0, 2.0, 0.5)
 
