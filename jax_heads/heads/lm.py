@@ -230,15 +230,18 @@ class SplitLanguageModellingHead(nnx.Module):
             raise ValueError("shard_kernels needs a head built with mesh and vocab_axis")
         shards = self.mesh.shape[self.vocab_axis]
         for layer in self.lm_head.values():
-            kernel = layer.kernel[...]
-            even = kernel.shape[1] % shards == 0
-            spec = P(None, self.vocab_axis) if even else P()
-            layer.kernel[...] = jax.device_put(kernel, NamedSharding(self.mesh, spec))
+            even = layer.kernel[...].shape[1] % shards == 0
+            _place(layer.kernel, NamedSharding(self.mesh, P(None, self.vocab_axis) if even else P()))
             if layer.bias is not None:
-                spec = P(self.vocab_axis) if even else P()
-                layer.bias[...] = jax.device_put(layer.bias[...], NamedSharding(self.mesh, spec))
+                _place(layer.bias, NamedSharding(self.mesh, P(self.vocab_axis) if even else P()))
 
     def reset_parameters(self) -> None:
         """Re-initialise every split as torch's ``nn.Linear`` does, from the module's stream."""
         for name in self._split_order:
             reset_linear(self.lm_head[name], self.rngs())
+
+
+def _place(variable: nnx.Variable, sharding: NamedSharding) -> None:
+    """Put ``variable``'s array at ``sharding``: ``set_value`` replaces the array, where
+    ``variable[...] = x`` would copy ``x`` into the array's old placement."""
+    variable.set_value(jax.device_put(variable[...], sharding))
