@@ -77,3 +77,10 @@ def check_return_lse(return_lse: object) -> bool:
 def check_bias_shape(bias_shape: tuple[int, ...], vocab_size: int) -> None:
     if tuple(bias_shape) != (vocab_size,):
         raise ValueError(f"bias must have shape (V,) = ({vocab_size},), got {tuple(bias_shape)}")
+
+
+def check_head_bias(bias: object) -> bool:
+    """The language-modelling heads' ``bias`` flag: a bool (True: one ``(V_split,)`` bias per split)."""
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool (one bias vector per split when True), got {bias!r}")
+    return bias

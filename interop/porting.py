@@ -6,7 +6,10 @@ place, and return the destination. Values go through host NumPy copies (no memor
 the source) and are cast to the destination's dtype; ``nnx.Linear`` kernels ``(in, out)`` are
 transposed to and from torch's ``(out, in)`` weights. Both heads must describe the same
 configuration — head type, hidden size, ``num_labels``, presence and size of ``embedding_dim``,
-``normalize``, split names, order and sizes — or a ``ValueError`` names the mismatch.
+``normalize``, split names, order and sizes, the LM head's ``bias`` — or a ``ValueError`` names the
+mismatch. The LM head's per-split biases (torch ``lm_head.<split>.bias``, Flax
+``lm_head[<split>].bias``, both ``(V_split,)``) are carried in both directions; a bias on one side
+and none on the other is a ``ValueError`` naming the split.
 
 A port is atomic: every parameter is read, converted to the destination's dtype and placement and
 checked first (one converted copy of each parameter is held meanwhile), and only then written,
@@ -17,7 +20,8 @@ that would create non-finite values: a float32 ``1e5`` becomes ``inf`` in a floa
 message gives how many values would turn non-finite. Non-finite values the source already holds
 are copied as they are.
 
-Dropout rates and the LM head's ``impl`` are not weights and are not compared.
+Dropout rates and the LM head's ``impl``, loss options (``softcap``, ``label_smoothing``,
+``lse_square_scale``) and ``reduction`` are not weights and are not compared.
 
 Example:
     >>> t = torch_heads.ClassificationHead(64, 3, 0.1)
@@ -93,16 +97,35 @@ def _split_pairs(kind: str, torch_module, flax_module, attribute: str, torch_nam
         kind, "split sizes", dict(zip(t_layout.order, t_layout.sizes)), dict(zip(f_layout.order, f_layout.sizes))
     )
     torch_layers, flax_layers = getattr(torch_module, attribute), getattr(flax_module, attribute)
-    return [
-        _Pair(
-            kind,
-            f"{attribute}.{name}.weight",
-            getattr(torch_layers[name], torch_name),
-            getattr(flax_layers[name], flax_name),
-            transpose=attribute == "lm_head",
+    pairs = []
+    for name in t_layout.order:
+        torch_layer, flax_layer = torch_layers[name], flax_layers[name]
+        pairs.append(
+            _Pair(
+                kind,
+                f"{attribute}.{name}.weight",
+                getattr(torch_layer, torch_name),
+                getattr(flax_layer, flax_name),
+                transpose=attribute == "lm_head",
+            )
         )
-        for name in t_layout.order
-    ]
+        if attribute == "lm_head":
+            pairs.extend(_bias_pair(kind, name, torch_layer, flax_layer))
+    return pairs
+
+
+def _bias_pair(kind: str, split: str, torch_linear: torch.nn.Linear, flax_linear: nnx.Linear) -> list[_Pair]:
+    """The split's bias on both sides (none when neither has one); a bias on one side only is a mismatch."""
+    torch_has, flax_has = torch_linear.bias is not None, flax_linear.bias is not None
+    if torch_has != flax_has:
+        has, lacks = ("torch", "flax") if torch_has else ("flax", "torch")
+        raise ValueError(
+            f"cannot port {kind}: split {split!r} has a bias in {has} (lm_head.{split}.bias) but none in {lacks}; "
+            "build both heads with the same bias="
+        )
+    if not torch_has:
+        return []
+    return [_Pair(kind, f"lm_head.{split}.bias", torch_linear.bias, flax_linear.bias, transpose=False)]
 
 
 def _matched_parameters(torch_module: torch.nn.Module, flax_module: nnx.Module) -> list[_Pair]:

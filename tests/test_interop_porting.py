@@ -28,18 +28,21 @@ CONFIGS = {
     "EmbeddingHead": (H, 7, True),
     "EmbeddingHead-no-projection": (H, None, True),
     "SplitLanguageModellingHead": (SPLITS, ORDER, H),
+    "SplitLanguageModellingHead-bias": (SPLITS, ORDER, H),
     "SplitTokenEmbeddings": (SPLITS, ORDER, H),
 }
+# Keyword arguments of a configuration, both frameworks.
+CONFIG_KWARGS = {"SplitLanguageModellingHead-bias": {"bias": True}}
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def make_pair(name: str, dtype: str = "float32", seed: int = 0):
     cls = name.split("-")[0]
-    args = CONFIGS[name]
+    args, kwargs = CONFIGS[name], CONFIG_KWARGS.get(name, {})
     torch.manual_seed(seed)
-    torch_head = getattr(torch_heads, cls)(*args).to(TORCH_DTYPES[dtype])
-    flax_head = getattr(jax_heads, cls)(*args, rngs=nnx.Rngs(seed + 1), param_dtype=jnp.dtype(dtype))
+    torch_head = getattr(torch_heads, cls)(*args, **kwargs).to(TORCH_DTYPES[dtype])
+    flax_head = getattr(jax_heads, cls)(*args, **kwargs, rngs=nnx.Rngs(seed + 1), param_dtype=jnp.dtype(dtype))
     return torch_head, flax_head
 
 
@@ -350,3 +353,86 @@ def test_non_finite_values_the_source_holds_are_ported_as_they_are(direction):
         port_flax_to_torch(flax_head, torch16)
         ported = torch16.lm_head["special"].weight[:, 0].detach().double().numpy()
     np.testing.assert_array_equal(ported, special)
+
+
+# --- the LM head's per-split biases --------------------------------------------------------------
+
+
+def test_biases_are_ported_both_ways_in_the_documented_layout():
+    torch_head, flax_head = make_pair("SplitLanguageModellingHead-bias")
+    assert {k for k in torch_head.state_dict() if k.endswith(".bias")} == {"lm_head.text.bias", "lm_head.special.bias"}
+    port_torch_to_flax(torch_head, flax_head)
+    for name, size in SPLITS.items():
+        bias = flax_head.lm_head[name].bias[...]
+        assert bias.shape == (size,)
+        np.testing.assert_array_equal(bias, torch_head.lm_head[name].bias.detach().numpy())
+    fresh = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, bias=True)
+    port_flax_to_torch(flax_head, fresh)
+    np.testing.assert_array_equal(fresh.bias().detach().numpy(), torch_head.bias().detach().numpy())
+
+
+def test_ported_heads_with_bias_and_options_agree():
+    """Loss and every gradient (hidden, each split's weight and bias) of ported heads with all the head options."""
+    options = dict(bias=True, softcap=3.0, label_smoothing=0.1, lse_square_scale=0.01, impl="reference")
+    torch.manual_seed(0)
+    torch_head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, **options)
+    flax_head = jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, rngs=nnx.Rngs(1), **options)
+    port_torch_to_flax(torch_head, flax_head)
+    rng = np.random.default_rng(4)
+    hidden = rng.standard_normal((2, 9, H)).astype(np.float32) * 2
+    labels = rng.integers(0, 64, (2, 9))
+    labels[1, :4] = -100
+    upstream = rng.standard_normal((2, 9)).astype(np.float32)
+
+    h = torch.from_numpy(hidden).requires_grad_(True)
+    torch_loss = torch_head(h, torch.from_numpy(labels))
+    torch_loss.backward(torch.from_numpy(upstream))
+
+    def loss_fn(head, x):
+        return (head(x, jnp.asarray(labels)) * upstream).sum()
+
+    flax_loss = flax_head(jnp.asarray(hidden), jnp.asarray(labels))
+    grads, d_hidden = nnx.grad(loss_fn, argnums=(0, 1))(flax_head, jnp.asarray(hidden))
+    assert rel_err(flax_loss, torch_loss.detach().numpy()) <= PARITY_FLOAT32
+    assert rel_err(d_hidden, h.grad.numpy()) <= PARITY_FLOAT32
+    for name in ORDER:
+        torch_layer = torch_head.lm_head[name]
+        assert rel_err(grads["lm_head"][name]["kernel"][...].T, torch_layer.weight.grad.numpy()) <= PARITY_FLOAT32
+        assert rel_err(grads["lm_head"][name]["bias"][...], torch_layer.bias.grad.numpy()) <= PARITY_FLOAT32
+
+
+@pytest.mark.parametrize("with_bias", ["torch", "flax"])
+def test_bias_on_one_side_only_is_refused_naming_the_split(with_bias):
+    torch.manual_seed(0)
+    torch_head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, bias=with_bias == "torch")
+    flax_head = jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, rngs=nnx.Rngs(1), bias=with_bias == "flax")
+    lacks = "flax" if with_bias == "torch" else "torch"
+    message = rf"split 'text' has a bias in {with_bias} \(lm_head.text.bias\) but none in {lacks}"
+    torch_before, flax_before = torch_weights(torch_head), flax_values(flax_head)
+    with pytest.raises(ValueError, match=message):
+        port_torch_to_flax(torch_head, flax_head)
+    with pytest.raises(ValueError, match=message):
+        port_flax_to_torch(flax_head, torch_head)
+    assert_torch_unchanged(torch_head, torch_before)
+    assert_flax_unchanged(flax_head, flax_before)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_flax", "flax_to_torch"])
+def test_a_bias_that_cannot_convert_writes_nothing(direction):
+    """The last parameter read (the last split's bias) fails: no weight or bias before it is written."""
+    torch.manual_seed(0)
+    torch_head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, bias=True)
+    flax_head = jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, rngs=nnx.Rngs(1), bias=True)
+    if direction == "torch_to_flax":
+        torch_head.lm_head["special"].bias = torch.nn.Parameter(torch.empty(3, device="meta"))
+        before = flax_values(flax_head)
+        with pytest.raises(ValueError, match=r"torch lm_head\.special\.bias is on the meta device"):
+            port_torch_to_flax(torch_head, flax_head)
+        assert_flax_unchanged(flax_head, before)
+    else:
+        flax_head.lm_head["special"].bias[...] = jnp.full((3,), 1e5, jnp.float32)
+        torch16 = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, H, bias=True).half()
+        before = torch_weights(torch16)
+        with pytest.raises(ValueError, match=r"lm_head\.special\.bias would hold 3 non-finite value\(s\)"):
+            port_flax_to_torch(flax_head, torch16)
+        assert_torch_unchanged(torch16, before)

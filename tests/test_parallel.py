@@ -43,7 +43,8 @@ def torch_result(sharded_env, tmp_path_factory):
 
 
 TORCH_CASES = {"vocab-parallel none", "vocab-parallel sum", "vocab-parallel mean", "vocab-parallel loss options",
-               "DDP split head", "DTensor weight", "sharded split head", "pallas interpret per shard", "errors"}
+               "DDP split head", "DTensor weight", "sharded split head", "sharded split head biases",
+               "pallas interpret per shard", "errors"}
 
 
 def test_torch_vocab_parallel_ddp_and_dtensor_on_gloo(torch_result):

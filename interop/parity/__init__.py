@@ -13,6 +13,14 @@ on the harness device). Verdicts use the project's one tolerance table (:mod:`he
 * bfloat16/float16: each side against the ground truth, baseline-relative to the naive
   materialised computation in that dtype; the torch-vs-JAX difference is reported for information.
 
+Row groups: the first runs the heads with the loss options of the config (none by default; the
+heads take ``softcap``, ``label_smoothing``, ``lse_square_scale`` and ``bias``, and a ``shift`` goes
+to ``linear_cross_entropy`` with the head's concatenated parameters); unless
+``all_options=False``, a second, "all options on" (:data:`~interop.parity.runs.ALL_OPTIONS`: softcap
+30, label smoothing 0.1, lse square scale 1e-4, a bias per split, shift 1), runs every
+implementation of the device's default list whose registry record supports all of them
+(``REGISTRY[impl].options``). Both are judged against the float64 truth with their options.
+
 Run ``python -m interop.parity --help`` for the command line.
 """
 
@@ -22,7 +30,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 import torch
 from flax import nnx
@@ -32,6 +39,15 @@ import torch_heads
 from heads_common import LM_IGNORE_INDEX, check_hidden_size, check_split_config
 from heads_common.tolerances import PARITY_FLOAT32, TOLERANCES, rel_err
 from interop.dlpack import to_jax
+from interop.parity.runs import (
+    ALL_OPTIONS,
+    LossSetup,
+    ground_truth,
+    jax_run,
+    naive_baseline,
+    output_names,
+    torch_run,
+)
 from interop.porting import port_torch_to_flax
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,15 +71,27 @@ class ParityConfig:
     device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
     seed: int = 0
     ignore_fraction: float = 0.2
+    # The loss options of the first row group (the heads' configuration; shift goes to the functional call).
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    bias: bool = False
+    shift: int = 0
+    all_options: bool = True  # add the "all options on" row group
+
+    @property
+    def loss_setup(self) -> LossSetup:
+        return LossSetup(self.softcap, self.label_smoothing, self.lse_square_scale, self.bias, self.shift)
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
     """One compared output."""
 
+    group: str  # the row group's options, e.g. "no options" or "all options on"
     left: str  # e.g. "torch:chunked"
     right: str  # e.g. "jax:pallas" or "float64 truth"
-    output: str  # "loss", "d_hidden", "d_lm_head.<split>.weight"
+    output: str  # "loss", "d_hidden", "d_lm_head.<split>.weight", "d_lm_head.<split>.bias"
     max_abs: float
     rel: float
     bound: float | None  # None: reported for information, not judged
@@ -83,9 +111,10 @@ class ParityReport:
 
     def table(self) -> str:
         """The report as a fixed-width text table, one row per compared output."""
-        head = ("left", "right", "output", "max |diff|", "rel err", "bound", "verdict")
+        head = ("options", "left", "right", "output", "max |diff|", "rel err", "bound", "verdict")
         rows = [
             (
+                c.group,
                 c.left,
                 c.right,
                 c.output,
@@ -97,7 +126,7 @@ class ParityReport:
             for c in self.checks
         ]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+        line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
         return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
@@ -117,64 +146,11 @@ def _default_impls(device: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return ("chunked", "reference"), ("chunked", "reference")
 
 
-def _torch_run(head, hidden, labels, upstream, impl: str):
-    """Loss and gradients (hidden, then each split weight in order) of one torch implementation."""
-    head.impl = impl
-    head.filter_eps = None  # exact gradients in every implementation
-    h = hidden.detach().requires_grad_()
-    loss = head(h, labels)
-    weights = [head.lm_head[name].weight for name in head._split_order]
-    grads = torch.autograd.grad(loss, [h, *weights], grad_outputs=upstream)
-    return [_np(loss), *(_np(g) for g in grads)]
-
-
-def _jax_run(head, hidden, labels, upstream, impl: str, order: Sequence[str]):
-    """Same as :func:`_torch_run` for the Flax head; split gradients transposed to torch's layout."""
-    head.impl = impl
-    graphdef, params, rest = nnx.split(head, nnx.Param, ...)
-
-    def forward(params, h):
-        return nnx.merge(graphdef, params, rest)(h, labels)
-
-    loss, vjp = jax.vjp(forward, params, hidden)
-    d_params, d_hidden = vjp(upstream)
-    split_grads = [np.asarray(d_params["lm_head"][name]["kernel"][...], np.float64).T for name in order]
-    return [_np(loss), _np(d_hidden), *split_grads]
-
-
-def _np(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().double().numpy() if x.dtype != torch.float64 else x.detach().cpu().numpy()
-    return np.asarray(jax.device_get(x), np.float64)
-
-
-def _ground_truth(torch_head, hidden, labels, upstream):
-    """float64 results through the torch reference (on the harness's device), and the naive same-dtype baseline."""
-    truth_head = _copy_head(torch_head, torch.float64, hidden.device)
-    truth = _torch_run(truth_head, hidden.double(), labels, upstream.double(), "reference")
-
-    def naive(h, w, y):  # materialised logits in the input dtype, as a plain user would write it
-        return torch.nn.functional.cross_entropy((h @ w.T).float(), y, ignore_index=LM_IGNORE_INDEX, reduction="none")
-
-    h = hidden.detach().requires_grad_()
-    weights = [torch_head.lm_head[name].weight for name in torch_head._split_order]
-    loss = naive(h.reshape(-1, h.shape[-1]), torch.cat(weights), labels.reshape(-1)).reshape(labels.shape)
-    grads = torch.autograd.grad(loss, [h, *weights], grad_outputs=upstream)
-    return truth, [_np(loss), *(_np(g) for g in grads)]
-
-
-def _copy_head(head, dtype, device):
-    layout = head._layout
-    copy = torch_heads.SplitLanguageModellingHead(dict(zip(layout.order, layout.sizes)), layout.order, head._hidden_size)
-    copy.load_state_dict(head.state_dict())
-    return copy.to(device=device, dtype=dtype)
-
-
 def run_parity(config: ParityConfig = ParityConfig(), progress: Callable[[str], None] | None = None) -> ParityReport:
     """Compare every chosen torch implementation with every chosen JAX one on shared weights and data.
 
     Args:
-        config: shapes, dtype, implementations, device and seed.
+        config: shapes, dtype, implementations, device, seed and loss options.
         progress: called with a short message before each step (the CLI prints them).
 
     Returns:
@@ -182,8 +158,9 @@ def run_parity(config: ParityConfig = ParityConfig(), progress: Callable[[str], 
 
     Raises:
         TypeError, ValueError: a field of ``config`` is out of range (sizes below 1, a negative
-            seed, ``ignore_fraction`` outside [0, 1], a bad split) or names an unknown dtype,
-            device or implementation.
+            seed, ``ignore_fraction`` outside [0, 1], a bad split, a loss option out of its range
+            or a ``shift`` not below ``seq``) or names an unknown dtype, device or implementation,
+            or an implementation that does not support the loss options given.
     """
     start = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -191,46 +168,75 @@ def run_parity(config: ParityConfig = ParityConfig(), progress: Callable[[str], 
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
     device = _resolve_device(config.device)
-    split_sizes = dict(config.splits)
-    layout = check_split_config(split_sizes, [name for name, _ in config.splits])
+    layout = check_split_config(dict(config.splits), [name for name, _ in config.splits])
     default_torch, default_jax = _default_impls(device)
-    torch_impls = tuple(config.torch_impls or default_torch)
-    jax_impls = tuple(config.jax_impls or default_jax)
-    for impl in torch_impls:
-        if impl not in torch_heads.IMPLEMENTATIONS:
-            raise ValueError(f"unknown torch implementation {impl!r}; choose from {torch_heads.IMPLEMENTATIONS}")
-    for impl in jax_impls:
-        if impl not in jax_heads.IMPLEMENTATIONS:
-            raise ValueError(f"unknown JAX implementation {impl!r}; choose from {jax_heads.IMPLEMENTATIONS}")
+    setup = config.loss_setup
+    groups = [(setup.describe(), setup, _chosen(torch_heads, "torch", config.torch_impls, default_torch, setup),
+               _chosen(jax_heads, "JAX", config.jax_impls, default_jax, setup))]
+    if config.all_options:
+        groups.append(("all options on", ALL_OPTIONS, _chosen(torch_heads, "torch", None, default_torch, ALL_OPTIONS),
+                       _chosen(jax_heads, "JAX", None, default_jax, ALL_OPTIONS)))
 
     dtype = DTYPES[config.dtype]
     gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    torch_head = torch_heads.SplitLanguageModellingHead(split_sizes, layout.order, config.hidden_size)
-    torch_head = torch_head.to(device=device, dtype=dtype)
-    flax_head = jax_heads.SplitLanguageModellingHead(
-        split_sizes, layout.order, config.hidden_size, rngs=nnx.Rngs(config.seed), param_dtype=_jax_dtype(config.dtype)
-    )
-    port_torch_to_flax(torch_head, flax_head)
-
     shape = (config.batch, config.seq)
     hidden = torch.randn(*shape, config.hidden_size, generator=gen).to(device=device, dtype=dtype)
     labels = torch.randint(0, layout.total, shape, generator=gen)
     labels[torch.rand(shape, generator=gen) < config.ignore_fraction] = LM_IGNORE_INDEX
     labels = labels.to(device)
     upstream = torch.randn(shape, generator=gen).to(device)
-    j_hidden, j_labels, j_upstream = to_jax(hidden), to_jax(labels), to_jax(upstream)
-    names = ["loss", "d_hidden", *(f"d_lm_head.{n}.weight" for n in layout.order)]
+    checks = []
+    for group in groups:
+        checks += _run_group(config, device, *group, hidden, labels, upstream, say)
+    return ParityReport(config=config, device=device, checks=checks, seconds=time.perf_counter() - start)
 
-    say("float64 ground truth")
-    truth, naive = _ground_truth(torch_head, hidden, labels, upstream)
+
+def _chosen(package, framework: str, named: Sequence[str] | None, default: Sequence[str], setup: LossSetup):
+    """The implementations of one framework for a row group: the named ones (each must exist and support
+    the options), or those of the device's default list that support them."""
+    registry = package.functional.REGISTRY
+    if named is None:
+        return tuple(impl for impl in default if setup.registry_options <= registry[impl].options)
+    for impl in named:
+        if impl not in registry.names:
+            raise ValueError(f"unknown {framework} implementation {impl!r}; choose from {registry.names}")
+        missing = sorted(setup.registry_options - registry[impl].options)
+        if missing:
+            supporting = {option: ", ".join(registry.supporting(option)) or "none" for option in missing}
+            raise ValueError(
+                f"{framework} implementation {impl!r} does not support "
+                + "; ".join(f"{option} (implementations that do: {names})" for option, names in supporting.items())
+            )
+    return tuple(named)
+
+
+def _run_group(config, device, label, setup, torch_impls, jax_impls, hidden, labels, upstream, say) -> list[Check]:
+    """Build the two heads with ``setup``'s options on shared weights, run every implementation, judge."""
+    split_sizes, order = dict(config.splits), [name for name, _ in config.splits]
+    torch.manual_seed(config.seed)
+    torch_head = torch_heads.SplitLanguageModellingHead(split_sizes, order, config.hidden_size, **setup.head_options)
+    torch_head = torch_head.to(device=device, dtype=DTYPES[config.dtype])
+    flax_head = jax_heads.SplitLanguageModellingHead(
+        split_sizes, order, config.hidden_size, rngs=nnx.Rngs(config.seed), param_dtype=_jax_dtype(config.dtype),
+        **setup.head_options,
+    )
+    port_torch_to_flax(torch_head, flax_head)
+    upstream = upstream[..., : upstream.shape[-1] - setup.shift].contiguous()  # the loss keeps labels[..., k:]'s shape
+    j_hidden, j_labels, j_upstream = to_jax(hidden), to_jax(labels), to_jax(upstream)
+    names = output_names(order, setup.bias)
+
+    say(f"float64 ground truth ({label})")
+    truth = ground_truth(torch_head, hidden, labels, upstream, setup)
+    # float16/bfloat16 results are judged relative to the naive computation's error (float32: a fixed bound).
+    relative = TOLERANCES[config.dtype].baseline_relative
+    naive = naive_baseline(torch_head, hidden, labels, upstream, setup) if relative else None
     results = {}
     for impl in torch_impls:
-        say(f"torch:{impl}")
-        results[f"torch:{impl}"] = _torch_run(torch_head, hidden, labels, upstream.to(torch.float32), impl)
+        say(f"torch:{impl} ({label})")
+        results[f"torch:{impl}"] = torch_run(torch_head, hidden, labels, upstream, impl, setup.shift)
     for impl in jax_impls:
-        say(f"jax:{impl}")
-        results[f"jax:{impl}"] = _jax_run(flax_head, j_hidden, j_labels, j_upstream, impl, layout.order)
+        say(f"jax:{impl} ({label})")
+        results[f"jax:{impl}"] = jax_run(flax_head, j_hidden, j_labels, j_upstream, impl, setup.shift, order)
 
     checks = []
     for side, values in results.items():
@@ -238,20 +244,21 @@ def run_parity(config: ParityConfig = ParityConfig(), progress: Callable[[str], 
         if key == "float32" and device == "cuda" and side == "torch:cce":
             key = "float32-tf32"
         tol = TOLERANCES[key]
-        for name, value, t, nv in zip(names, values, truth, naive):
-            bound = rel_err(nv, t) + tol.bound if tol.baseline_relative else tol.bound
-            checks.append(_check(side, "float64 truth", name, value, t, bound))
+        for i, (name, value, t) in enumerate(zip(names, values, truth, strict=True)):
+            bound = rel_err(naive[i], t) + tol.bound if tol.baseline_relative else tol.bound
+            checks.append(_check(label, side, "float64 truth", name, value, t, bound))
     for t_impl in torch_impls:
         for j_impl in jax_impls:
             left, right = f"torch:{t_impl}", f"jax:{j_impl}"
             judged = config.dtype == "float32" and not (device == "cuda" and t_impl == "cce")
-            for name, a, b in zip(names, results[left], results[right]):
-                checks.append(_check(left, right, name, a, b, PARITY_FLOAT32 if judged else None))
-    return ParityReport(config=config, device=device, checks=checks, seconds=time.perf_counter() - start)
+            for name, a, b in zip(names, results[left], results[right], strict=True):
+                checks.append(_check(label, left, right, name, a, b, PARITY_FLOAT32 if judged else None))
+    return checks
 
 
 def _check_numbers(config: ParityConfig) -> None:
-    """The numeric fields are in range: sizes >= 1, a 64-bit seed >= 0, ``ignore_fraction`` in [0, 1]."""
+    """The numeric fields are in range: sizes >= 1, a 64-bit seed >= 0, ``ignore_fraction`` in [0, 1],
+    the loss options (``heads_common.options``), ``shift`` below ``seq``."""
     for name in ("batch", "seq", "hidden_size"):
         check_hidden_size(getattr(config, name), name)
     seed = config.seed
@@ -260,12 +267,13 @@ def _check_numbers(config: ParityConfig) -> None:
     fraction = config.ignore_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"ignore_fraction must be a number in [0, 1], got {fraction!r}")
+    config.loss_setup.check(config.seq)
 
 
-def _check(left, right, output, value, truth, bound) -> Check:
+def _check(group, left, right, output, value, truth, bound) -> Check:
     err = rel_err(value, truth)
     max_abs = float(np.max(np.abs(value - truth))) if np.size(value) else 0.0
-    return Check(left, right, output, max_abs, err, bound, None if bound is None else bool(err <= bound))
+    return Check(group, left, right, output, max_abs, err, bound, None if bound is None else bool(err <= bound))
 
 
 def _jax_dtype(name: str):

@@ -4,7 +4,7 @@ Per world size: every rank holds one shard of the weight (uneven shards for 3 ra
 the vocabulary-parallel loss and both gradients against the single-process result on the full
 weight; then a SplitLanguageModellingHead under DistributedDataParallel gives the gradient of the
 single-process mean; the vocabulary-parallel SplitLanguageModellingHead, loaded from a full state
-dict, equals the unsharded head; impl='pallas' (interpret mode) per shard equals the reference; bad
+dict, equals the unsharded head (and shards and gathers per-split biases); impl='pallas' (interpret mode) per shard equals the reference; bad
 configurations are refused. Prints one line per rank and case; exits 1 on a failure.
 """
 
@@ -137,6 +137,22 @@ def _sharded_head_case(rank, world):
     return ok, f"range [{start}, {stop}) rows {rows}; rel errs {' '.join(f'{e:.1e}' for e in errs)}; full_state_dict {same}"
 
 
+def _sharded_bias_case(rank, world):
+    """A split head with bias=True: shard_state_dict cuts each split's bias to the rank's rows with its
+    weight rows, and full_state_dict gathers weights and biases back into the unsharded state dict."""
+    torch.manual_seed(6)
+    full = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, bias=True)
+    head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, bias=True, vocab_parallel_group=dist.group.WORLD)
+    head.load_state_dict(head.shard_state_dict(full.state_dict()), strict=True)
+    start, stop = head.vocab_range
+    rows_ok = torch.equal(head.bias(), full.bias()[start:stop]) and torch.equal(head.weight(), full.weight()[start:stop])
+    gathered = head.full_state_dict()
+    expected = full.state_dict()
+    same = list(gathered) == list(expected) and all(torch.equal(gathered[k], expected[k]) for k in expected)
+    rows = {n: tuple(head.lm_head[n].bias.shape) for n in ORDER}
+    return rows_ok and same, f"range [{start}, {stop}) bias rows {rows}; local rows {rows_ok}; full_state_dict {same}"
+
+
 def _pallas_interpret_case(rank, world):
     """impl='pallas' per shard (our kernels through DLPack, in Pallas interpret mode) on gloo."""
     h, w, y, up = _inputs(13, n=(2, 9), d=24, v=61)
@@ -216,6 +232,7 @@ def _worker(rank, world, init_file, results):
         cases += [("DDP split head", lambda: _ddp_case(rank, world)), ("DTensor weight", lambda: _dtensor_case(rank, world))]
         cases += [
             ("sharded split head", lambda: _sharded_head_case(rank, world)),
+            ("sharded split head biases", lambda: _sharded_bias_case(rank, world)),
             ("pallas interpret per shard", lambda: _pallas_interpret_case(rank, world)),
             ("errors", lambda: _errors_case(rank, world)),
         ]
