@@ -90,7 +90,11 @@ def _reference_tokens(hidden, weight, labels, o: LossOptions, bias):
 def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     # "auto" is exact for our kernel; a float turns its gradient filtering on.
     eps = options.filter_eps if options.filtered else None
-    return _pallas.pallas_loss(hidden, weight, labels, options.ignore_index, filter_eps=eps)
+    return _pallas.pallas_loss(
+        hidden, weight, labels, options.ignore_index, filter_eps=eps, bias=bias, softcap=options.softcap,
+        label_smoothing=options.label_smoothing, lse_square_scale=options.lse_square_scale,
+        return_lse=options.return_lse,
+    )
 
 
 REGISTRY = Registry([
@@ -100,8 +104,8 @@ REGISTRY = Registry([
                    _per_token(lambda h, w, y, o, b: chunked_loss(h, w, y, o.ignore_index))),
     Implementation("reference", _exact_reason, _per_token(_reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
-    Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps), _per_token(_pallas_tokens),
-                   auto=False),
+    Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps, o.label_smoothing),
+                   _per_token(_pallas_tokens), auto=False, options=frozenset(LOSS_OPTIONS)),
 ])
 IMPLEMENTATIONS = REGISTRY.names
 
