@@ -242,13 +242,17 @@ def pallas_loss(
         interpret: run the kernels in Pallas interpret mode (CPU tests; slow).
         config: a ``jax_heads.pallas.BlockSizes``; None for its default.
         filter_eps: None for exact gradients; a float turns on the kernel's gradient filtering
-            (``jax_heads.pallas.grads``; not with ``label_smoothing``).
+            (``jax_heads.pallas.grads``; with ``label_smoothing`` a ``ValueError``).
         bias, softcap, label_smoothing, lse_square_scale, return_lse: the loss options.
 
     Returns:
         ``(N,)`` float32 loss (with ``return_lse``, ``(loss, lse)``); gradients with respect to
         ``hidden``, ``weight`` and ``bias`` come back in their dtype.
     """
+    if filter_eps is not None and label_smoothing:
+        from jax_heads.pallas.op import filter_smoothing_message
+
+        raise ValueError(filter_smoothing_message(filter_eps))
     if hidden.shape[0] == 0:
         loss = ZeroLoss.apply(hidden, weight)
         if bias is not None:
