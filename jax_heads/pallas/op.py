@@ -205,7 +205,7 @@ def grads(
     config: BlockSizes = DEFAULT_BLOCK_SIZES, interpret: bool = False, filter_eps: float | None = None,
     filter_separate_targets: bool = True,
 ) -> tuple[jax.Array, ...]:
-    """Gradients of ``sum(g * (lse - target))`` with respect to ``hidden`` and ``weight`` (and ``bias``), on our kernels.
+    """Gradients of ``sum(g * (lse - target))`` in ``hidden``, ``weight`` (and ``bias``), on our kernels.
 
     Only this ``weight``'s logits are differentiated: against a global ``lse`` over several
     vocabulary shards, ``d_hidden`` is this shard's share. With ``coefficients`` the gradient of the
