@@ -91,8 +91,11 @@ def _pallas_reason(hidden: jax.Array, options: LossOptions) -> str | None:
         return _sharding_reason(options)
     try:
         from jax_heads.pallas import unsupported_reason
+        from jax_heads.pallas.op import filter_smoothing_message
     except ImportError as exc:  # pragma: no cover - depends on the checkout
         return f"jax_heads.pallas is not importable ({exc})"
+    if options.filtered and options.label_smoothing:
+        return filter_smoothing_message(options.filter_eps)
     return unsupported_reason(hidden, interpret=options.interpret)
 
 
@@ -120,7 +123,8 @@ def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     eps = options.filter_eps if options.filtered else None
     # Labels reach here in [0, V) or equal to ignore_index (see linear_cross_entropy), so int32 is exact.
     return pallas_loss(hidden, weight, labels.astype(jnp.int32), options.ignore_index, interpret=options.interpret,
-                       filter_eps=eps)
+                       filter_eps=eps, bias=bias, softcap=options.softcap, label_smoothing=options.label_smoothing,
+                       lse_square_scale=options.lse_square_scale, return_lse=options.return_lse)
 
 
 def _per_token(name: str, single: Callable[..., jax.Array]):
@@ -172,7 +176,7 @@ def _fused(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None)
 
 
 REGISTRY = Registry([
-    Implementation("pallas", _pallas_reason, _per_token("pallas", _pallas_tokens)),
+    Implementation("pallas", _pallas_reason, _per_token("pallas", _pallas_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("chunked", _exact_reason, _per_token("chunked", _chunked_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("reference", _exact_reason, _per_token("reference", _reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),

@@ -452,3 +452,56 @@ def test_gpu_split_head_trains_one_step():
     assert_close("d_hidden", to_np(d_hidden), to_np(ref_d_hidden), "float32")
     for key in state:
         assert_close(key, to_np(state[key]), to_np(ref_state[key]), "float32")
+
+
+# --- the loss options through torch's pallas path (interpret mode) -----------------------------
+
+ALL_OPTIONS = {"softcap": 2.5, "label_smoothing": 0.15, "lse_square_scale": 0.05, "return_lse": True}
+
+
+@pytest.mark.parametrize("filter_eps", [None, 1e-2], ids=["exact", "filtered"])
+def test_interpret_options_equal_jax_pallas_bit_for_bit_and_the_truth(filter_eps):
+    """Bias (over DLPack), softcap, smoothing, z-loss and the returned lse: torch's programs give the
+    bits of JAX's ``pallas_loss`` (filtered: every option but smoothing, which filtering refuses), and
+    the exact ones match the float64 ground truth."""
+    from ground_truth import lce_options_ground_truth
+
+    (n, m), d, v = CPU_SHAPES["3x13x24x101"]
+    hidden, weight, labels = make_inputs(rng_for(f"options-{filter_eps}"), (n * m,), d, v, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    bias, upstream, upstream_lse = torch.randn(v, generator=gen), torch.randn(n * m, generator=gen), torch.randn(
+        n * m, generator=gen)
+    options = dict(ALL_OPTIONS, label_smoothing=0.0) if filter_eps else ALL_OPTIONS
+    h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+    loss, lse = pallas_loss(h, w, labels, IGNORE, bias=b, interpret=True, config=ONE_SPLIT, filter_eps=filter_eps,
+                            **options)
+    ((loss * upstream).sum() + (lse * upstream_lse).sum()).backward()
+
+    y = to_jax(labels)
+
+    def f(a, c, e):
+        return jax_pallas_loss(a, c, y, IGNORE, bias=e, interpret=True, config=ONE_SPLIT, filter_eps=filter_eps,
+                               **options)
+
+    # Each side jitted (the options' arithmetic may be contracted differently op by op).
+    inputs, cotangent = (to_jax(hidden), to_jax(weight), to_jax(bias)), (to_jax(upstream), to_jax(upstream_lse))
+    j_loss, j_lse = jax.jit(f)(*inputs)
+    grads = jax.jit(lambda *args: jax.vjp(f, *args)[1](cotangent))(*inputs)
+    mine = (loss.detach(), lse.detach(), h.grad, w.grad, b.grad)
+    for name, got, theirs in zip(("loss", "lse", "d_hidden", "d_weight", "d_bias"), mine, (j_loss, j_lse, *grads)):
+        assert torch.equal(got, to_torch(theirs)), name
+    if filter_eps is None:
+        want = lce_options_ground_truth(to_np(hidden), to_np(weight), to_np(labels), to_np(upstream), bias=to_np(bias),
+                                        upstream_lse=to_np(upstream_lse), ignore_index=IGNORE, **{
+                                            k: val for k, val in options.items() if k != "return_lse"})
+        for name, got, truth in zip(("loss", "lse", "d_hidden", "d_weight", "d_bias"), mine, want):
+            assert_close(f"torch-pallas options {name}", to_np(got), truth, "float32")
+
+
+def test_filter_eps_with_label_smoothing_is_refused_by_name():
+    hidden, weight, labels = make_inputs(rng_for("refuse"), (6,), 8, 11, torch.float32)
+    with pytest.raises(ValueError, match="filter_eps=0.01 cannot be combined with label_smoothing"):
+        pallas_loss(hidden, weight, labels, IGNORE, interpret=True, config=TINY, filter_eps=1e-2, label_smoothing=0.1)
+    options = dict(filter_eps=1e-2, label_smoothing=0.1)
+    reason = REGISTRY.reason("pallas", hidden, __import__("torch_heads").functional.loss_options("pallas", **options))
+    assert "cannot be combined with label_smoothing" in reason

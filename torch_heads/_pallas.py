@@ -35,8 +35,12 @@ def _import_jax():
     return jax
 
 
-def unsupported_reason(hidden: torch.Tensor, filter_eps: object) -> str | None:
-    """Why ``pallas`` cannot run on these inputs, or None when it can (imports JAX for CUDA inputs)."""
+def unsupported_reason(hidden: torch.Tensor, filter_eps: object, label_smoothing: float = 0.0) -> str | None:
+    """Why ``pallas`` cannot run on these inputs and options, or None when it can (imports JAX for CUDA inputs)."""
+    if isinstance(filter_eps, float) and label_smoothing:
+        from jax_heads.pallas.op import filter_smoothing_message
+
+        return filter_smoothing_message(filter_eps)
     reason = tensor_reason(hidden)
     if reason is not None:
         return reason
@@ -61,35 +65,61 @@ def _options(interpret: bool, config) -> dict:
 
 
 @functools.cache
-def _programs(ignore_index: int, interpret: bool, config, filter_eps: float | None = None):
+def _programs(ignore_index: int, interpret: bool, config, filter_eps: float | None = None, logits=None):
     """The jitted forward and backward of the loss for these static options.
 
-    * forward ``(hidden, weight, labels) -> (loss, lse)``: the per-token loss and the ``(N,)``
-      log-sum-exp, which is all the backward needs besides the inputs;
-    * backward ``(hidden, weight, labels, grad, lse) -> (d_hidden, d_weight)``: the gradients of
-      ``sum(grad * loss)``.
+    ``logits`` is None (the plain loss) or ``(has_bias, softcap, label_smoothing, lse_square_scale,
+    return_lse)``.
+
+    * forward ``(hidden, weight, labels[, bias]) -> (loss, lse[, returned lse])``: the per-token
+      loss and the ``(N,)`` log-sum-exp, which is all the backward needs besides the inputs (and,
+      with ``return_lse``, the lse handed to the caller, 0 where ignored);
+    * backward ``(hidden, weight, labels, grad[, grad_lse][, bias], lse) -> (d_hidden, d_weight[, d_bias])``:
+      the gradients of ``sum(grad * loss) (+ sum(grad_lse * lse))``.
 
     The arithmetic is that of ``jax_heads.pallas.pallas_loss``'s rules, so both give the same bits.
     """
     jax = _import_jax()
     import jax.numpy as jnp
 
-    from jax_heads.pallas import grads, lse_and_target
+    from jax_heads.pallas import grads, loss_coefficients, lse_and_target
 
     options = _options(interpret, config)
+    has_bias, softcap, eps, lam, return_lse = logits or (False, None, 0.0, 0.0, False)
 
     @jax.jit
-    def forward(hidden, weight, labels):
+    def forward(hidden, weight, labels, *bias):
         valid = labels != ignore_index
-        lse, target = lse_and_target(hidden, weight, jnp.where(valid, labels, -1), **options)
-        return jnp.where(valid, lse - target, 0.0), lse
+        lse, target, *row_sum = lse_and_target(
+            hidden, weight, jnp.where(valid, labels, -1), **options,
+            **({} if logits is None else {"bias": bias[0] if has_bias else None, "softcap": softcap,
+                                          "row_sum": eps > 0}),
+        )
+        loss = lse - target
+        if eps:  # (1 − ε)·nll + ε·(lse − mean of the logits)
+            loss = (1.0 - eps) * loss + eps * (lse - row_sum[0] / weight.shape[0])
+        if lam:
+            loss = loss + lam * jnp.square(lse)
+        return (jnp.where(valid, loss, 0.0), lse, *((jnp.where(valid, lse, 0.0),) if return_lse else ()))
 
     @jax.jit
-    def backward(hidden, weight, labels, grad, lse):
+    def backward(hidden, weight, labels, grad, *rest):
+        grad_lse = rest[0] if return_lse else None
+        bias, lse = rest[int(return_lse) : -1], rest[-1]
         valid = labels != ignore_index
         # Ignored rows get zero gradient whatever the upstream gradient holds (even NaN).
         g = jnp.where(valid, grad.astype(jnp.float32), 0.0)
-        return grads(hidden, weight, jnp.where(valid, labels, -1), lse, g, filter_eps=filter_eps, **options)
+        if logits is None:
+            return grads(hidden, weight, jnp.where(valid, labels, -1), lse, g, filter_eps=filter_eps, **options)
+        coefficients = None
+        if eps or lam or return_lse:
+            g_lse = None if grad_lse is None else jnp.where(valid, grad_lse.astype(jnp.float32), 0.0)
+            g, b, c = loss_coefficients(g, g_lse, lse, label_smoothing=eps, lse_square_scale=lam,
+                                        vocab_size=weight.shape[0])
+            g = jnp.where(valid, g, 0.0)  # lse may be anything at an ignored row
+            coefficients = (b, c)
+        return grads(hidden, weight, jnp.where(valid, labels, -1), lse, g, bias=bias[0] if bias else None,
+                     softcap=softcap, coefficients=coefficients, filter_eps=filter_eps, **options)
 
     return forward, backward
 
@@ -132,27 +162,35 @@ def _call(program, device: torch.device, tensors: tuple[torch.Tensor, ...], *jax
 
 class _PallasLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, programs):
+    def forward(ctx, hidden, weight, labels, bias, programs, return_lse):
         from interop.dlpack import to_torch
 
-        loss, lse = _call(programs[0], hidden.device, (hidden, weight, labels))
-        ctx.save_for_backward(hidden, weight, labels)
+        inputs = (hidden, weight, labels) if bias is None else (hidden, weight, labels, bias)
+        loss, lse, *returned = _call(programs[0], hidden.device, inputs)
+        ctx.save_for_backward(*inputs)
         ctx.lse = lse
         ctx.programs = programs
-        return to_torch(loss)
+        ctx.return_lse = return_lse
+        return (to_torch(loss), to_torch(returned[0])) if return_lse else to_torch(loss)
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, *grad_lse):
         from interop.dlpack import to_torch
 
-        hidden, weight, labels = ctx.saved_tensors
-        grad = _aligned(grad_loss.contiguous())  # any upstream layout (a transpose, an expand)
-        d_hidden, d_weight = _call(ctx.programs[1], hidden.device, (hidden, weight, labels, grad), ctx.lse)
+        hidden, weight, labels, *bias = ctx.saved_tensors
+        upstream = (grad_loss, *grad_lse) if ctx.return_lse else (grad_loss,)
+        # Any upstream layout (a transpose, an expand); an unused returned lse has a zero gradient.
+        upstream = tuple(_aligned((torch.zeros_like(grad_loss) if u is None else u).contiguous()) for u in upstream)
+        d_hidden, d_weight, *d_bias = _call(
+            ctx.programs[1], hidden.device, (hidden, weight, labels, *upstream, *bias), ctx.lse
+        )
         # At least one gradient is needed, and handing back either orders torch after the program.
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
         return (
             to_torch(d_hidden) if need_hidden else None,
             to_torch(d_weight) if need_weight else None,
+            None,
+            to_torch(d_bias[0]) if d_bias and need_bias else None,
             None,
             None,
         )
@@ -182,11 +220,19 @@ def pallas_loss(
     labels: torch.Tensor,
     ignore_index: int,
     *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    return_lse: bool = False,
     interpret: bool = False,
     config=None,
     filter_eps: float | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss of flat inputs on our Pallas kernels, through JAX, zero-copy.
+
+    The loss options are those of ``torch_heads.linear_cross_entropy`` (validated by the caller);
+    the bias goes to JAX over DLPack as well.
 
     Args:
         hidden: ``(N, D)`` float16/bfloat16/float32 tensor (CUDA; CPU only with ``interpret``).
@@ -196,19 +242,31 @@ def pallas_loss(
         interpret: run the kernels in Pallas interpret mode (CPU tests; slow).
         config: a ``jax_heads.pallas.BlockSizes``; None for its default.
         filter_eps: None for exact gradients; a float turns on the kernel's gradient filtering
-            (``jax_heads.pallas.grads``).
+            (``jax_heads.pallas.grads``; with ``label_smoothing`` a ``ValueError``).
+        bias, softcap, label_smoothing, lse_square_scale, return_lse: the loss options.
 
     Returns:
-        ``(N,)`` float32 loss; gradients with respect to ``hidden`` and ``weight`` come back in their dtype.
+        ``(N,)`` float32 loss (with ``return_lse``, ``(loss, lse)``); gradients with respect to
+        ``hidden``, ``weight`` and ``bias`` come back in their dtype.
     """
+    if filter_eps is not None and label_smoothing:
+        from jax_heads.pallas.op import filter_smoothing_message
+
+        raise ValueError(filter_smoothing_message(filter_eps))
     if hidden.shape[0] == 0:
-        return ZeroLoss.apply(hidden, weight)
+        loss = ZeroLoss.apply(hidden, weight)
+        if bias is not None:
+            loss = loss + bias[:0].sum()  # a zero gradient for the bias too
+        return (loss, torch.zeros_like(loss)) if return_lse else loss
     labels, ignore_index = _int32_labels(labels, ignore_index)
     # Differentiable copies where needed: JAX gets dense, aligned, row-major memory without copying it.
     hidden = _aligned(hidden.contiguous())
     weight = _aligned(weight.contiguous())
-    programs = _programs(ignore_index, bool(interpret), config, None if filter_eps is None else float(filter_eps))
-    return _PallasLinearCrossEntropy.apply(hidden, weight, _aligned(labels), programs)
+    bias = None if bias is None else _aligned(bias.contiguous())
+    logits = (bias is not None, softcap, float(label_smoothing), float(lse_square_scale), bool(return_lse))
+    programs = _programs(ignore_index, bool(interpret), config, None if filter_eps is None else float(filter_eps),
+                         None if logits == (False, None, 0.0, 0.0, False) else logits)
+    return _PallasLinearCrossEntropy.apply(hidden, weight, _aligned(labels), bias, programs, bool(return_lse))
 
 
 def pallas_shard_lse_target(

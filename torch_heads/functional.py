@@ -97,7 +97,11 @@ def _chunked_tokens(hidden, weight, labels, o: LossOptions, bias):
 def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     # "auto" is exact for our kernel; a float turns its gradient filtering on.
     eps = options.filter_eps if options.filtered else None
-    return _pallas.pallas_loss(hidden, weight, labels, options.ignore_index, filter_eps=eps)
+    return _pallas.pallas_loss(
+        hidden, weight, labels, options.ignore_index, filter_eps=eps, bias=bias, softcap=options.softcap,
+        label_smoothing=options.label_smoothing, lse_square_scale=options.lse_square_scale,
+        return_lse=options.return_lse,
+    )
 
 
 REGISTRY = Registry([
@@ -107,8 +111,8 @@ REGISTRY = Registry([
     Implementation("chunked", _exact_reason, _per_token(_chunked_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("reference", _exact_reason, _per_token(_reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
-    Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps), _per_token(_pallas_tokens),
-                   auto=False),
+    Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps, o.label_smoothing),
+                   _per_token(_pallas_tokens), auto=False, options=frozenset(LOSS_OPTIONS)),
 ])
 IMPLEMENTATIONS = REGISTRY.names
 

@@ -17,7 +17,7 @@ from jax_heads.pallas.config import (
     MosaicForwardConfig,
     TritonForwardConfig,
 )
-from jax_heads.pallas.op import grads, lse_and_target, pallas_loss, unsupported_reason
+from jax_heads.pallas.op import grads, loss_coefficients, lse_and_target, pallas_loss, unsupported_reason
 
 __all__ = [
     "DEFAULT_BLOCK_SIZES",
@@ -27,6 +27,7 @@ __all__ = [
     "MosaicForwardConfig",
     "TritonForwardConfig",
     "grads",
+    "loss_coefficients",
     "lse_and_target",
     "pallas_loss",
     "unsupported_reason",

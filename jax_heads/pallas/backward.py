@@ -39,8 +39,8 @@ def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
 
 
 def _grad_logits_kernel(
-    bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *out_refs, block_n, block_v, block_d, vocab_size, precision,
-    filter_eps, separate_targets=False,
+    bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *refs, block_n, block_v, block_d, vocab_size, precision,
+    filter_eps, separate_targets=False, coefficients=False, has_bias=False, softcap=None,
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
@@ -56,13 +56,25 @@ def _grad_logits_kernel(
     probabilities is skipped too, and the caller adds those targets' ``−g`` entries exactly. With
     ``dense`` set, an unflagged tile is written as zeros instead, so that dense products of the
     chunk give the filtered values.
+
+    Options (static; the default program has none of their operations): ``coefficients`` (two more
+    ``(n_pad,)`` float32 refs B, C follow ``g_ref``, which holds A: the tile is
+    ``p·A − B·onehot − C``), ``has_bias`` (a float32 ``(v_pad,)`` bias ref follows, added to the
+    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − (z'/c)²``).
     """
+    b_ref, c_ref = refs[:2] if coefficients else (None, None)
+    refs = refs[2:] if coefficients else refs
+    bias_ref, out_refs = (refs[0], refs[1:]) if has_bias else (None, refs)
     i, j = pl.program_id(0), pl.program_id(1)
     lo, start = bounds_ref[0], bounds_ref[1]
     n0 = pl.multiple_of(i * block_n, block_n)
     c0 = pl.multiple_of(j * block_v, block_v)
     v0 = start + c0
     logits = _logits_tile(h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision)
+    if has_bias:
+        logits = logits + bias_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     lse = lse_ref[pl.ds(n0, block_n)]
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
@@ -70,16 +82,26 @@ def _grad_logits_kernel(
     probs = jnp.exp(logits - lse[:, None])
     diff = probs - jnp.where(cols == labels[:, None], 1.0, 0.0)
     in_vocab = (cols >= lo) & (cols < vocab_size)
-    grad = jnp.where(in_vocab, diff * g[:, None], 0.0).astype(out_refs[0].dtype)
+    if coefficients:  # dL/dz' = p·A − B·[v == y] − C
+        b, c = b_ref[pl.ds(n0, block_n)], c_ref[pl.ds(n0, block_n)]
+        value = probs * g[:, None] - jnp.where(cols == labels[:, None], b[:, None], 0.0) - c[:, None]
+    else:
+        value = diff * g[:, None]
+    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − (z'/c)²
+        value = value * (1.0 - jnp.square(logits / softcap))
+    grad = jnp.where(in_vocab, value, 0.0).astype(out_refs[0].dtype)
     if filter_eps is None:
         out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
         return
     out_ref, flag_ref = out_refs
-    counted = in_vocab & (g != 0.0)[:, None]  # a NaN upstream gradient counts (NaN != 0)
+    # A row counts when its gradient can be non-zero; a NaN upstream gradient counts (NaN != 0).
+    live = (g != 0.0) if b_ref is None else (g != 0.0) | (b != 0.0)
+    finite = (g == g) if b_ref is None else (g == g) & (b == b)
+    counted = in_vocab & live[:, None]
     value = probs if separate_targets else jnp.abs(diff)
     # "not below eps" rather than ">= eps": a NaN (a non-finite hidden state or upstream gradient)
     # keeps its tile, so it reaches the gradients as in the exact path instead of being skipped.
-    big = counted & jnp.logical_not((value < filter_eps) & (g == g)[:, None])
+    big = counted & jnp.logical_not((value < filter_eps) & finite[:, None])
     flag = jnp.max(jnp.where(big, jnp.int32(1), jnp.int32(0)))
     keep = flag > 0
     flag_ref[i, j] = flag
@@ -102,7 +124,8 @@ def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
 
 def backward(
     hidden, weight, labels, lse, g, *, plan: Plan, config: BlockSizes, interpret: bool,
-    filter_eps: float | None = None, separate_targets: bool = False,
+    filter_eps: float | None = None, separate_targets: bool = False, coefficients=None, bias=None,
+    softcap: float | None = None,
 ):
     """``(d_hidden, d_weight)`` of padded inputs for per-token upstream gradient ``g`` (0 where ignored).
 
@@ -110,13 +133,17 @@ def backward(
         hidden, weight, labels: padded to ``plan`` (:func:`jax_heads.pallas.plan.pad_inputs`); a label
             outside ``[0, plan.v)`` has no target.
         lse: ``(n_pad,)`` float32 log-sum-exp the softmax is taken against.
-        g: ``(n_pad,)`` float32 upstream gradient, 0 at ignored and padded rows.
+        g: ``(n_pad,)`` float32 upstream gradient, 0 at ignored and padded rows; with
+            ``coefficients`` the per-row A of ``dL/dz' = p·A − B·onehot − C``.
         plan, config, interpret: geometry, tiles, Pallas interpret mode.
         filter_eps, separate_targets: gradient filtering (None: exact).
+        coefficients: None (``A = B = g``, ``C = 0``) or ``(B, C)``, each ``(n_pad,)`` float32.
+        bias: None or ``(v_pad,)`` float32 added to the logits (its gradient is then returned too).
+        softcap: None or ``c``: the logits are ``c·tanh(z / c)``.
 
     Returns:
         ``d_hidden`` ``(n_pad, d_pad)`` in hidden's dtype and ``d_weight`` ``(v_pad, d_pad)`` in
-        weight's dtype.
+        weight's dtype; with ``bias`` also ``d_bias`` ``(v_pad,)`` float32 (the column sums of G).
 
     The vocabulary is walked in ``ceil(v_pad / chunk_v)`` chunks of ``chunk_v`` rows: per chunk,
     the gradient logits ``G_c`` ``(N_pad, chunk_v)`` in the input dtype, ``d_hidden += G_c @ W_c``
@@ -148,6 +175,7 @@ def backward(
         functools.partial(
             _grad_logits_kernel, block_n=bwd.block_n, block_v=bwd.block_v, block_d=plan.bwd_block_d,
             vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
+            coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
         ),
         out_shape=(
             jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
@@ -182,16 +210,18 @@ def backward(
     def filtered_products(gl, flags, d_hidden, bounds):
         return d_hidden_product(bounds, flags, gl, weight, d_hidden), d_weight_product(flags, gl, hidden)
 
+    extra = (*(() if coefficients is None else coefficients), *(() if bias is None else (bias,)))
+
     def body(k, carry):
-        d_hidden, d_weight, target_kept, dense = carry
+        d_hidden, d_weight, target_kept, dense, *d_bias = carry
         lo = k * chunk_v
         start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
         bounds = jnp.stack([lo, start, dense]).astype(jnp.int32)
         if filter_eps is None:
-            (gl,) = grad_logits(bounds, hidden, weight, labels, lse, g)
+            (gl,) = grad_logits(bounds, hidden, weight, labels, lse, g, *extra)
             d_hidden, dw_chunk = dense_products(gl, start, d_hidden)
         else:
-            gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g)
+            gl, flags = grad_logits(bounds, hidden, weight, labels, lse, g, *extra)
             if dense_above is None:
                 d_hidden, dw_chunk = filtered_products(gl, flags, d_hidden, bounds)
             elif dense_above == 0:
@@ -210,18 +240,27 @@ def backward(
         # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
         old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
         d_weight = lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0)
-        return d_hidden, d_weight, target_kept, dense
+        if bias is not None:  # d_bias = Σ_rows G; unflagged tiles of a filtered chunk are not written
+            kept = gl if filter_eps is None else jnp.where(
+                jnp.repeat(jnp.repeat(flags != 0, bwd.block_n, axis=0), bwd.block_v, axis=1), gl, 0)
+            old = lax.dynamic_slice_in_dim(d_bias[0], start, chunk_v)
+            d_bias = [lax.dynamic_update_slice_in_dim(d_bias[0], old + jnp.sum(kept, 0, jnp.float32), start, 0)]
+        return d_hidden, d_weight, target_kept, dense, *d_bias
 
     init = (
         jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
         jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
         jnp.ones(labels.shape, jnp.int32),
         jnp.int32(dense_above == 0),  # the first chunk: sparse unless every chunk is dense
+        *(() if bias is None else (jnp.zeros((plan.v_pad,), jnp.float32),)),
     )
-    d_hidden, d_weight, target_kept, _ = lax.fori_loop(0, num_chunks, body, init)
+    d_hidden, d_weight, target_kept, _, *d_bias = lax.fori_loop(0, num_chunks, body, init)
     if separate_targets:
-        skipped = (labels >= 0) & (labels < plan.v) & (g != 0) & (target_kept == 0)
-        d_hidden, d_weight = add_skipped_targets(
-            hidden, weight, labels, jnp.where(skipped, g, 0.0), d_hidden, d_weight, plan
+        b = g if coefficients is None else coefficients[0]
+        live = (g != 0) if coefficients is None else (g != 0) | (b != 0)
+        skipped = (labels >= 0) & (labels < plan.v) & live & (target_kept == 0)
+        d_hidden, d_weight, *d_bias = add_skipped_targets(
+            hidden, weight, labels, jnp.where(skipped, b, 0.0), d_hidden, d_weight, plan,
+            bias=bias, softcap=softcap, d_bias=d_bias[0] if d_bias else None,
         )
-    return d_hidden.astype(dtype), d_weight
+    return (d_hidden.astype(dtype), d_weight, *d_bias)

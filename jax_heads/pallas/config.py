@@ -38,6 +38,32 @@ def _check_positive(config, *names: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogitOptions:
+    """Static options of the logits inside the kernels; the defaults are the plain logits ``h · wᵀ (+ bias)``.
+
+    Attributes:
+        softcap: None, or ``c > 0``: every kernel uses ``c·tanh(z / c)`` of the logits ``z`` (after the bias).
+        row_sum: the forward also returns each row's sum of the (transformed) logits over the
+            vocabulary (label smoothing needs it), accumulated in the same pass.
+    """
+
+    softcap: float | None = None
+    row_sum: bool = False
+
+    def __post_init__(self):
+        c = self.softcap
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
+            raise ValueError(f"LogitOptions.softcap must be None or a finite float > 0, got {c!r}")
+        if not isinstance(self.row_sum, bool):
+            raise ValueError(f"LogitOptions.row_sum must be a bool, got {self.row_sum!r}")
+        if c is not None:
+            object.__setattr__(self, "softcap", float(c))
+
+
+PLAIN_LOGITS = LogitOptions()
+
+
+@dataclasses.dataclass(frozen=True)
 class TritonForwardConfig:
     """The Triton-backend forward (``triton_forward.py``).
 

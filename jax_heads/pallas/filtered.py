@@ -130,7 +130,8 @@ def sparse_products(plan: Plan, backward: BackwardConfig, filtered: FilterConfig
     return d_hidden_product, d_weight_product
 
 
-def add_skipped_targets(hidden, weight, labels, g_skipped, d_hidden, d_weight, plan: Plan, rows=1024):
+def add_skipped_targets(hidden, weight, labels, g_skipped, d_hidden, d_weight, plan: Plan, rows=1024, *,
+                        bias=None, softcap=None, d_bias=None):
     """Add ``−g`` at each target whose tile the filter skipped: ``d_hidden[n] −= g_n · W[y_n]``
     (float32 accumulator) and ``d_weight[y_n] −= g_n · h_n``.
 
@@ -138,9 +139,19 @@ def add_skipped_targets(hidden, weight, labels, g_skipped, d_hidden, d_weight, p
     sorted by target and walked ``rows`` at a time, each chunk's equal targets segment-summed, and
     each touched row rounded to the weight dtype once per chunk it appears in (a target's tokens are
     contiguous after the sort, so at most ``ceil(count / rows) + 1`` times).
+
+    With ``softcap`` the entry is ``−g · (1 − (z'_y / c)²)``, the target logit ``z_y = h · W[y] (+ b[y])``
+    recomputed in float32; with ``bias`` (float32 ``(v_pad,)``) the float32 ``d_bias`` gets the entries
+    too and is returned third.
     """
     safe = jnp.clip(labels, 0, plan.v - 1)
-    d_hidden = d_hidden - g_skipped[:, None] * weight[safe].astype(jnp.float32)
+    w_target = weight[safe].astype(jnp.float32)
+    if softcap is not None:
+        z = jnp.sum(hidden.astype(jnp.float32) * w_target, axis=1) + (0.0 if bias is None else bias[safe])
+        g_skipped = g_skipped * (1.0 - jnp.square(jnp.tanh(z / softcap)))
+    if d_bias is not None:
+        d_bias = d_bias.at[safe].add(-g_skipped)
+    d_hidden = d_hidden - g_skipped[:, None] * w_target
     sentinel = plan.v_pad  # out of range: dropped by the scatter
     key = jnp.where(g_skipped != 0, safe, sentinel)
     order = jnp.argsort(key)
@@ -160,4 +171,5 @@ def add_skipped_targets(hidden, weight, labels, g_skipped, d_hidden, d_weight, p
         current = d_weight.at[seg_key].get(mode="fill", fill_value=0).astype(jnp.float32)
         return d_weight.at[seg_key].set((current + sums).astype(d_weight.dtype), mode="drop")
 
-    return d_hidden, lax.fori_loop(0, num, chunk, d_weight)
+    d_weight = lax.fori_loop(0, num, chunk, d_weight)
+    return (d_hidden, d_weight) if d_bias is None else (d_hidden, d_weight, d_bias)

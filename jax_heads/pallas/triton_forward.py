@@ -18,49 +18,64 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jax_heads.pallas.config import TritonForwardConfig, matmul_precision, triton_params
+from jax_heads.pallas.config import PLAIN_LOGITS, LogitOptions, TritonForwardConfig, matmul_precision, triton_params
 from jax_heads.pallas.plan import Plan, choose_splits
 
 _NEG_INF = float("-inf")
 
 
 def _forward_kernel(
-    h_ref, w_ref, y_ref, m_ref, s_ref, t_ref, *, block_n, block_v, block_d, tiles_per_split, num_tiles,
-    vocab_size, precision
+    h_ref, w_ref, y_ref, *refs, block_n, block_v, block_d, tiles_per_split, num_tiles, vocab_size, precision,
+    has_bias=False, softcap=None, row_sum=False,
 ):
     """One (token block, vocabulary split): partial max, sum of exp and target logit per token.
 
     One loop over (tile, D step) pairs rather than a loop over tiles around a loop over D steps,
     so that the compiler's software pipeline does not drain at every tile boundary; the online
     log-sum-exp update runs (under a condition) after each tile's last D step.
+
+    Options (static; the default program has none of their operations): ``has_bias`` (a float32
+    ``(v_pad,)`` bias ref follows the labels; its tile is added to the logits), ``softcap``
+    (``c·tanh(z / c)`` of the logits), ``row_sum`` (a 4th output: the row sum of the transformed
+    logits over the split's real columns).
     """
+    b_ref = refs[0] if has_bias else None
+    m_ref, s_ref, t_ref, *r_ref = refs[1:] if has_bias else refs
     i, split = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(i * block_n, block_n)
     labels = y_ref[pl.ds(n0, block_n)]
     first = split * tiles_per_split
     count = jnp.minimum(tiles_per_split, num_tiles - first)
 
-    def update(t, logits, m, s, target):
+    def update(t, logits, m, s, target, *rsum):
         v0 = (first + t) * block_v
+        if has_bias:
+            logits = logits + b_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
         cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
+        if row_sum:  # padded columns hold the bias padding (0), transformed: left out
+            real = logits if vocab_size % block_v == 0 else jnp.where(cols < vocab_size, logits, 0.0)
+            rsum = (rsum[0] + jnp.sum(real, axis=1),)
         if vocab_size % block_v:  # padded vocabulary rows never count
             logits = jnp.where(cols < vocab_size, logits, _NEG_INF)
         target = target + jnp.sum(jnp.where(cols == labels[:, None], logits, 0.0), axis=1)
         # Online log-sum-exp (Milakov & Gimelshein): rescale the running sum to the new maximum.
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
-        return m_new, s, target
+        return m_new, s, target, *rsum
 
     init = (
         jnp.full((block_n,), _NEG_INF, jnp.float32),
         jnp.zeros((block_n,), jnp.float32),
         jnp.zeros((block_n,), jnp.float32),
+        *((jnp.zeros((block_n,), jnp.float32),) if row_sum else ()),
     )
     num_d = h_ref.shape[1] // block_d
     zeros = jnp.zeros((block_n, block_v), jnp.float32)
 
     def step(k, carry):
-        acc, m, s, target = carry
+        acc, *stats = carry
         t = k // num_d
         dd = k - t * num_d
         v0 = pl.multiple_of((first + t) * block_v, block_v)
@@ -72,21 +87,20 @@ def _forward_kernel(
         )
 
         def finish(args):
-            acc, m, s, target = args
-            return (zeros, *update(t, acc, m, s, target))
+            acc, *stats = args
+            return (zeros, *update(t, acc, *stats))
 
-        return lax.cond(dd == num_d - 1, finish, lambda args: args, (acc, m, s, target))
+        return lax.cond(dd == num_d - 1, finish, lambda args: args, (acc, *stats))
 
-    _, m, s, target = lax.fori_loop(0, count * num_d, step, (zeros, *init))
-    m_ref[split, pl.ds(n0, block_n)] = m
-    s_ref[split, pl.ds(n0, block_n)] = s
-    t_ref[split, pl.ds(n0, block_n)] = target
+    _, *stats = lax.fori_loop(0, count * num_d, step, (zeros, *init))
+    for ref, value in zip((m_ref, s_ref, t_ref, *r_ref), stats):
+        ref[split, pl.ds(n0, block_n)] = value
 
 
 def forward_partials(
     hidden: jax.Array, weight: jax.Array, labels: jax.Array, *, plan: Plan, config: TritonForwardConfig,
-    sm_count: int, interpret: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    sm_count: int, interpret: bool, bias: jax.Array | None = None, options: LogitOptions = PLAIN_LOGITS,
+) -> tuple[jax.Array, ...]:
     """Per-split partial max, sum of exponentials and target logit of padded inputs.
 
     Args:
@@ -98,11 +112,14 @@ def forward_partials(
         config: tiles and launch options.
         sm_count: multiprocessors the grid is sized for.
         interpret: Pallas interpret mode.
+        bias: None or ``(plan.v_pad,)`` float32, added to the logits.
+        options: softcap and row sum (:class:`~jax_heads.pallas.config.LogitOptions`).
 
     Returns:
-        ``(m, s, t)``, each ``(splits, n_pad)`` float32: per split, the maximum logit over the
-        split's real columns, ``Σ exp(logit − m)``, and the target logit if the label lies in the
-        split (else 0).
+        ``(m, s, t)``, each ``(splits, n_pad)`` float32: per split, the maximum (transformed) logit
+        over the split's real columns, ``Σ exp(logit − m)``, and the target logit if the label lies
+        in the split (else 0); with ``options.row_sum`` a 4th, the sum of the logits over the
+        split's real columns.
     """
     n_blocks = plan.n_pad // config.block_n
     num_tiles = plan.v_pad // config.block_v
@@ -116,13 +133,17 @@ def forward_partials(
         num_tiles=num_tiles,
         vocab_size=plan.v,
         precision=matmul_precision(hidden.dtype),
+        has_bias=bias is not None,
+        softcap=options.softcap,
+        row_sum=options.row_sum,
     )
     part = jax.ShapeDtypeStruct((splits, plan.n_pad), jnp.float32)
     return pl.pallas_call(
         kernel,
-        out_shape=(part, part, part),
+        out_shape=(part,) * (4 if options.row_sum else 3),
         grid=(n_blocks, splits),
         compiler_params=triton_params(config),
         interpret=interpret,
-        name="lce_forward",
-    )(hidden, weight, labels)
+        name="lce_forward" if bias is None and options == PLAIN_LOGITS else "lce_forward_options",
+    )(hidden, weight, labels, *(() if bias is None else (bias,)))
+
