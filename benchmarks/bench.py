@@ -67,7 +67,12 @@ FORMAT = 2  # of the JSON written here (benchmarks/report.py reads it)
 SWEEP_VOCABS = (32_768, 65_536, 131_072, 262_144)
 FILTER_EPS = 2.0**-12  # cut-cross-entropy's "auto" for bfloat16: finfo(bfloat16).eps / 32
 QUICK = ("floor", "torch_heads-pallas", "torch_heads-pallas-mean", "cce", "cce-exact", "liger-cute-sm90-mean",
-         "quack-mean", "jax-pallas", "jax-pallas-mean", "jax-pallas-filtered", "jax-fused-sum")
+         "quack-mean", "jax-pallas", "jax-pallas-mean", "jax-pallas-filtered", "jax-fused-sum", "jax-pallas-softcap",
+         "jax-pallas-options", "torch_heads-pallas-options")
+# The loss options of the option rows: Gemma-2's final-logit soft-capping, and every option together
+# (return_lse aside: it changes what the call returns).
+SOFTCAP = 30.0
+ALL_OPTIONS = {"softcap": SOFTCAP, "label_smoothing": 0.1, "lse_square_scale": 1e-4}
 SWEEP = ("floor", "torch-materialised", "cce", "cce-exact", "liger-none", "liger-sum", "liger-cute-sm90-mean",
          "quack-mean", "jax-pallas", "jax-pallas-mean", "jax-fused-sum")
 
@@ -88,7 +93,8 @@ class Case:
     ``build(inputs)`` returns the loss function (torch: ``(hidden, weight, labels) -> loss``; JAX:
     ``(hidden, weight) -> loss`` over ``inputs.jax()``'s labels) or raises :class:`Skipped`. ``kind``:
     ``ours``, ``peer``, ``baseline`` or ``floor``. ``data_independent`` cases (exact fallbacks whose
-    time does not depend on the data) run in the first regime of a workload only.
+    time does not depend on the data) run in the first regime of a workload only. ``options`` rows
+    time the loss options and are not compared with the option-free reference.
     """
 
     name: str
@@ -97,6 +103,7 @@ class Case:
     reduction: str
     build: Callable
     data_independent: bool = False
+    options: bool = False  # a loss-option row: no error against the option-free reference (tests check it)
 
 
 def _peer(module: str, name: str):
@@ -115,6 +122,21 @@ def _torch_heads(**options):
     import torch_heads
 
     return lambda h, w, y: torch_heads.linear_cross_entropy(h, w, y, **options)
+
+
+def _torch_heads_with_bias(**options):
+    """Every loss option at once (:data:`ALL_OPTIONS` and a random ``(V,)`` bias, made on first call)."""
+    import torch_heads
+
+    bias = {}
+
+    def loss(h, w, y):
+        if "b" not in bias:
+            bias["b"] = (torch.randn(w.shape[0], device=w.device, generator=torch.Generator(w.device).manual_seed(0))
+                         * 0.1).to(w.dtype)
+        return torch_heads.linear_cross_entropy(h, w, y, bias=bias["b"], **ALL_OPTIONS, **options)
+
+    return loss
 
 
 def _cce(**options):
@@ -145,6 +167,17 @@ def _jax_heads(inputs, **options):
 
     jy = inputs.jax()[2]
     return lambda a, b: jax_heads.linear_cross_entropy(a, b, jy, **options)
+
+
+def _jax_heads_with_bias(inputs, **options):
+    """Every loss option at once (:data:`ALL_OPTIONS` and a random ``(V,)`` bias)."""
+    import jax
+
+    import jax_heads
+
+    h, w, jy = inputs.jax()
+    bias = (jax.random.normal(jax.random.key(0), (w.shape[0],)) * 0.1).astype(w.dtype)
+    return lambda a, b: jax_heads.linear_cross_entropy(a, b, jy, bias=bias, **ALL_OPTIONS, **options)
 
 
 def _jax_pallas(inputs, *, forward_kernel="auto", **options):
@@ -178,6 +211,8 @@ CASES = [
     # memory column counts torch's allocations only.
     Case("torch_heads-pallas", "torch", "ours", "none", lambda _: _torch_heads(impl="pallas")),
     Case("torch_heads-pallas-mean", "torch", "ours", "mean", lambda _: _torch_heads(impl="pallas", reduction="mean")),
+    Case("torch_heads-pallas-options", "torch", "ours", "none", lambda _: _torch_heads_with_bias(impl="pallas"),
+         options=True),
     Case("torch_heads-cce", "torch", "ours", "none", lambda _: _torch_heads(impl="cce")),
     Case("torch_heads-cce-exact", "torch", "ours", "none", lambda _: _torch_heads(impl="cce", filter_eps=None)),
     Case("cce", "torch", "peer", "none", lambda _: _cce(reduction="none")),
@@ -193,6 +228,10 @@ CASES = [
     Case("jax-chunked", "jax", "baseline", "none", lambda i: _jax_heads(i, impl="chunked"), data_independent=True),
     Case("jax-pallas", "jax", "ours", "none", lambda i: _jax_heads(i, impl="pallas")),
     Case("jax-pallas-mean", "jax", "ours", "mean", lambda i: _jax_heads(i, impl="pallas", reduction="mean")),
+    Case("jax-pallas-softcap", "jax", "ours", "none", lambda i: _jax_heads(i, impl="pallas", softcap=SOFTCAP),
+         options=True),
+    Case("jax-pallas-options", "jax", "ours", "none", lambda i: _jax_heads_with_bias(i, impl="pallas"),
+         options=True),
     # The default forward is Mosaic GPU on a Hopper card; this row keeps the Triton forward, for the ratio.
     Case("jax-pallas-triton-fwd", "jax", "ours", "none", lambda i: _jax_pallas(i, forward_kernel="triton")),
     # Gradient filtering at CCE's default threshold: our rule (targets outside the tiles) and CCE's own
@@ -392,7 +431,7 @@ def bench_regime(workload: str, n: int, d: int, v: int, regime: str, cases: list
 
     warm = cases[0]  # the first row of a regime read high in round one: time it once, throw it away
     rows = [time_case(warm, inputs, row(warm, impl=f"warmup:{warm.name}", kind="warmup"), None, args)]
-    rows += [time_case(case, inputs, row(case), ref, args) for case in cases]
+    rows += [time_case(case, inputs, row(case), None if case.options else ref, args) for case in cases]
     del inputs, ref
     torch.cuda.empty_cache()
     return rows
