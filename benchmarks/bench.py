@@ -464,6 +464,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also the vocabulary sweep (N=8192, D=2304, near-uniform)")
     p.add_argument("--compare-tree", metavar="PATH", help="also time the headline rows of the checkout at PATH")
     p.add_argument("--compare-rounds", type=int, default=2, help="alternating rounds of --compare-tree (default 2)")
+    p.add_argument("--compare-only", default="", metavar="WORKLOAD:REGIME:IMPL,...",
+                   help="with --compare-tree: time only these headline rows (default: all of them)")
     p.add_argument("--compare-timeout", type=int, default=400, help="seconds per --compare-tree child")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="no timing: merge result files of one session (e.g. "
                    "one workload per GPU) into --out")

@@ -28,6 +28,17 @@ def _package_shim(tree: str, folder: str) -> str:
     return folder
 
 
+def _selection(only: str) -> tuple[list[str], list[str], list[str]]:
+    """The impls, workloads and regimes of ``--compare-only`` (``WORKLOAD:REGIME:IMPL,...``; empty: every
+    headline row)."""
+    if not only:
+        return list(HEADLINE), list(WORKLOADS), list(REGIMES)
+    picked = [item.split(":") for item in only.split(",") if item]
+    if any(len(p) != 3 or p[2] not in HEADLINE for p in picked):
+        raise SystemExit(f"--compare-only takes WORKLOAD:REGIME:IMPL items with IMPL in {HEADLINE}, got {only!r}")
+    return [sorted({p[i] for p in picked}) for i in (2, 0, 1)]
+
+
 def compare_trees(other: str, args) -> dict:
     """The headline rows of this checkout and of ``other`` over ``args.compare_rounds`` rounds; every child
     runs with ``args.iters`` and ``args.warmup`` and is given ``args.compare_timeout`` seconds."""
@@ -40,8 +51,9 @@ def compare_trees(other: str, args) -> dict:
         for r in range(args.compare_rounds):
             for label in ("this", "other") if r % 2 == 0 else ("other", "this"):
                 out = os.path.join(tmp, f"{label}-{r}.json")
-                cmd = [sys.executable, "-m", "benchmarks.bench", "--impls", ",".join(HEADLINE), "--no-errors",
-                       "--workloads", ",".join(WORKLOADS), "--regimes", ",".join(REGIMES),
+                impls, workloads, regimes = _selection(args.compare_only)
+                cmd = [sys.executable, "-m", "benchmarks.bench", "--impls", ",".join(impls), "--no-errors",
+                       "--workloads", ",".join(workloads), "--regimes", ",".join(regimes),
                        "--iters", str(args.iters), "--warmup", str(args.warmup), "--out", out]
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([shims[label], REPO, *inherited])}
                 print(f"\n== compare: {label} tree ({trees[label]}), round {r}", flush=True)

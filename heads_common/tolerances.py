@@ -53,6 +53,10 @@ TOLERANCES: dict[str, Tolerance] = {
     # above the naive bfloat16 baseline (measured figures: docs/robustness.md, GPU section). Used only to check the peer for index overflow at shapes beyond
     # 2**31 elements, where a wrapped offset puts gradients on wrong rows (relative error ~1).
     "bfloat16-cce-large-d_hidden": Tolerance(0.1),
+    # cut-cross-entropy 25.1.1's soft-capped loss in float16 rounds more than the naive float16
+    # computation (figures: docs/robustness.md, GPU section); a peer's own numerics, so a wider slack
+    # over the same baseline. A wrong cap (or none) moves the loss by far more.
+    "float16-cce-softcap": Tolerance(2**-9, baseline_relative=True),
 }
 
 # Cross-framework parity on the same float32 inputs: both sides accumulate in float32.

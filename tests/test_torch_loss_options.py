@@ -231,6 +231,8 @@ def test_cuda_softcap_against_truth(impl, dtype):
     inputs = problem(f"cuda-{impl}-{dtype}", getattr(torch, dtype), n=253, d=123, v=1027, device="cuda")
     got = run(single(impl, filter_eps=None) if impl == "cce" else single(impl), *inputs, options)
     tolerance = {"float32": "float32-tf32" if impl == "cce" else "float32"}.get(dtype, dtype)
+    if (impl, dtype) == ("cce", "float16"):
+        tolerance = "float16-cce-softcap"
     naive = None if dtype == "float32" else run(naive_same_dtype, *inputs, options)
     check(f"cuda-{impl}-{dtype}", got, truth(*inputs, options), tolerance, naive=naive)
 
