@@ -32,7 +32,17 @@ def _tied_llama():
     return transformers.LlamaForCausalLM(config)
 
 
-MODELS = {"llama": _llama, "llama-tied": _tied_llama}
+def _gemma2():
+    """Gemma-2's head: tied embeddings and final-logit soft-capping (30 by default; 0.05 here, where the tiny random logits feel it)."""
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, final_logit_softcapping=0.05,
+        attn_implementation="eager",
+    )
+    return transformers.Gemma2ForCausalLM(config)
+
+
+MODELS = {"llama": _llama, "llama-tied": _tied_llama, "gemma2": _gemma2}
 
 
 def _pair(name):
@@ -68,7 +78,16 @@ def test_patched_loss_and_every_gradient_match_the_model(name):
     _compare(*_pair(name))
 
 
-@pytest.mark.parametrize("name", ["llama"])
+def test_gemma2_softcap_is_read_from_the_config_and_matters():
+    """The soft-capping comes from the config: without it the patched loss would differ."""
+    patched, plain = _pair("gemma2")
+    ids, labels = _batch()
+    capped = patched(input_ids=ids, labels=labels).loss
+    plain.config.final_logit_softcapping = None
+    assert abs(float(capped) - float(plain(input_ids=ids, labels=labels).loss)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
 def test_num_items_in_batch_divides_the_sum(name):
     _compare(*_pair(name), num_items_in_batch=torch.tensor(23))
 
