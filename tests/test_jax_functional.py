@@ -470,7 +470,8 @@ def test_mesh_options_on_a_one_device_mesh():
         linear_cross_entropy(hidden, weight, labels, batch_axis="data")
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         linear_cross_entropy(hidden, weight, labels, mesh="mesh", vocab_axis="vocab")
-    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\), got 'cce'"):
+    message = r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\), got 'cce'"
+    with pytest.raises(ValueError, match=message):
         linear_cross_entropy(hidden, weight, labels, mesh=mesh, vocab_axis="vocab", impl="cce")
 
 

@@ -37,7 +37,12 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # (device, impl, extra options): cce with the default filter has approximate gradients by design,
 # so its gradients are judged only for agreement inside and outside the autocast block.
 CPU_IMPLS = [("cpu", "chunked", {}), ("cpu", "reference", {})]
-CUDA_IMPLS = [("cuda", "cce", {"filter_eps": None}), ("cuda", "cce", {}), ("cuda", "chunked", {}), ("cuda", "pallas", {})]
+CUDA_IMPLS = [
+    ("cuda", "cce", {"filter_eps": None}),
+    ("cuda", "cce", {}),
+    ("cuda", "chunked", {}),
+    ("cuda", "pallas", {}),
+]
 
 
 def _autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
@@ -111,7 +116,9 @@ def _truth(hidden, weight, labels, upstream, reduction, dtype=None):
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     y = labels.cpu().reshape(-1).numpy()
-    loss, d_hidden, d_weight = lce_ground_truth(_to_np(hidden).reshape(-1, hidden.shape[-1]), _to_np(weight), y, upstream)
+    loss, d_hidden, d_weight = lce_ground_truth(
+        _to_np(hidden).reshape(-1, hidden.shape[-1]), _to_np(weight), y, upstream
+    )
     if reduction != "none":
         loss = loss.sum() / (max(int((y != IGNORE).sum()), 1) if reduction == "mean" else 1)
     return loss.reshape(labels.shape) if reduction == "none" else loss, d_hidden.reshape(hidden.shape), d_weight

@@ -180,7 +180,8 @@ def test_lm_head_auto_impl_on_cpu():
 
 
 def test_lm_head_state_dict_helpers_without_a_group():
-    """Unsharded: all rows held, shard_state_dict passes a model's state dict through, full_state_dict is the state dict.
+    """Unsharded: all rows held, shard_state_dict passes a model's state dict through, full_state_dict is the
+    state dict.
 
     The vocabulary-parallel cases run on gloo ranks (tests/multidevice/torch_vocab_parallel.py).
     """
