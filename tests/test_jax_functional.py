@@ -1,7 +1,7 @@
 """jax_heads.linear_cross_entropy: every implementation against the float64 ground truth.
 
 Each case runs ``jax.value_and_grad`` over hidden and weight and compares the loss and both
-gradients with ``tests/ground_truth.py`` through ``tests/tolerances.py`` (float32: fixed bound;
+gradients with ``tests/ground_truth.py`` through ``heads_common/tolerances.py`` (float32: fixed bound;
 bfloat16: relative to the naive bfloat16 computation). ``"chunked"`` runs with 3 rows per chunk so
 that several chunks and a padded last chunk are exercised at every shape.
 """
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ground_truth import lce_ground_truth, upstream_for
-from tolerances import PARITY_FLOAT32, assert_close, rel_err
 
 from heads_common import label_range_message
+from heads_common.tolerances import PARITY_FLOAT32, assert_close, rel_err
 from jax_heads import chunked as chunked_module
 from jax_heads import linear_cross_entropy, select_implementation
 from jax_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_loss

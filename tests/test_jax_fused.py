@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ground_truth import lce_ground_truth
 from helpers import JAX_DTYPES, jax_naive, pallas_inputs
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from jax_heads.fused import fused_loss
 
 

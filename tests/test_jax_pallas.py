@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from ground_truth import filtered_tile_maxima, lce_filtered_ground_truth, lce_ground_truth, threshold_between_tiles
 from helpers import JAX_DTYPES, TINY, jax_naive, pallas_inputs
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from jax_heads import pallas
 from jax_heads.pallas import (
     DEFAULT_BLOCK_SIZES,

@@ -18,10 +18,10 @@ import torch
 from flax import nnx
 from ground_truth import lce_ground_truth
 from lce_runners import IGNORE, IMPL_PARAMS, as_float64, run, to_framework
-from tolerances import PARITY_FLOAT32, assert_close, rel_err
 
 import jax_heads
 import torch_heads
+from heads_common.tolerances import PARITY_FLOAT32, assert_close, rel_err
 from interop import to_jax
 
 REDUCTIONS = ("none", "sum", "mean")

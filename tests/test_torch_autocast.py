@@ -7,7 +7,7 @@ and its backward. So:
 
 * a result is judged as for inputs of the autocast dtype: against the float64 truth of the values
   the op computes with (the inputs rounded to the autocast dtype), relative to the naive same-dtype
-  baseline, ``F.cross_entropy(F.linear(h, w), y)`` under the same autocast (``tests/tolerances.py``);
+  baseline, ``F.cross_entropy(F.linear(h, w), y)`` under the same autocast (``heads_common/tolerances.py``);
 * a backward called inside the autocast block gives exactly what one called outside gives, and a
   forward run outside autocast is not changed by a backward run inside it.
 
@@ -26,9 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ground_truth import lce_ground_truth, upstream_for
-from tolerances import assert_close
 
 import torch_heads
+from heads_common.tolerances import assert_close
 from torch_heads.parallel import vocab_parallel_linear_cross_entropy
 
 IGNORE = -100

@@ -23,8 +23,8 @@ from helpers import (
     to_np,
     truth_for,
 )
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from torch_heads import SplitLanguageModellingHead, linear_cross_entropy, select_implementation
 
 pytestmark = pytest.mark.gpu

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ground_truth import lce_ground_truth
-from tolerances import assert_close
 from torch import nn
 
+from heads_common.tolerances import assert_close
 from torch_heads import (
     LM_IGNORE_INDEX,
     ClassificationHead,

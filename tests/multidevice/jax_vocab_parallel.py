@@ -27,8 +27,8 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repository root first: this checkout's packages, not those of another (editable) install.
 sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 from ground_truth import lce_ground_truth  # noqa: E402
-from tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 
+from heads_common.tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 from jax_heads import SplitLanguageModellingHead, linear_cross_entropy  # noqa: E402
 from jax_heads.parallel import shard_weight, vocab_parallel_linear_cross_entropy  # noqa: E402
 

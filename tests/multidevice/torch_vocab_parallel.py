@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
-
+# The repository root first: this checkout's packages, not those of another (editable) install; hence
+# the imports below follow code (E402).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch_heads  # noqa: E402
+from heads_common.tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 from torch_heads.parallel import shard_range, vocab_parallel_linear_cross_entropy  # noqa: E402
 
 
