@@ -23,7 +23,18 @@ REDUCTIONS = ("none", "sum", "mean")
 # refuse all of them, so a head builds, and ports, in either. The head tests check that this covers
 # every such attribute of the installed torch and Flax.
 RESERVED_SPLIT_NAMES = frozenset(
-    ["T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "clear", "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get", "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "items", "iter_children", "iter_modules", "keys", "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "perturb", "pop", "popitem", "register_backward_hook", "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "set_attributes", "set_extra_state", "set_submodule", "setdefault", "share_memory", "sow", "state_dict", "to", "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad"]
+    [
+        "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "clear",
+        "compile", "cpu", "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get",
+        "get_buffer", "get_extra_state", "get_parameter", "get_submodule", "half", "ipu", "items", "iter_children",
+        "iter_modules", "keys", "load_state_dict", "modules", "mtia", "named_buffers", "named_children",
+        "named_modules", "named_parameters", "parameters", "perturb", "pop", "popitem", "register_backward_hook",
+        "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+        "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+        "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
+        "requires_grad_", "set_attributes", "set_extra_state", "set_submodule", "setdefault", "share_memory", "sow",
+        "state_dict", "to", "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad",
+    ]
 )
 
 
@@ -189,7 +200,9 @@ def check_lce_shapes(
 
 def check_mask_shape(mask_shape: Sequence[int], hidden_shape: Sequence[int], name: str = "pooling_mask") -> None:
     if tuple(mask_shape) != tuple(hidden_shape)[:-1]:
-        raise ValueError(f"{name} must have shape hidden_states.shape[:-1] = {tuple(hidden_shape)[:-1]}, got {tuple(mask_shape)}")
+        raise ValueError(
+            f"{name} must have shape hidden_states.shape[:-1] = {tuple(hidden_shape)[:-1]}, got {tuple(mask_shape)}"
+        )
 
 
 def label_range_message(bad_value: int, position: Sequence[int], vocab_size: int, ignore_index: int) -> str:

@@ -50,8 +50,9 @@ TOLERANCES: dict[str, Tolerance] = {
     "float16": Tolerance(2**-11, baseline_relative=True),
     # cut-cross-entropy 25.1.1's d_hidden at large vocabularies (its backward adds each
     # vocabulary tile's share into d_hidden in bfloat16, so the rounding grows with V / 256 tiles):
-    # above the naive bfloat16 baseline (measured figures: docs/robustness.md, GPU section). Used only to check the peer for index overflow at shapes beyond
-    # 2**31 elements, where a wrapped offset puts gradients on wrong rows (relative error ~1).
+    # above the naive bfloat16 baseline (measured figures: docs/robustness.md, GPU section). Used only to check
+    # the peer for index overflow at shapes beyond 2**31 elements, where a wrapped offset puts gradients on
+    # wrong rows (relative error ~1).
     "bfloat16-cce-large-d_hidden": Tolerance(0.1),
     # cut-cross-entropy 25.1.1's soft-capped loss in float16 rounds more than the naive float16
     # computation (figures: docs/robustness.md, GPU section); a peer's own numerics, so a wider slack
@@ -100,5 +101,7 @@ def assert_close(name: str, value, truth, dtype: str, naive=None, scale=None) ->
     else:
         bound = tol.bound
     if not err <= bound:
-        raise AssertionError(f"{name}: relative error {err:.3e} > bound {bound:.3e} ({dtype}); {worst_place(value, truth)}")
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} > bound {bound:.3e} ({dtype}); {worst_place(value, truth)}"
+        )
     return err

@@ -114,7 +114,8 @@ def lce_filtered_ground_truth(hidden, weight, labels, upstream, eps: float, bloc
     probs = np.exp(logits - (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))))
     onehot = np.zeros_like(probs)
     onehot[np.arange(len(y)), safe] = 1.0
-    keep = filtered_tile_maxima(hidden, weight, labels, upstream, block_n, block_v, ignore_index, separate_targets) >= eps
+    maxima = filtered_tile_maxima(hidden, weight, labels, upstream, block_n, block_v, ignore_index, separate_targets)
+    keep = maxima >= eps
     mask = np.repeat(np.repeat(keep, block_n, axis=0), block_v, axis=1)[: len(y), : w.shape[0]]
     grad_logits = probs * mask - onehot if separate_targets else (probs - onehot) * mask
     grad_logits *= np.where(valid, np.asarray(upstream, dtype=np.float64), 0.0)[:, None]

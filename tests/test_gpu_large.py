@@ -13,9 +13,9 @@ import os
 
 import pytest
 import torch
-from tolerances import assert_close
 
 import torch_heads
+from heads_common.tolerances import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.large]
 

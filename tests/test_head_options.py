@@ -18,12 +18,12 @@ import pytest
 import torch
 from flax import nnx
 from ground_truth import lce_options_ground_truth, upstream_for
-from tolerances import assert_close
 
 import jax_heads
 import torch_heads
 from heads_common import LM_IGNORE_INDEX
 from heads_common.registry import LOSS_OPTIONS
+from heads_common.tolerances import assert_close
 
 SPLITS = {"text": 97, "special": 4}
 ORDER = ["special", "text"]  # not the dict's order: global ids follow split_order

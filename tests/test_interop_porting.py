@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from tolerances import PARITY_FLOAT32, assert_close, rel_err
 
 import jax_heads
 import torch_heads
+from heads_common.tolerances import PARITY_FLOAT32, assert_close, rel_err
 from interop.porting import port_flax_to_torch, port_torch_to_flax
 
 H = 12

@@ -16,10 +16,10 @@ import pytest
 from ground_truth import lce_ground_truth
 from jax.experimental import checkify
 from jax.sharding import Mesh
-from tolerances import assert_close
 
 import jax_heads
 from heads_common import label_range_message
+from heads_common.tolerances import assert_close
 
 IGNORE = -100
 IMPLS = ["chunked", "reference", "pallas", "fused"]

@@ -1,7 +1,7 @@
 """jax_heads.linear_cross_entropy: every implementation against the float64 ground truth.
 
 Each case runs ``jax.value_and_grad`` over hidden and weight and compares the loss and both
-gradients with ``tests/ground_truth.py`` through ``tests/tolerances.py`` (float32: fixed bound;
+gradients with ``tests/ground_truth.py`` through ``heads_common/tolerances.py`` (float32: fixed bound;
 bfloat16: relative to the naive bfloat16 computation). ``"chunked"`` runs with 3 rows per chunk so
 that several chunks and a padded last chunk are exercised at every shape.
 """
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ground_truth import lce_ground_truth, upstream_for
-from tolerances import PARITY_FLOAT32, assert_close, rel_err
 
 from heads_common import label_range_message
+from heads_common.tolerances import PARITY_FLOAT32, assert_close, rel_err
 from jax_heads import chunked as chunked_module
 from jax_heads import linear_cross_entropy, select_implementation
 from jax_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for, chunked_loss
@@ -470,7 +470,8 @@ def test_mesh_options_on_a_one_device_mesh():
         linear_cross_entropy(hidden, weight, labels, batch_axis="data")
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         linear_cross_entropy(hidden, weight, labels, mesh="mesh", vocab_axis="vocab")
-    with pytest.raises(ValueError, match=r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\), got 'cce'"):
+    message = r"impl must be None or one of \('pallas', 'chunked', 'reference', 'fused'\), got 'cce'"
+    with pytest.raises(ValueError, match=message):
         linear_cross_entropy(hidden, weight, labels, mesh=mesh, vocab_axis="vocab", impl="cce")
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ground_truth import lce_ground_truth
 from helpers import JAX_DTYPES, jax_naive, pallas_inputs
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from jax_heads.fused import fused_loss
 
 
@@ -28,8 +28,11 @@ def _check(shape, dtype, reduction, upstream_scalar, budget_rows=7):
     naive = [None] * 3
     if dtype != "float32":
         nl, ndh, ndw = jax_naive(h, w, y, per_token)
-        naive = [np.sum(np.asarray(nl, np.float64) * per_token), np.asarray(ndh, np.float64), np.asarray(ndw, np.float64)]
-    for name, got, truth, base in zip(("loss", "d_hidden", "d_weight"), (value, dh, dw), (np.sum(loss * per_token), gdh, gdw), naive):
+        naive = [
+            np.sum(np.asarray(nl, np.float64) * per_token), np.asarray(ndh, np.float64), np.asarray(ndw, np.float64)
+        ]
+    truths = (np.sum(loss * per_token), gdh, gdw)
+    for name, got, truth, base in zip(("loss", "d_hidden", "d_weight"), (value, dh, dw), truths, naive):
         assert_close(name, np.asarray(got, np.float64), truth, dtype, base)
 
 
@@ -47,7 +50,8 @@ def test_upstream_scalar_scales_both_gradients():
 def test_all_ignored_and_empty():
     h, w, y, _ = pallas_inputs(20, 8, 30, jnp.float32, seed=1, ignore_frac=1.0)
     for a, b, labels in ((h, w, y), (h[:0], w, y[:0])):
-        value, (dh, dw) = jax.value_and_grad(lambda p, q: fused_loss(p, q, labels, -100, "mean"), (0, 1))(a, b)
+        loss_fn = lambda p, q, labels=labels: fused_loss(p, q, labels, -100, "mean")
+        value, (dh, dw) = jax.value_and_grad(loss_fn, (0, 1))(a, b)
         assert float(value) == 0.0 and not np.any(dh) and not np.any(dw)
 
 
@@ -71,9 +75,12 @@ def test_through_linear_cross_entropy():
     h3, y3 = h.reshape(1, 37, 24), y.reshape(1, 37)
     for reduction in ("sum", "mean"):
         got = jax.value_and_grad(
-            lambda a, b: jax_heads.linear_cross_entropy(a, b, y3, reduction=reduction, impl="fused"), (0, 1)
+            lambda a, b, reduction=reduction: jax_heads.linear_cross_entropy(
+                a, b, y3, reduction=reduction, impl="fused"
+            ),
+            (0, 1),
         )(h3, w)
-        want = jax.value_and_grad(lambda a, b: fused_loss(a, b, y, -100, reduction), (0, 1))(h, w)
+        want = jax.value_and_grad(lambda a, b, reduction=reduction: fused_loss(a, b, y, -100, reduction), (0, 1))(h, w)
         np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
         np.testing.assert_array_equal(np.asarray(got[1][0]).reshape(37, 24), np.asarray(want[1][0]))
         np.testing.assert_array_equal(np.asarray(got[1][1]), np.asarray(want[1][1]))
@@ -86,7 +93,10 @@ def test_through_linear_cross_entropy():
     valid = np.asarray(y) != -100
     for reduction in ("sum", "mean"):
         value, (dh, dw) = jax.jit(jax.value_and_grad(
-            lambda a, b, yy: jax_heads.linear_cross_entropy(a, b, yy, impl="fused", reduction=reduction), (0, 1)
+            lambda a, b, yy, reduction=reduction: jax_heads.linear_cross_entropy(
+                a, b, yy, impl="fused", reduction=reduction
+            ),
+            (0, 1),
         ))(h, w, y_bad)
         assert np.isnan(float(value)) and np.all(np.isnan(np.asarray(dh[0])))
         rows = np.flatnonzero(valid)[1:]

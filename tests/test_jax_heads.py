@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tolerances import PARITY_FLOAT32, rel_err
 
 import jax_heads
 from heads_common import LM_IGNORE_INDEX, token_id_range_message
+from heads_common.tolerances import PARITY_FLOAT32, rel_err
 from jax_heads import ClassificationHead, EmbeddingHead, SplitLanguageModellingHead, SplitTokenEmbeddings
 
 SPLITS = {"text": 37, "special": 5}

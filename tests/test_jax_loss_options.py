@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ground_truth import shifted_options_ground_truth
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from jax_heads import linear_cross_entropy
 from jax_heads.chunked import chunked_loss
 from jax_heads.fused import fused_loss

@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from jax_heads.pallas import BackwardConfig, BlockSizes, FilterConfig, TritonForwardConfig, grads, lse_and_target
 
 # Tiles of 16 so that tiny shapes have several token blocks, vocabulary splits, backward chunks

@@ -16,10 +16,10 @@ import pytest
 import torch
 from ground_truth import lce_options_ground_truth
 from test_jax_pallas import TINY
-from tolerances import assert_close
 
 import jax_heads
 import torch_heads
+from heads_common.tolerances import assert_close
 from jax_heads.pallas import BlockSizes, grads, pallas_loss
 
 IGNORE = -100

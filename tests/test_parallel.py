@@ -23,7 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(script, env, results):
     """Run a multidevice script; returns the process and the checks it recorded (its JSON report)."""
     env = dict(env, RESULTS_JSON=str(results))
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script)], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, script)], capture_output=True, text=True, timeout=600, env=env
+    )
     checks = json.loads(results.read_text()) if results.exists() else []
     return proc, checks
 
@@ -67,7 +69,10 @@ def test_jax_vocab_parallel_and_torch_sharded_parity(torch_result, sharded_env, 
 
 
 def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
-    """``benchmarks/vocab_parallel_gpu.py --cpu-smoke``: the GPU script's logic on tiny shapes (gloo, 2 CPU JAX devices)."""
+    """``benchmarks/vocab_parallel_gpu.py --cpu-smoke``: the GPU script's logic on tiny shapes.
+
+    It runs on gloo and 2 CPU JAX devices.
+    """
     root = os.path.dirname(os.path.dirname(HERE))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from ground_truth import lce_options_ground_truth
-from tolerances import assert_close
 
 import interop.parity as parity
 import jax_heads
 import torch_heads
+from heads_common.tolerances import assert_close
 from interop.parity import ParityConfig, run_parity
 from interop.parity.cli import main
 from interop.parity.runs import output_names

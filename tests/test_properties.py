@@ -1,5 +1,5 @@
 """Property tests: random small problems, every CPU implementation of both frameworks against the
-float64 ground truth, through the loss and both gradients (``tests/tolerances.py``).
+float64 ground truth, through the loss and both gradients (``heads_common/tolerances.py``).
 
 Hypothesis draws the leading shape (one or two dimensions, ``N = 0`` included), ``V`` and ``D``
 from 1, the input dtype, the label dtype, the ignored fraction (none, some, all), the reduction
@@ -26,7 +26,8 @@ from ground_truth import lce_condition_scales, lce_ground_truth, upstream_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lce_runners import IGNORE, rounded, run
-from tolerances import assert_close
+
+from heads_common.tolerances import assert_close
 
 REDUCTIONS = ("none", "sum", "mean")
 HALF = ("bfloat16", "float16")
@@ -92,7 +93,7 @@ def check_against_truth(framework: str, impl: str, p: Problem) -> None:
     naive = run(framework, "naive", hidden, weight, labels, upstream, **kwargs) if p.dtype in HALF else (None,) * 3
     for name, value, truth, baseline, scale in zip(("loss", "d_hidden", "d_weight"), results, truths, naive, scales):
         # Random problems include near-certain tokens (a tiny loss from two large logits), so errors
-        # are relative to the magnitude of the terms (see tests/tolerances.py).
+        # are relative to the magnitude of the terms (see heads_common/tolerances.py).
         assert_close(name, value, truth, p.dtype, naive=baseline, scale=scale)
 
 

@@ -18,10 +18,10 @@ import torch
 from flax import nnx
 from ground_truth import lce_ground_truth
 from lce_runners import IGNORE, IMPL_PARAMS, as_float64, run, to_framework
-from tolerances import PARITY_FLOAT32, assert_close, rel_err
 
 import jax_heads
 import torch_heads
+from heads_common.tolerances import PARITY_FLOAT32, assert_close, rel_err
 from interop import to_jax
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -245,14 +245,17 @@ def test_ignore_index_accepts_any_integral_scalar(framework):
     hidden, weight, _, _ = inputs(6, 4, 5, seed=7)
     labels = np.array([0, 2, 1, 3, 2, 4])
     fn = FRAMEWORKS[framework].linear_cross_entropy
-    args = (*(to_framework(framework, x, "float32") for x in (hidden, weight)), to_framework(framework, labels, "int32"))
+    args = (
+        *(to_framework(framework, x, "float32") for x in (hidden, weight)),
+        to_framework(framework, labels, "int32"),
+    )
     expected = as_float64(fn(*args, ignore_index=2))
     assert expected[1] == expected[4] == 0 and np.all(expected[[0, 2, 3, 5]] > 0)
     for make in INTEGRAL_IGNORE.values():
         np.testing.assert_array_equal(as_float64(fn(*args, ignore_index=make(framework))), expected)
     for make in NOT_INTEGRAL_IGNORE.values():
         value = make(framework)
-        assert raised(lambda: fn(*args, ignore_index=value)) == (
+        assert raised(lambda value=value: fn(*args, ignore_index=value)) == (
             TypeError, f"ignore_index must be an int (or an integer scalar), got {value!r}"
         )
 
@@ -370,7 +373,9 @@ def test_dropout_out_of_range_is_the_same_error_in_both_frameworks(dropout):
 def _parallel(group, hidden, weight, labels, **kwargs):
     from torch_heads.parallel import vocab_parallel_linear_cross_entropy
 
-    return vocab_parallel_linear_cross_entropy(hidden, weight, labels, vocab_start=0, vocab_size=11, group=group, **kwargs)
+    return vocab_parallel_linear_cross_entropy(
+        hidden, weight, labels, vocab_start=0, vocab_size=11, group=group, **kwargs
+    )
 
 
 def _uint(dtype, values):

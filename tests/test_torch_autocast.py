@@ -7,7 +7,7 @@ and its backward. So:
 
 * a result is judged as for inputs of the autocast dtype: against the float64 truth of the values
   the op computes with (the inputs rounded to the autocast dtype), relative to the naive same-dtype
-  baseline, ``F.cross_entropy(F.linear(h, w), y)`` under the same autocast (``tests/tolerances.py``);
+  baseline, ``F.cross_entropy(F.linear(h, w), y)`` under the same autocast (``heads_common/tolerances.py``);
 * a backward called inside the autocast block gives exactly what one called outside gives, and a
   forward run outside autocast is not changed by a backward run inside it.
 
@@ -26,9 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ground_truth import lce_ground_truth, upstream_for
-from tolerances import assert_close
 
 import torch_heads
+from heads_common.tolerances import assert_close
 from torch_heads.parallel import vocab_parallel_linear_cross_entropy
 
 IGNORE = -100
@@ -37,7 +37,12 @@ AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # (device, impl, extra options): cce with the default filter has approximate gradients by design,
 # so its gradients are judged only for agreement inside and outside the autocast block.
 CPU_IMPLS = [("cpu", "chunked", {}), ("cpu", "reference", {})]
-CUDA_IMPLS = [("cuda", "cce", {"filter_eps": None}), ("cuda", "cce", {}), ("cuda", "chunked", {}), ("cuda", "pallas", {})]
+CUDA_IMPLS = [
+    ("cuda", "cce", {"filter_eps": None}),
+    ("cuda", "cce", {}),
+    ("cuda", "chunked", {}),
+    ("cuda", "pallas", {}),
+]
 
 
 def _autocast_supported(device_type: str, dtype: torch.dtype) -> bool:
@@ -111,7 +116,9 @@ def _truth(hidden, weight, labels, upstream, reduction, dtype=None):
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     y = labels.cpu().reshape(-1).numpy()
-    loss, d_hidden, d_weight = lce_ground_truth(_to_np(hidden).reshape(-1, hidden.shape[-1]), _to_np(weight), y, upstream)
+    loss, d_hidden, d_weight = lce_ground_truth(
+        _to_np(hidden).reshape(-1, hidden.shape[-1]), _to_np(weight), y, upstream
+    )
     if reduction != "none":
         loss = loss.sum() / (max(int((y != IGNORE).sum()), 1) if reduction == "mean" else 1)
     return loss.reshape(labels.shape) if reduction == "none" else loss, d_hidden.reshape(hidden.shape), d_weight

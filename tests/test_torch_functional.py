@@ -1,6 +1,6 @@
 """``torch_heads.linear_cross_entropy`` on CPU: every implementation against the float64 ground truth.
 
-Loss and both gradients are checked through ``tests/tolerances.py``: float32/float64 against a fixed
+Loss and both gradients are checked through ``heads_common/tolerances.py``: float32/float64 against a fixed
 bound, float16/bfloat16 relative to the naive computation in the same dtype (materialised logits).
 """
 
@@ -21,8 +21,8 @@ from helpers import (
     to_np,
     truth_for,
 )
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from torch_heads import linear_cross_entropy, select_implementation
 from torch_heads.chunked import chunk_rows_for, chunked_loss
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ground_truth import lce_ground_truth
-from tolerances import assert_close
 from torch import nn
 
+from heads_common.tolerances import assert_close
 from torch_heads import (
     LM_IGNORE_INDEX,
     ClassificationHead,
@@ -180,7 +180,8 @@ def test_lm_head_auto_impl_on_cpu():
 
 
 def test_lm_head_state_dict_helpers_without_a_group():
-    """Unsharded: all rows held, shard_state_dict passes a model's state dict through, full_state_dict is the state dict.
+    """Unsharded: all rows held, shard_state_dict passes a model's state dict through, full_state_dict is the
+    state dict.
 
     The vocabulary-parallel cases run on gloo ranks (tests/multidevice/torch_vocab_parallel.py).
     """

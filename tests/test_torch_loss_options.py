@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from ground_truth import lce_options_ground_truth
-from tolerances import assert_close
 
 import torch_heads
+from heads_common.tolerances import assert_close
 from torch_heads import _cce
 from torch_heads.chunked import chunked_loss
 from torch_heads.parallel import vocab_parallel_linear_cross_entropy

@@ -30,9 +30,9 @@ from helpers import (
     to_np,
     truth_for,
 )
-from tolerances import assert_close
 
 import interop.dlpack
+from heads_common.tolerances import assert_close
 from interop.dlpack import to_jax, to_torch
 from jax_heads.pallas import pallas_loss as jax_pallas_loss
 from torch_heads import (

@@ -217,7 +217,9 @@ def select_parallel_implementation(
     if impl is None:
         return "chunked" if reason else "pallas"
     if reason is not None:
-        hint = "" if hidden.device.type == "cuda" else "; interpret=True runs the kernels in Pallas interpret mode (tests)"
+        hint = (
+            "" if hidden.device.type == "cuda" else "; interpret=True runs the kernels in Pallas interpret mode (tests)"
+        )
         raise ValueError(f"impl='pallas' cannot run on these inputs: {reason}{hint}")
     return "pallas"
 
@@ -303,7 +305,8 @@ def vocab_parallel_linear_cross_entropy(
     check_lce_shapes(hidden.shape, weight_shard.shape, labels.shape, weight_name="weight_shard", allow_no_rows=True)
     if not (0 <= vocab_start and vocab_start + weight_shard.shape[0] <= vocab_size):
         raise ValueError(
-            f"shard rows [{vocab_start}, {vocab_start + weight_shard.shape[0]}) fall outside the vocabulary [0, {vocab_size})"
+            f"shard rows [{vocab_start}, {vocab_start + weight_shard.shape[0]}) fall outside the vocabulary "
+            f"[0, {vocab_size})"
         )
     _check_bias(bias_shard, weight_shard)
     options = loss_options(

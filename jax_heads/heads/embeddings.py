@@ -10,8 +10,8 @@ import numpy as np
 from flax import nnx
 
 from heads_common import check_hidden_size, check_split_config, token_id_range_message
-from jax_heads.labels import out_of_range_labels
 from jax_heads.heads._common import TORCH_EMBEDDING_INIT
+from jax_heads.labels import out_of_range_labels
 
 
 class SplitTokenEmbeddings(nnx.Module):

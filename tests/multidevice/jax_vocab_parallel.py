@@ -27,8 +27,8 @@ TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repository root first: this checkout's packages, not those of another (editable) install.
 sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 from ground_truth import lce_ground_truth  # noqa: E402
-from tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 
+from heads_common.tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 from jax_heads import SplitLanguageModellingHead, linear_cross_entropy  # noqa: E402
 from jax_heads.parallel import shard_weight, vocab_parallel_linear_cross_entropy  # noqa: E402
 
@@ -100,9 +100,15 @@ if os.environ.get("SHARDED_PARITY_FILE"):
     ws = jax.device_put(w, NamedSharding(mesh, P("vocab", None)))
     fn = lambda a, b: jnp.sum(vocab_parallel_linear_cross_entropy(  # noqa: E731
         a, b, jnp.asarray(y.reshape(-1)), mesh=mesh, vocab_axis="vocab") * up.reshape(-1))
-    loss = vocab_parallel_linear_cross_entropy(jnp.asarray(h.reshape(-1, d)), ws, jnp.asarray(y.reshape(-1)), mesh=mesh, vocab_axis="vocab")
+    loss = vocab_parallel_linear_cross_entropy(
+        jnp.asarray(h.reshape(-1, d)), ws, jnp.asarray(y.reshape(-1)), mesh=mesh, vocab_axis="vocab"
+    )
     dh, dw = jax.jit(jax.grad(fn, (0, 1)))(jnp.asarray(h.reshape(-1, d)), ws)
-    errs = [rel_err(loss, saved["loss"].reshape(-1)), rel_err(dh, saved["d_hidden"].reshape(-1, d)), rel_err(dw, saved["d_weight"])]
+    errs = [
+        rel_err(loss, saved["loss"].reshape(-1)),
+        rel_err(dh, saved["d_hidden"].reshape(-1, d)),
+        rel_err(dw, saved["d_weight"]),
+    ]
     record(all(e <= PARITY_FLOAT32 for e in errs), "torch-sharded (2 ranks) vs JAX-sharded (4 devices)",
            f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight {errs[2]:.1e}")
 

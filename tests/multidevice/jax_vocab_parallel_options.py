@@ -23,8 +23,8 @@ import numpy as np  # noqa: E402
 from ground_truth import shifted_options_ground_truth  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from tolerances import TOLERANCES, rel_err  # noqa: E402
 
+from heads_common.tolerances import TOLERANCES, rel_err  # noqa: E402
 from jax_heads import linear_cross_entropy  # noqa: E402
 
 IGNORE = -100

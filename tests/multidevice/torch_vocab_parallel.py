@@ -4,8 +4,9 @@ Per world size: every rank holds one shard of the weight (uneven shards for 3 ra
 the vocabulary-parallel loss and both gradients against the single-process result on the full
 weight; then a SplitLanguageModellingHead under DistributedDataParallel gives the gradient of the
 single-process mean; the vocabulary-parallel SplitLanguageModellingHead, loaded from a full state
-dict, equals the unsharded head (and shards and gathers per-split biases); impl='pallas' (interpret mode) per shard equals the reference; bad
-configurations are refused. Prints one line per rank and case; exits 1 on a failure.
+dict, equals the unsharded head (and shards and gathers per-split biases); impl='pallas' (interpret
+mode) per shard equals the reference; bad configurations are refused. Prints one line per rank and
+case; exits 1 on a failure.
 """
 
 import json
@@ -18,10 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
-
+# The repository root first: this checkout's packages, not those of another (editable) install; hence
+# the imports below follow code (E402).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import torch_heads  # noqa: E402
+from heads_common.tolerances import PARITY_FLOAT32, rel_err  # noqa: E402
 from torch_heads.parallel import shard_range, vocab_parallel_linear_cross_entropy  # noqa: E402
 
 
@@ -47,7 +49,8 @@ def _vocab_parallel_case(rank, world, reduction):
     ref = torch_heads.linear_cross_entropy(hr, wr, y, reduction=reduction, impl="reference")
     (ref * up if reduction == "none" else ref).sum().backward()
     errs = [rel_err(loss.detach(), ref.detach()), rel_err(hh.grad, hr.grad), rel_err(ws.grad, wr.grad[start:stop])]
-    return all(e <= PARITY_FLOAT32 for e in errs), f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight shard {errs[2]:.1e}"
+    detail = f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight shard {errs[2]:.1e}"
+    return all(e <= PARITY_FLOAT32 for e in errs), detail
 
 
 def _options_case(rank, world):
@@ -128,13 +131,16 @@ def _sharded_head_case(rank, world):
     for name in ORDER:  # each split's local rows are the matching rows of its full gradient
         lo, hi = max(start, offset) - offset, max(start, min(stop, offset + SPLITS[name])) - offset
         local = head.lm_head[name].weight
-        errs.append(rel_err(local.grad, full.lm_head[name].weight.grad[lo:hi]) if hi > lo else float(local.grad.numel()))
+        full_grad = full.lm_head[name].weight.grad
+        errs.append(rel_err(local.grad, full_grad[lo:hi]) if hi > lo else float(local.grad.numel()))
         offset += SPLITS[name]
     gathered = head.full_state_dict()
-    same = list(gathered) == list(full.state_dict()) and all(torch.equal(gathered[k], full.state_dict()[k]) for k in gathered)
+    full_sd = full.state_dict()
+    same = list(gathered) == list(full_sd) and all(torch.equal(gathered[k], full_sd[k]) for k in gathered)
     rows = {n: head.lm_head[n].weight.shape[0] for n in ORDER}
     ok = all(e <= PARITY_FLOAT32 for e in errs) and same and head.implementation_for(h) == "chunked"
-    return ok, f"range [{start}, {stop}) rows {rows}; rel errs {' '.join(f'{e:.1e}' for e in errs)}; full_state_dict {same}"
+    rel_errs = " ".join(f"{e:.1e}" for e in errs)
+    return ok, f"range [{start}, {stop}) rows {rows}; rel errs {rel_errs}; full_state_dict {same}"
 
 
 def _sharded_bias_case(rank, world):
@@ -142,10 +148,13 @@ def _sharded_bias_case(rank, world):
     weight rows, and full_state_dict gathers weights and biases back into the unsharded state dict."""
     torch.manual_seed(6)
     full = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, bias=True)
-    head = torch_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, bias=True, vocab_parallel_group=dist.group.WORLD)
+    head = torch_heads.SplitLanguageModellingHead(
+        SPLITS, ORDER, HIDDEN, bias=True, vocab_parallel_group=dist.group.WORLD
+    )
     head.load_state_dict(head.shard_state_dict(full.state_dict()), strict=True)
     start, stop = head.vocab_range
-    rows_ok = torch.equal(head.bias(), full.bias()[start:stop]) and torch.equal(head.weight(), full.weight()[start:stop])
+    rows_ok = torch.equal(head.bias(), full.bias()[start:stop])
+    rows_ok = rows_ok and torch.equal(head.weight(), full.weight()[start:stop])
     gathered = head.full_state_dict()
     expected = full.state_dict()
     same = list(gathered) == list(expected) and all(torch.equal(gathered[k], expected[k]) for k in expected)
@@ -166,7 +175,8 @@ def _pallas_interpret_case(rank, world):
     ref = torch_heads.linear_cross_entropy(hr, wr, y, impl="reference")
     (ref * up).sum().backward()
     errs = [rel_err(loss.detach(), ref.detach()), rel_err(hh.grad, hr.grad), rel_err(ws.grad, wr.grad[start:stop])]
-    return all(e <= PARITY_FLOAT32 for e in errs), f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight shard {errs[2]:.1e}"
+    detail = f"loss {errs[0]:.1e} d_hidden {errs[1]:.1e} d_weight shard {errs[2]:.1e}"
+    return all(e <= PARITY_FLOAT32 for e in errs), detail
 
 
 def _errors_case(rank, world):
@@ -193,8 +203,13 @@ def _errors_case(rank, world):
          ValueError, "cannot be split over"),
         (lambda: head.shard_state_dict(head.state_dict()), ValueError, "must be the unsharded"),
         (lambda: head.shard_state_dict({k: v for k, v in full_sd.items() if "code" not in k}), KeyError, "code"),
-        (lambda: port_torch_to_flax(head, jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, rngs=nnx.Rngs(0))),
-         ValueError, "vocabulary-parallel"),
+        (
+            lambda: port_torch_to_flax(
+                head, jax_heads.SplitLanguageModellingHead(SPLITS, ORDER, HIDDEN, rngs=nnx.Rngs(0))
+            ),
+            ValueError,
+            "vocabulary-parallel",
+        ),
         (lambda: op(impl="pallas"), ValueError, "interpret=True runs the kernels"),
         (lambda: op(impl="chunked", interpret=True), ValueError, "interpret=True applies to impl='pallas' only"),
     ]
@@ -227,9 +242,14 @@ def _save_for_jax(rank, world, path):
 def _worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        cases = [(f"vocab-parallel {r}", lambda r=r: _vocab_parallel_case(rank, world, r)) for r in ("none", "sum", "mean")]
+        cases = [
+            (f"vocab-parallel {r}", lambda r=r: _vocab_parallel_case(rank, world, r)) for r in ("none", "sum", "mean")
+        ]
         cases.append(("vocab-parallel loss options", lambda: _options_case(rank, world)))
-        cases += [("DDP split head", lambda: _ddp_case(rank, world)), ("DTensor weight", lambda: _dtensor_case(rank, world))]
+        cases += [
+            ("DDP split head", lambda: _ddp_case(rank, world)),
+            ("DTensor weight", lambda: _dtensor_case(rank, world)),
+        ]
         cases += [
             ("sharded split head", lambda: _sharded_head_case(rank, world)),
             ("sharded split head biases", lambda: _sharded_bias_case(rank, world)),
@@ -255,7 +275,9 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             ctx = mp.get_context("spawn")
             results = ctx.SimpleQueue()
-            mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, start_method="spawn")
+            mp.start_processes(
+                _worker, args=(world, os.path.join(tmp, "init"), results), nprocs=world, start_method="spawn"
+            )
             while not results.empty():
                 r = results.get()
                 records.append(r)

@@ -53,7 +53,10 @@ def _capturing(module: torch.nn.Module):
 
 
 def _shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``labels[..., t + 1]`` at position ``t``, ``ignore_index`` at the last position (no copy of the hidden states)."""
+    """``labels[..., t + 1]`` at position ``t``, ``ignore_index`` at the last position.
+
+    No copy of the hidden states is made.
+    """
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 

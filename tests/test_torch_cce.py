@@ -1,7 +1,7 @@
 """CUDA paths of ``torch_heads``: ``cce`` (cut-cross-entropy, exact mode) and ``chunked`` against the float64 truth.
 
 Every test is marked ``gpu``; ``tests/conftest.py`` skips them where CUDA is unavailable. Run on the GPU
-machine with ``python -m pytest -m gpu tests/test_torch_gpu.py``.
+machine with ``python -m pytest -m gpu tests/test_torch_cce.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from helpers import (
     to_np,
     truth_for,
 )
-from tolerances import assert_close
 
+from heads_common.tolerances import assert_close
 from torch_heads import SplitLanguageModellingHead, linear_cross_entropy, select_implementation
 
 pytestmark = pytest.mark.gpu
