@@ -33,7 +33,8 @@ def _tied_llama():
 
 
 def _gemma2():
-    """Gemma-2's head: tied embeddings and final-logit soft-capping (30 by default; 0.05 here, where the tiny random logits feel it)."""
+    """Gemma-2's head: tied embeddings and final-logit soft-capping (30 by default; 0.05 here, where the
+    tiny random logits feel it)."""
     config = transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, final_logit_softcapping=0.05,
