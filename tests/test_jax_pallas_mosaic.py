@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
-from tolerances import assert_close
-
+from heads_common.tolerances import assert_close
 from jax_heads.pallas import BlockSizes, MosaicForwardConfig
 from jax_heads.pallas.mosaic_forward import choose_grid, forward_partials, interpret_params
 from jax_heads.pallas.op import combine_partials
