@@ -17,9 +17,11 @@ import jax.numpy as jnp
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
+from ground_truth import lce_options_ground_truth
 from tolerances import assert_close
 
 from jax_heads.pallas import BlockSizes, MosaicForwardConfig
+from jax_heads.pallas.config import LogitOptions
 from jax_heads.pallas.mosaic_forward import choose_grid, forward_partials, interpret_params
 from jax_heads.pallas.op import combine_partials
 
@@ -64,7 +66,37 @@ def test_interpret_matches_reference():
     assert_close("split 1 max", np.asarray(m[1]), logits[:, 512:].max(1), "float32")
 
 
-def _export(n, d, v, cfg):
+@pytest.mark.parametrize("bias, softcap, row_sum", [
+    (False, 3.0, False), (False, None, True), (False, 2.5, True),
+], ids=["softcap", "row_sum", "softcap_row_sum"])
+def test_interpret_options_match_float64(bias, softcap, row_sum):
+    """The logit options in the epilogue against the float64 truth (ragged vocabulary, 2 splits).
+
+    The bias path is checked by the CUDA export only: jax 0.10's interpreter hangs on it.
+    """
+    n, d, v, v_pad = 256, 192, 600, 768
+    h, w, y = _inputs(n, d, v, v_pad, seed=29)
+    b = jnp.asarray(np.random.default_rng(3).standard_normal(v, np.float32)) if bias else None
+    b_pad = None if b is None else jnp.pad(b, (0, v_pad - v), constant_values=5.0)  # padding must not count
+    parts = forward_partials(h, w, y, vocab_size=v, splits=2, tiles_per_split=2,
+                             config=MosaicForwardConfig(max_concurrent_steps=2), interpret=interpret_params(),
+                             bias=b_pad, options=LogitOptions(softcap, row_sum))
+    assert len(parts) == 3 + row_sum
+    lse, tgt, *rsum = combine_partials(*parts)
+    yy = np.asarray(y)
+    labels = np.where((yy >= 0) & (yy < v), yy, -100)
+    _, ref_lse, *_ = lce_options_ground_truth(h, w[:v], labels, np.ones(n), bias=b, softcap=softcap)
+    z = np.asarray(h, np.float64) @ np.asarray(w[:v], np.float64).T + (0.0 if b is None else np.asarray(b, np.float64))
+    zc = z if softcap is None else softcap * np.tanh(z / softcap)
+    ok = labels >= 0
+    ref_tgt = np.where(ok, zc[np.arange(n), np.where(ok, labels, 0)], 0.0)
+    assert_close("lse", np.asarray(lse), np.where(ok, ref_lse, np.log(np.exp(zc).sum(1))), "float32")
+    assert_close("target logit", np.asarray(tgt), ref_tgt, "float32")
+    if row_sum:
+        assert_close("row sum", np.asarray(rsum[0]), zc.sum(1), "float32")
+
+
+def _export(n, d, v, cfg, bias=False, options=None):
     from jax import export
 
     n_pad = -(-n // cfg.block_n) * cfg.block_n
@@ -72,11 +104,12 @@ def _export(n, d, v, cfg):
     d_pad = -(-d // cfg.block_k) * cfg.block_k
     splits, tps = choose_grid(n_pad, v_pad, cfg)
     args = (jax.ShapeDtypeStruct((n_pad, d_pad), jnp.bfloat16), jax.ShapeDtypeStruct((v_pad, d_pad), jnp.bfloat16),
-            jax.ShapeDtypeStruct((n_pad,), jnp.int32))
+            jax.ShapeDtypeStruct((n_pad,), jnp.int32), *((jax.ShapeDtypeStruct((v_pad,), jnp.float32),) if bias else ()))
+    extra = {} if options is None else {"options": options}
 
-    def f(h, w, y):
+    def f(h, w, y, *b):
         return combine_partials(*forward_partials(h, w, y, vocab_size=v, splits=splits, tiles_per_split=tps,
-                                                  config=cfg))
+                                                  config=cfg, bias=b[0] if b else None, **extra))
 
     return export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
@@ -85,6 +118,15 @@ def _export(n, d, v, cfg):
 def test_lowers_for_cuda(shape):
     """The Mosaic GPU lowering on any machine (no GPU needed); PTX/ptxas run only on the GPU."""
     module = _export(*shape, MosaicForwardConfig())
+    assert "mosaic_gpu" in module
+
+
+@pytest.mark.parametrize("bias, options", [
+    (True, None), (False, LogitOptions(softcap=30.0)), (False, LogitOptions(row_sum=True)),
+    (True, LogitOptions(softcap=30.0, row_sum=True)),
+], ids=["bias", "softcap", "row_sum", "all"])
+def test_options_lower_for_cuda(bias, options):
+    module = _export(1000, 200, 5003, MosaicForwardConfig(), bias=bias, options=options)
     assert "mosaic_gpu" in module
 
 
