@@ -212,7 +212,9 @@ def test_vocab_parallel_pallas_shards_refuse_options():
 
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "vocab"))
     h, w, b, y = make_problem((5,), 8, 16, seed=1)
-    with pytest.raises(ValueError, match="impl='pallas' cannot run on these inputs: does not support softcap"):
+    refusal = "impl='pallas' cannot run on these inputs: the vocabulary-parallel op's Pallas shards do not support " \
+        "softcap"
+    with pytest.raises(ValueError, match=refusal):
         linear_cross_entropy(h, w, y, impl="pallas", interpret=True, mesh=mesh, vocab_axis="vocab", softcap=3.0)
     # impl=None never picks an implementation that would ignore an option.
     loss = linear_cross_entropy(h, w, y, mesh=mesh, vocab_axis="vocab", bias=b, softcap=3.0)
@@ -234,4 +236,5 @@ def test_vocab_parallel_options_on_four_devices():
     for case in report["cases"]:
         assert all(err <= case["bound"] for err in case["errors"].values()), case
         assert case["d_bias_shard_rows"] == case["expected_shard_rows"], case
-    assert report["pallas_refusal"].startswith("impl='pallas' cannot run on these inputs: does not support"), report
+    assert report["pallas_refusal"].startswith(
+        "impl='pallas' cannot run on these inputs: the vocabulary-parallel op's Pallas shards do not support"), report

@@ -17,8 +17,11 @@ import jax.numpy as jnp
 
 plgpu = pytest.importorskip("jax.experimental.pallas.mosaic_gpu")
 
+from ground_truth import lce_options_ground_truth
+
 from heads_common.tolerances import assert_close
 from jax_heads.pallas import BlockSizes, MosaicForwardConfig
+from jax_heads.pallas.config import LogitOptions
 from jax_heads.pallas.mosaic_forward import choose_grid, forward_partials, interpret_params
 from jax_heads.pallas.op import combine_partials
 
@@ -63,19 +66,51 @@ def test_interpret_matches_reference():
     assert_close("split 1 max", np.asarray(m[1]), logits[:, 512:].max(1), "float32")
 
 
-def _export(n, d, v, cfg):
+@pytest.mark.parametrize("bias, softcap, row_sum", [
+    (False, 3.0, False), (False, None, True), (False, 2.5, True),
+], ids=["softcap", "row_sum", "softcap_row_sum"])
+def test_interpret_options_match_float64(bias, softcap, row_sum):
+    """The logit options in the epilogue against the float64 truth (ragged vocabulary, 2 splits).
+
+    The bias path is checked by the CUDA export only: jax 0.10's interpreter hangs on it.
+    """
+    n, d, v, v_pad = 256, 192, 600, 768
+    h, w, y = _inputs(n, d, v, v_pad, seed=29)
+    b = jnp.asarray(np.random.default_rng(3).standard_normal(v, np.float32)) if bias else None
+    b_pad = None if b is None else jnp.pad(b, (0, v_pad - v), constant_values=5.0)  # padding must not count
+    parts = forward_partials(h, w, y, vocab_size=v, splits=2, tiles_per_split=2,
+                             config=MosaicForwardConfig(max_concurrent_steps=2), interpret=interpret_params(),
+                             bias=b_pad, options=LogitOptions(softcap, row_sum))
+    assert len(parts) == 3 + row_sum
+    lse, tgt, *rsum = combine_partials(*parts)
+    yy = np.asarray(y)
+    labels = np.where((yy >= 0) & (yy < v), yy, -100)
+    _, ref_lse, *_ = lce_options_ground_truth(h, w[:v], labels, np.ones(n), bias=b, softcap=softcap)
+    z = np.asarray(h, np.float64) @ np.asarray(w[:v], np.float64).T + (0.0 if b is None else np.asarray(b, np.float64))
+    zc = z if softcap is None else softcap * np.tanh(z / softcap)
+    ok = labels >= 0
+    ref_tgt = np.where(ok, zc[np.arange(n), np.where(ok, labels, 0)], 0.0)
+    assert_close("lse", np.asarray(lse), np.where(ok, ref_lse, np.log(np.exp(zc).sum(1))), "float32")
+    assert_close("target logit", np.asarray(tgt), ref_tgt, "float32")
+    if row_sum:
+        assert_close("row sum", np.asarray(rsum[0]), zc.sum(1), "float32")
+
+
+def _export(n, d, v, cfg, bias=False, options=None):
     from jax import export
 
     n_pad = -(-n // cfg.block_n) * cfg.block_n
     v_pad = -(-v // cfg.block_v) * cfg.block_v
     d_pad = -(-d // cfg.block_k) * cfg.block_k
     splits, tps = choose_grid(n_pad, v_pad, cfg)
+    bias_arg = (jax.ShapeDtypeStruct((v_pad,), jnp.float32),) if bias else ()
     args = (jax.ShapeDtypeStruct((n_pad, d_pad), jnp.bfloat16), jax.ShapeDtypeStruct((v_pad, d_pad), jnp.bfloat16),
-            jax.ShapeDtypeStruct((n_pad,), jnp.int32))
+            jax.ShapeDtypeStruct((n_pad,), jnp.int32), *bias_arg)
+    extra = {} if options is None else {"options": options}
 
-    def f(h, w, y):
+    def f(h, w, y, *b):
         return combine_partials(*forward_partials(h, w, y, vocab_size=v, splits=splits, tiles_per_split=tps,
-                                                  config=cfg))
+                                                  config=cfg, bias=b[0] if b else None, **extra))
 
     return export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
@@ -84,6 +119,15 @@ def _export(n, d, v, cfg):
 def test_lowers_for_cuda(shape):
     """The Mosaic GPU lowering on any machine (no GPU needed); PTX/ptxas run only on the GPU."""
     module = _export(*shape, MosaicForwardConfig())
+    assert "mosaic_gpu" in module
+
+
+@pytest.mark.parametrize("bias, options", [
+    (True, None), (False, LogitOptions(softcap=30.0)), (False, LogitOptions(row_sum=True)),
+    (True, LogitOptions(softcap=30.0, row_sum=True)),
+], ids=["bias", "softcap", "row_sum", "all"])
+def test_options_lower_for_cuda(bias, options):
+    module = _export(1000, 200, 5003, MosaicForwardConfig(), bias=bias, options=options)
     assert "mosaic_gpu" in module
 
 
@@ -141,3 +185,20 @@ def test_gpu_matches_triton_forward(shape):
     lse, tgt = lse_and_target(h, w, y, config=BlockSizes(forward_kernel="mosaic"))
     assert_close("lse", np.asarray(lse), np.asarray(ref_lse), "float32")
     assert_close("target logit", np.asarray(tgt), np.asarray(ref_tgt), "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0, 2.5], ids=lambda c: f"softcap-{c}")
+def test_gpu_options_match_triton_forward(softcap):
+    """Soft-capping and the row sum (label smoothing) in the Mosaic forward's epilogue against the Triton
+    forward on the GPU, at a ragged vocabulary."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("JAX has no GPU backend here")
+    from jax_heads.pallas import lse_and_target
+
+    h, w, y = _inputs(1000, 256, 5003, 5003, seed=7)
+    h = h * 8  # logits of tens, where a cap of 2.5 or 30 changes them
+    ref = lse_and_target(h, w, y, softcap=softcap, row_sum=True, config=BlockSizes(forward_kernel="triton"))
+    got = lse_and_target(h, w, y, softcap=softcap, row_sum=True, config=BlockSizes(forward_kernel="mosaic"))
+    for name, g, r in zip(("lse", "target logit", "row sum"), got, ref, strict=True):
+        assert_close(name, np.asarray(g), np.asarray(r), "float32")

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_heads.pallas.config import COMPUTE_WARPGROUPS, MosaicForwardConfig
+from jax_heads.pallas.config import COMPUTE_WARPGROUPS, PLAIN_LOGITS, LogitOptions, MosaicForwardConfig
 from jax_heads.pallas.plan import choose_splits
 
 # Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
@@ -53,8 +53,16 @@ _LN2 = 0.6931471805599453
 _DEFAULT_CONFIG = MosaicForwardConfig()
 
 
-def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size, weight_t, cast):
-    """The kernel of :func:`forward_partials` for one static configuration."""
+def _capped(z, c):
+    """``c·tanh(z / c)`` as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)`` (one ex2, no overflow)."""
+    e = jnp.exp2(jnp.abs(z) * (-2.0 * _LOG2E / c))
+    r = c * (1.0 - e) / (1.0 + e)
+    return jnp.where(z < 0, -r, r)
+
+
+def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size, weight_t, cast, has_bias=False,
+                 softcap=None, row_sum=False):
+    """The kernel of :func:`forward_partials` for one static configuration (options as there)."""
     from jax.experimental import pallas as pl
 
     rows, bv, bk, stages, nwg = cfg.wg_rows, cfg.block_v, cfg.block_k, cfg.max_concurrent_steps, COMPUTE_WARPGROUPS
@@ -64,8 +72,11 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
     def iota(shape, dim):
         return cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA)
 
-    def lce_forward_mosaic(h_gmem, w_gmem, y_gmem, m_gmem, s_gmem, t_gmem, h_smem, w_smem, lab_smem, out_smem,
-                           loaded, consumed, lab_bar):
+    def lce_forward_mosaic(*refs):
+        b_gmem = refs[3] if has_bias else None
+        h_gmem, w_gmem, y_gmem, *refs = refs[:3] + refs[3 + has_bias:]
+        outs, refs = refs[:3 + row_sum], refs[3 + row_sum:]
+        h_smem, w_smem, lab_smem, out_smem, loaded, consumed, lab_bar, *bias_scratch = refs
         block, split = lax.axis_index("n"), lax.axis_index("split")
         wg = lax.axis_index("wg")
         n0 = block * cfg.block_n
@@ -92,6 +103,8 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                                         loaded.at[slot])
                 w_src = w_gmem.at[pl.ds(k0, bk), pl.ds(v0, bv)] if weight_t else w_gmem.at[pl.ds(v0, bv), pl.ds(k0, bk)]
                 plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], loaded.at[slot])
+                if has_bias:  # every step (the slot's barrier counts a fixed number of copies); 1 KiB
+                    plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(v0, bv)], bias_scratch[0].at[slot], loaded.at[slot])
 
             # Observe the last releases too, so that no barrier phase is left unobserved at exit.
             @pl.loop(jnp.maximum(total - stages, 0), total)
@@ -108,8 +121,9 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
             lab = cast(lab_smem.at[wg][...], row_layout)
 
             def tile_body(tile, carry):
-                m2, s, tgt = carry
+                m2, s, tgt, *rsum = carry
                 base = tile * k_iters
+                v0 = (first + tile) * bv
 
                 def mma(acc_ref):
                     def kstep(kk, carry):
@@ -126,12 +140,20 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
 
                     lax.fori_loop(0, k_iters, kstep, None)
                     logits = acc_ref[...]
-                    plgpu.barrier_arrive(consumed.at[lax.rem(base + k_iters - 1, stages)])
+                    last = lax.rem(base + k_iters - 1, stages)
+                    if has_bias:  # the tile's bias slice, read from the last step's slot before releasing it
+                        b = cast(bias_scratch[0].at[last][...], plgpu.Layout.WGMMA.reduce(0))
+                        logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
+                    plgpu.barrier_arrive(consumed.at[last])
                     return logits
 
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
-                v0 = (first + tile) * bv
                 cols = iota((rows, bv), 1)
+                if softcap is not None:
+                    logits = _capped(logits, softcap)
+                if row_sum:  # over the real columns (the padded ones hold the transformed bias padding)
+                    real = jnp.where(cols < vocab_size - v0, logits, 0.0) if ragged else logits
+                    rsum = (rsum[0] + real.sum(axis=1),)
                 if ragged:
                     logits = jnp.where(cols < vocab_size - v0, logits, neg_inf)
                 # Running max in units of log2(e) * logit: each element costs one FMA and one ex2.
@@ -140,19 +162,17 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 s = s * jnp.exp2(m2 - m_new) + p.sum(axis=1)
                 hit = cols == lax.broadcast_in_dim(lab - v0, (rows, bv), [0])
                 tgt = tgt + jnp.where(hit, logits, 0.0).sum(axis=1)
-                return m_new, s, tgt
+                return m_new, s, tgt, *rsum
 
             init = (
                 cast(jnp.full((rows,), neg_inf, jnp.float32), row_layout),
-                cast(jnp.full((rows,), 0.0, jnp.float32), row_layout),
-                cast(jnp.full((rows,), 0.0, jnp.float32), row_layout),
+                *(cast(jnp.full((rows,), 0.0, jnp.float32), row_layout) for _ in range(2 + row_sum)),
             )
-            m2, s, tgt = lax.fori_loop(0, count, tile_body, init)
-            out_smem.at[0, wg][...] = m2 * _LN2
-            out_smem.at[1, wg][...] = s
-            out_smem.at[2, wg][...] = tgt
+            m2, *stats = lax.fori_loop(0, count, tile_body, init)
+            for i, value in enumerate((m2 * _LN2, *stats)):
+                out_smem.at[i, wg][...] = value
             plgpu.commit_smem()
-            for i, out in enumerate((m_gmem, s_gmem, t_gmem)):
+            for i, out in enumerate(outs):
                 plgpu.copy_smem_to_gmem(out_smem.at[i, wg], out.at[split, pl.ds(row0, rows)])
             plgpu.wait_smem_to_gmem(0)
 
@@ -225,7 +245,8 @@ def _check_inputs(hidden, weight, labels, vocab_size, splits, tiles_per_split, c
 
 
 def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *, vocab_size: int, splits: int,
-                     tiles_per_split: int, config: MosaicForwardConfig = _DEFAULT_CONFIG, interpret=None):
+                     tiles_per_split: int, config: MosaicForwardConfig = _DEFAULT_CONFIG, interpret=None,
+                     bias: jax.Array | None = None, options: LogitOptions = PLAIN_LOGITS):
     """Per-split partial max, sum of exponentials and target logit (Mosaic GPU kernel).
 
     Args:
@@ -240,16 +261,29 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
         config: :class:`MosaicForwardConfig`.
         interpret: None on a GPU; Mosaic GPU interpret parameters (:func:`interpret_params`) to run
             on the CPU.
+        bias: None or ``(v_pad,)`` float32, added to the float32 logits (each tile's slice is
+            loaded with the pipeline slots and read in the accumulator's column layout). This path
+            lowers for CUDA but is not verified in interpret mode (jax 0.10's interpreter hangs on
+            it), so :mod:`jax_heads.pallas.op` does not route a bias here yet.
+        options: static softcap and row sum (:class:`~jax_heads.pallas.config.LogitOptions`); the
+            softcap ``c·tanh(z / c)`` is computed as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)``.
+            With neither a bias nor an option the kernel is the plain one.
 
     Returns:
         ``(m, s, t)``, each ``(splits, n_pad)`` float32: per split, the maximum of the float32
-        logits ``h · wᵀ`` over the split's real columns, ``Σ exp(logit − m)``, and the target
-        logit if the label lies in the split (else 0).
+        (transformed) logits over the split's real columns, ``Σ exp(logit − m)``, and the target
+        logit if the label lies in the split (else 0); with ``options.row_sum`` a 4th, the sum of
+        the transformed logits over the split's real columns.
 
     Raises:
-        ValueError: shapes, dtypes or the grid do not fit ``config`` (the message says which).
+        ValueError: shapes, dtypes or the grid do not fit ``config``, or a bad ``bias``/``options``
+            (the message says which).
     """
     _check_inputs(hidden, weight, labels, vocab_size, splits, tiles_per_split, config)
+    if not isinstance(options, LogitOptions):
+        raise ValueError(f"options must be a LogitOptions, got {type(options).__name__}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != jnp.float32):
+        raise ValueError(f"bias must be ({weight.shape[0]},) float32, got {bias.shape} {bias.dtype}")
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     cfg = config
@@ -277,20 +311,24 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
     # it the weight as a (d_pad, v_pad) matrix (tiles (block_k, block_v), B used as is) instead.
     weight_t = interpret is not None
     kernel = _kernel_body(plgpu=plgpu, cfg=cfg, k_iters=d_pad // bk, num_tiles=v_pad // bv,
-                          tiles_per_split=tiles_per_split, vocab_size=vocab_size, weight_t=weight_t, cast=cast)
+                          tiles_per_split=tiles_per_split, vocab_size=vocab_size, weight_t=weight_t, cast=cast,
+                          has_bias=bias is not None, softcap=options.softcap, row_sum=options.row_sum)
     part = jax.ShapeDtypeStruct((splits, n_pad), jnp.float32)
+    num_out = 4 if options.row_sum else 3
     scratch = (
         plgpu.SMEM((stages, cfg.block_n, bk), dtype, transforms=transforms),
         plgpu.SMEM((stages, bk, bv) if weight_t else (stages, bv, bk), dtype, transforms=transforms),
         plgpu.SMEM((nwg, rows), jnp.int32),
-        plgpu.SMEM((3, nwg, rows), jnp.float32),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.SMEM((num_out, nwg, rows), jnp.float32),
+        plgpu.Barrier(num_arrivals=2 + (bias is not None), num_barriers=stages),
         plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
+        # The bias: a (block_v,) slice per pipeline slot, loaded with the slot's operands.
+        *(() if bias is None else (plgpu.SMEM((stages, bv), jnp.float32),)),
     )
     call = plgpu.kernel(
         kernel,
-        out_type=(part, part, part),
+        out_type=(part,) * num_out,
         scratch_types=scratch,
         grid=(n_pad // cfg.block_n, splits),
         grid_names=("n", "split"),
@@ -300,4 +338,4 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
             approx_math=cfg.approx_math, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({} if interpret is None else {"interpret": interpret}),
     )
-    return call(hidden, weight.T if weight_t else weight, labels)
+    return call(hidden, weight.T if weight_t else weight, labels, *(() if bias is None else (bias,)))
