@@ -84,3 +84,9 @@ def check_head_bias(bias: object) -> bool:
     if not isinstance(bias, bool):
         raise TypeError(f"bias must be a bool (one bias vector per split when True), got {bias!r}")
     return bias
+
+
+def filter_smoothing_message(filter_eps: object) -> str:
+    """The refusal of gradient filtering with label smoothing (every gradient entry is non-zero)."""
+    return (f"filter_eps={filter_eps} cannot be combined with label_smoothing: smoothing puts −g·ε/V in every "
+            "gradient entry, so no tile is negligible; pass filter_eps=None")

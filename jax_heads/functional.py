@@ -90,8 +90,8 @@ def _pallas_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     if _sharding_reason(options):
         return _sharding_reason(options)
     try:
+        from heads_common.options import filter_smoothing_message
         from jax_heads.pallas import unsupported_reason
-        from jax_heads.pallas.op import filter_smoothing_message
     except ImportError as exc:  # pragma: no cover - depends on the checkout
         return f"jax_heads.pallas is not importable ({exc})"
     if options.filtered and options.label_smoothing:

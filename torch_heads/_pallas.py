@@ -38,7 +38,7 @@ def _import_jax():
 def unsupported_reason(hidden: torch.Tensor, filter_eps: object, label_smoothing: float = 0.0) -> str | None:
     """Why ``pallas`` cannot run on these inputs and options, or None when it can (imports JAX for CUDA inputs)."""
     if isinstance(filter_eps, float) and label_smoothing:
-        from jax_heads.pallas.op import filter_smoothing_message
+        from heads_common.options import filter_smoothing_message
 
         return filter_smoothing_message(filter_eps)
     reason = tensor_reason(hidden)
@@ -250,7 +250,7 @@ def pallas_loss(
         ``hidden``, ``weight`` and ``bias`` come back in their dtype.
     """
     if filter_eps is not None and label_smoothing:
-        from jax_heads.pallas.op import filter_smoothing_message
+        from heads_common.options import filter_smoothing_message
 
         raise ValueError(filter_smoothing_message(filter_eps))
     if hidden.shape[0] == 0:

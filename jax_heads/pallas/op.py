@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from heads_common.options import filter_smoothing_message
 from jax_heads.pallas import mosaic_forward, triton_forward
 from jax_heads.pallas import plan as geometry  # GPU queries through the module: tests replace them
 from jax_heads.pallas.backward import backward
@@ -253,12 +254,6 @@ def grads(
     return d_hidden[:n, :d], d_weight[:v, :d], *(x[:v].astype(bias.dtype) for x in d_bias)
 
 
-def filter_smoothing_message(filter_eps) -> str:
-    """The refusal of gradient filtering with label smoothing (every gradient entry is non-zero)."""
-    return (f"filter_eps={filter_eps} cannot be combined with label_smoothing: smoothing puts −g·ε/V in every "
-            "gradient entry, so no tile is negligible; pass filter_eps=None")
-
-
 # ------------------------------------------------------------------------------------------
 # The loss under custom_vjp
 # ------------------------------------------------------------------------------------------
@@ -401,7 +396,7 @@ def pallas_loss(
         in their dtype); with ``return_lse``, ``(loss, lse)``.
 
     Raises:
-        ValueError: ``filter_eps`` with ``label_smoothing`` (:func:`filter_smoothing_message`).
+        ValueError: ``filter_eps`` with ``label_smoothing`` (:func:`heads_common.options.filter_smoothing_message`).
         NotImplementedError: when differentiated a second time (use ``impl='chunked'`` or ``'reference'``).
     """
     eps = None if filter_eps is None else float(filter_eps)
