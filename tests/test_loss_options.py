@@ -1,5 +1,6 @@
-"""The loss options (bias, softcap, label smoothing, z-loss, shift, returned log-sum-exp) in every
-implementation of both frameworks, against the float64 ground truth written out by hand
+"""Every implementation of both frameworks that runs on a CPU, with no option (``plain``) and with the
+loss options (bias, softcap, label smoothing, z-loss, shift, returned log-sum-exp), against the float64
+ground truth written out by hand
 (``ground_truth.lce_options_ground_truth``): loss, ``lse``, ``d_hidden``, ``d_weight`` and ``d_bias``,
 on a ragged shape with ignored labels, for each option alone and all together, in all three reductions.
 
@@ -34,6 +35,7 @@ IMPLS = [
     ("jax", "fused", {}),
 ]
 OPTION_SETS = {
+    "plain": {},
     "bias": {"bias": True},
     "softcap": {"softcap": 2.5},
     "smoothing": {"label_smoothing": 0.15},
