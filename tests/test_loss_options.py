@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from ground_truth import lce_options_ground_truth, upstream_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jax_heads
 import torch_heads
@@ -216,3 +218,36 @@ def test_cce_refuses_what_it_lacks_by_name():
     reason = torch_heads.functional.REGISTRY.reason
     options = torch_heads.functional.loss_options("cce", label_smoothing=0.1)
     assert "does not support label_smoothing" in reason("cce", torch.zeros(1, 1), options)
+
+
+@st.composite
+def option_values(draw) -> dict:
+    """Random option values, each present or not: bias, a cap from tight to loose, smoothing, z-loss, shift, lse."""
+    options = {}
+    if draw(st.booleans()):
+        options["bias"] = True
+    if draw(st.booleans()):
+        options["softcap"] = draw(st.floats(0.5, 50.0))
+    if draw(st.booleans()):
+        options["label_smoothing"] = draw(st.floats(0.0, 0.9))
+    if draw(st.booleans()):
+        options["lse_square_scale"] = draw(st.floats(0.0, 0.1))
+    if draw(st.booleans()):
+        options["return_lse"] = True
+    options["shift"] = draw(st.integers(0, 2))
+    return options
+
+
+@pytest.mark.parametrize("framework, impl, extra", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in IMPLS])
+@settings(max_examples=max(3, settings.default.max_examples // 2))
+@given(options=option_values(), reduction=st.sampled_from(REDUCTIONS), seed=st.integers(0, 2**16))
+def test_random_option_values_against_float64_truth(framework, impl, extra, options, reduction, seed):
+    """Property: any combination of option values, each implementation that supports it, against the truth."""
+    if not supported(framework, impl, options, reduction):
+        return
+    hidden, weight, bias, labels = make_problem(seed)
+    upstream, upstream_lse, *want = truth(hidden, weight, bias, labels, options, reduction, np.random.default_rng(seed))
+    got = call(framework, impl, extra, hidden, weight, bias, labels, options, reduction, upstream, upstream_lse)
+    for what, g, t in zip(("loss", "lse", "d_hidden", "d_weight", "d_bias"), got, want):
+        if g is not None:
+            assert_close(f"{framework}-{impl} {options} {reduction} {what}", g, t, "float32")
