@@ -65,6 +65,7 @@ from heads_common.options import (
     check_shift,
     check_shift_fits,
     check_softcap,
+    filter_smoothing_message,
 )
 from heads_common.registry import LOSS_OPTIONS, Implementation, LossOptions, Registry
 from jax_heads.chunked import chunked_loss
@@ -87,10 +88,9 @@ def _sharding_reason(options: LossOptions) -> str | None:
 def _pallas_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     if options.filtered and options.sharding is not None:
         return f"gradient filtering (filter_eps={options.filter_eps}) is not supported with vocab_axis"
-    if _sharding_reason(options):
-        return _sharding_reason(options)
+    if (sharding := _sharding_reason(options)) is not None:
+        return sharding
     try:
-        from heads_common.options import filter_smoothing_message
         from jax_heads.pallas import unsupported_reason
     except ImportError as exc:  # pragma: no cover - depends on the checkout
         return f"jax_heads.pallas is not importable ({exc})"

@@ -21,6 +21,15 @@ from jax_heads.pallas import BackwardConfig, BlockSizes, FilterConfig, TritonFor
 
 IGNORE = -100
 REDUCTIONS = ("none", "sum", "mean")
+# (framework, impl, extra keyword arguments): every implementation of both frameworks that runs on a CPU.
+CPU_IMPLS = [
+    ("torch", "reference", {}),
+    ("torch", "chunked", {}),
+    ("jax", "reference", {}),
+    ("jax", "chunked", {}),
+    ("jax", "pallas", {"interpret": True}),
+    ("jax", "fused", {}),
+]
 
 
 def rng_for(case_id: str) -> np.random.Generator:

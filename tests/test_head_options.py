@@ -18,6 +18,7 @@ import pytest
 import torch
 from flax import nnx
 from ground_truth import lce_options_ground_truth, upstream_for
+from helpers import CPU_IMPLS
 
 import jax_heads
 import torch_heads
@@ -30,15 +31,6 @@ ORDER = ["special", "text"]  # not the dict's order: global ids follow split_ord
 V = 101
 H = 12
 B, S = 2, 7  # ragged: no dimension a multiple of a tile
-# (framework, impl, extra constructor arguments): every implementation that runs on a CPU.
-IMPLS = [
-    ("torch", "reference", {}),
-    ("torch", "chunked", {}),
-    ("jax", "reference", {}),
-    ("jax", "chunked", {}),
-    ("jax", "pallas", {"interpret": True}),
-    ("jax", "fused", {}),
-]
 OPTION_SETS = {
     "defaults": {},
     "bias": {"bias": True},
@@ -125,7 +117,7 @@ def truth(hidden, labels, upstream, weight, bias, options, reduction):
 
 CASES = [
     pytest.param(fw, impl, extra, name, reduction, id=f"{fw}-{impl}-{name}-{reduction}")
-    for fw, impl, extra in IMPLS
+    for fw, impl, extra in CPU_IMPLS
     for name in OPTION_SETS
     for reduction in REDUCTIONS
     if not (impl == "fused" and reduction == "none")  # refused at construction (test_fused_head_needs_sum_or_mean)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from ground_truth import lce_options_ground_truth, upstream_for
+from helpers import CPU_IMPLS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,15 +28,6 @@ from heads_common.registry import LOSS_OPTIONS
 from heads_common.tolerances import assert_close
 
 IGNORE = -100
-# (framework, impl, extra keyword arguments): every implementation that runs on a CPU.
-IMPLS = [
-    ("torch", "reference", {}),
-    ("torch", "chunked", {}),
-    ("jax", "reference", {}),
-    ("jax", "chunked", {}),
-    ("jax", "pallas", {"interpret": True}),
-    ("jax", "fused", {}),
-]
 OPTION_SETS = {
     "plain": {},
     "bias": {"bias": True},
@@ -136,7 +128,7 @@ def call(framework, impl, extra, hidden, weight, bias, labels, options, reductio
 
 CASES = [
     pytest.param(fw, impl, extra, name, reduction, id=f"{fw}-{impl}-{name}-{reduction}")
-    for fw, impl, extra in IMPLS
+    for fw, impl, extra in CPU_IMPLS
     for name in OPTION_SETS
     for reduction in REDUCTIONS
 ]
@@ -238,7 +230,7 @@ def option_values(draw) -> dict:
     return options
 
 
-@pytest.mark.parametrize("framework, impl, extra", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in IMPLS])
+@pytest.mark.parametrize("framework, impl, extra", [pytest.param(*c, id=f"{c[0]}-{c[1]}") for c in CPU_IMPLS])
 @settings(max_examples=max(3, settings.default.max_examples // 2))
 @given(options=option_values(), reduction=st.sampled_from(REDUCTIONS), seed=st.integers(0, 2**16))
 def test_random_option_values_against_float64_truth(framework, impl, extra, options, reduction, seed):
