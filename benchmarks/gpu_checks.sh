@@ -21,6 +21,8 @@
 #             -> OUTDIR/compare.json and OUTDIR/compare.md
 #   tune      python -m benchmarks.tune_pallas --bwd, then python -m benchmarks.tune_mosaic
 #   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas
+#   profile   python -m benchmarks.profile_kernels: the kernels of one forward+backward of the rows in
+#             PROFILE_IMPLS (default: floor and our exact and mean rows), both workloads -> OUTDIR/profile.json
 #   parallel  the 2-GPU vocabulary-parallel parity and timing -> OUTDIR/vocab_parallel/
 #
 # Environment: GPU (default 0) is the GPU of every target except parallel and a two-GPU bench
@@ -35,7 +37,7 @@ usage() { sed -n '2,/^set -u/p' "$0" | sed 's/^# \{0,1\}//; /^set -u/d' >&2; exi
 [ $# -ge 2 ] || usage
 out=$1
 shift
-targets=" peers tests bench sweep quick compare tune sanitize parallel "
+targets=" peers tests bench sweep quick compare tune sanitize profile parallel "
 for t in "$@"; do
   case "$targets" in *" $t "*) ;; *) echo "unknown target '$t' (known:$targets)" >&2; exit 2 ;; esac
 done
@@ -123,6 +125,9 @@ one_gpu() {
     sanitize)
       step sanitize compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
         python -m benchmarks.sanitize_pallas ;;
+    profile)
+      step profile python -m benchmarks.profile_kernels --workloads gemma2-2b,llama3-8b --out "$out/profile.json" \
+        --impls "${PROFILE_IMPLS:-floor,jax-pallas,jax-pallas-softcap,jax-pallas-mean}" ;;
   esac
 }
 
