@@ -4,12 +4,18 @@
 #   bash benchmarks/gpu_checks.sh OUTDIR TARGET [TARGET ...]
 #
 # Targets (run in the order given; an unknown one stops the call before anything runs):
-#   peers     install the peer wheels carried in .whl/ into /tmp/site in one pip call (cut-cross-entropy,
-#             liger-kernel, nvidia-cutlass-dsl with its -libs-* wheels, apache-tvm-ffi, quack-kernels: a second
-#             pip --target into an existing nvidia_cutlass_dsl/ silently skips files); the wheels of a folder
-#             .whl/NAME/ go to /tmp/site-NAME, for a peer that needs other versions (PEER_SITE=/tmp/site-NAME
-#             then selects that site). It also runs first, whatever the targets, when .whl/ exists and the
-#             site does not.
+#   peers     install the peer wheels carried in .whl/ into the site (PEER_SITE, default
+#             /tmp/peers/site-packages) in one pip call: cut-cross-entropy, liger-kernel, nvidia-cutlass-dsl with
+#             its -libs-base and -libs-core wheels, apache-tvm-ffi, quack-kernels (a second pip --target into an
+#             existing nvidia_cutlass_dsl/ silently skips files). Then the CuTe DSL's CUDA 13 wheel
+#             (nvidia-cutlass-dsl-libs-cu13, too big for one call's tree) unpacked over it from an xz tar in two
+#             halves: part_aa (in .cu13a/, or copied to CU13_STASH, default /tmp/cu13-parts, by an earlier call
+#             on the same warm machine) and part_ab with cu13.tar.xz.sha256 (in .cu13b/). Then an import check of
+#             each peer (peers-check.log). The site's path must hold a folder named site-packages: QuACK
+#             fingerprints only code outside such folders and fails at import on the DSL's globals otherwise.
+#             The wheels of a folder .whl/NAME/ go to /tmp/peers-NAME/site-packages, for a peer that needs other
+#             versions (PEER_SITE=/tmp/peers-NAME/site-packages then selects that site). It runs first, whatever
+#             the targets, when .whl/ exists and the site does not, and once per call.
 #   tests     the GPU tests: pytest -m "gpu and not large", then -m "gpu and large"
 #   bench     python -m benchmarks.bench, both workloads and regimes -> OUTDIR/bench-h200.json, and
 #             OUTDIR/benchmarks.md rendered from it (with OUTDIR/bench-h200-sweep.json if the sweep ran first).
@@ -43,7 +49,8 @@ for t in "$@"; do
 done
 mkdir -p "$out"
 
-site=${PEER_SITE:-/tmp/site}
+site=${PEER_SITE:-/tmp/peers/site-packages}
+stash=${CU13_STASH:-/tmp/cu13-parts}
 limit=${STEP_LIMIT:-570}
 start=$(date +%s)
 seen=$(cat "$out/timeline.txt" 2> /dev/null | wc -l)  # lines of earlier calls into the same OUTDIR
@@ -60,15 +67,76 @@ step() {
   return $rc
 }
 
+# The halves of the CUDA 13 tar joined, checked against the digest and unpacked into the site (python, not xz:
+# the machine need not have it). Arguments: SITE SHA256_FILE PART...
+unpack_cu13='
+import hashlib, io, sys, tarfile
+site, digest, *parts = sys.argv[1:]
+data = b"".join(open(p, "rb").read() for p in parts)
+want, got = open(digest).read().split()[0], hashlib.sha256(data).hexdigest()
+if got != want:
+    sys.exit(f"the joined halves {parts} do not match {digest}: sha256 {got}, want {want}")
+with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as tar:
+    names = [m.name for m in tar.getmembers() if m.isfile()]
+    tar.extractall(site, filter="data")
+print(f"{len(names)} files ({len(data)} bytes of xz) unpacked into {site}")
+'
+
+# cu13: the CuTe DSL CUDA 13 wheel's files into the site, from the halves wherever they are; none at all is no error
+# (the DSL then stays without its CUDA 13 libraries and its peers report that at import).
+cu13() {
+  local name p found parts=() digest=
+  for p in .cu13b/cu13.tar.xz.sha256 .cu13a/cu13.tar.xz.sha256 "$stash/cu13.tar.xz.sha256"; do
+    [ -f "$p" ] && { digest=$p; break; }
+  done
+  for name in part_aa part_ab; do
+    found=
+    for p in ".cu13a/$name" ".cu13b/$name" "$stash/$name"; do
+      [ -f "$p" ] && { found=$p; break; }
+    done
+    [ -n "$found" ] && parts+=("$found")
+  done
+  if [ ${#parts[@]} -eq 0 ] && [ -z "$digest" ]; then
+    stamp "peers: no CuTe DSL CUDA 13 tar in .cu13a/, .cu13b/ or $stash/"
+    return 0
+  fi
+  if [ ${#parts[@]} -ne 2 ] || [ -z "$digest" ]; then
+    stamp "peers-cu13 rc=1: found '${parts[*]:-}' and digest '$digest', need part_aa, part_ab and" \
+      "cu13.tar.xz.sha256 (an earlier call on this warm machine: mkdir -p $stash && cp .cu13a/part_aa $stash/)"
+    return 1
+  fi
+  step peers-cu13 python3 -c "$unpack_cu13" "$site" "$digest" "${parts[@]}"
+}
+
+peer_check='
+import importlib, sys
+failed = 0
+for module in sys.argv[1:]:
+    try:
+        importlib.import_module(module)
+        print(f"ok   {module}")
+    except Exception as exc:
+        failed += 1
+        print(f"FAIL {module}: {type(exc).__name__}: {exc}"[:400])
+sys.exit(1 if failed else 0)
+'
+
+peers_done=0
 peers() {
   local sub
+  [ "$peers_done" = 1 ] && return 0
+  peers_done=1
   if ! ls .whl/*.whl > /dev/null 2>&1; then stamp "peers: no wheels in .whl/"; return 0; fi
   step peers python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target "$site" .whl/*.whl || return 1
+  cu13  # after pip: pip --upgrade replaces the whole nvidia_cutlass_dsl/ folder
+  step peers-check env PYTHONPATH="$site/nvidia_cutlass_dsl/dsl_packages:$site:$PWD" python3 -c "$peer_check" \
+    cut_cross_entropy liger_kernel.transformers.functional cutlass.cute \
+    liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90 quack.linear_cross_entropy
   for sub in .whl/*/; do
     [ -d "$sub" ] || continue
     step "peers-$(basename "$sub")" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-      --upgrade --target "/tmp/site-$(basename "$sub")" "$sub"*.whl
+      --upgrade --target "/tmp/peers-$(basename "$sub")/site-packages" "$sub"*.whl
   done
 }
 
