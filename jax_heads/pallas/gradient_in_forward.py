@@ -47,8 +47,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jax_heads.pallas import plan as geometry
-from jax_heads.pallas.config import DEFAULT_BLOCK_SIZES, BlockSizes, GradientInForwardConfig, triton_params
-from jax_heads.pallas.config import LogitOptions, matmul_precision
+from jax_heads.pallas.config import (
+    DEFAULT_BLOCK_SIZES,
+    BlockSizes,
+    GradientInForwardConfig,
+    LogitOptions,
+    matmul_precision,
+    triton_params,
+)
 from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
 from jax_heads.reference import grad_coefficients, loss_terms
 
@@ -385,7 +391,7 @@ def gradient_in_forward_loss(
     return _loss(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool) if nan_rows is None else nan_rows, o)
 
 
-def loss_and_grads(
+def gradient_in_forward_grads(
     hidden: jax.Array,
     weight: jax.Array,
     labels: jax.Array,
