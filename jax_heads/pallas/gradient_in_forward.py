@@ -90,7 +90,7 @@ def chunk_rows_for(n: int, v: int, dtype, config: GradientInForwardConfig) -> in
 def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap):
     """float32 transformed logits ``z'`` of rows ``n0:`` and columns ``v0:`` of the chunk, the column
     indices ``(1, block_v)`` and the mask of real columns (None when ``block_v`` divides ``V``; the
-    last tile may run past ``V``: masked loads)."""
+    last tile may run past ``V``: masked loads, whose masked values are undefined and never used)."""
     columns = v0 + lax.broadcasted_iota(jnp.int32, (block_v,), 0)
     cols = columns[None, :]
     index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
@@ -98,13 +98,13 @@ def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap
     if real is None:
         z = logits_ref[index].astype(jnp.float32)
     else:
-        z = pltriton.load(logits_ref.at[index], mask=real, other=0).astype(jnp.float32)
+        z = pltriton.load(logits_ref.at[index], mask=real).astype(jnp.float32)
     if bias_ref is not None:
         b_index = pl.ds(v0, block_v)
         if real is None:
             b = bias_ref[b_index]
         else:
-            b = pltriton.load(bias_ref.at[b_index], mask=columns < vocab_size, other=0.0)
+            b = pltriton.load(bias_ref.at[b_index], mask=columns < vocab_size)
         z = z + b[None, :]
     if softcap is not None:
         # c·tanh(z/c) as c − 2c / (exp(2z/c) + 1): one exponential and a division, exact at ±inf.
@@ -127,7 +127,7 @@ def _stats_kernel(logits_ref, y_ref, *refs, block_n, block_v, tiles_per_split, n
         v0 = pl.multiple_of((first + t) * block_v, block_v)
         z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v,
                               vocab_size=vocab_size, softcap=softcap)
-        if real is not None:  # columns past V: 0 in the row sum, -inf in the log-sum-exp
+        if real is not None:  # columns past V (undefined values): 0 in the row sum, -inf in the log-sum-exp
             z = jnp.where(real, z, 0.0)
         if row_sum:
             rsum = (rsum[0] + jnp.sum(z, axis=1),)
