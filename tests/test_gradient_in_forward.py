@@ -207,6 +207,27 @@ def test_one_dot_and_add_per_chunk_and_no_float32_weight_buffer():
     assert f"tensor<{V}x{D}xf32>" not in text and f"tensor<{V}x{D}xbf16>" in text
 
 
+@pytest.mark.parametrize("options", [{}, {"bias": True, "softcap": 30.0, "label_smoothing": 0.1,
+                                      "lse_square_scale": 1e-4}], ids=["plain", "all"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernels_lower_for_cuda(dtype, options):
+    """Both kernels lower to Triton (``jax.export`` for CUDA, no GPU needed) with a ragged last vocabulary
+    tile (masked loads and stores) and every option; differentiation runs them and not the exact forward."""
+    from jax import export
+
+    disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    h, w, y = jnp.zeros((300, 200), dtype), jnp.zeros((1000, 200), dtype), jnp.zeros((300,), jnp.int32)
+    b = jnp.zeros((1000,), dtype) if options.get("bias") else None
+    kwargs = {k: v for k, v in options.items() if k != "bias"}
+
+    def f(h, w, b):
+        return jax.value_and_grad(lambda p, q, r: gradient_in_forward_loss(p, q, y, IGNORE, "mean", bias=r, **kwargs),
+                                  (0, 1, 2) if b is not None else (0, 1))(h, w, b)
+
+    module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w, b).mlir_module()
+    assert module.count("__gpu$xla.gpu.triton") == 2
+
+
 def test_second_derivative_is_refused():
     hidden, weight, _, labels = problem(seed=7, n=8)
     h, w, y = jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32), jnp.asarray(labels, jnp.int32)
