@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jax_heads.chunked import split_rows
 from jax_heads.pallas import plan as geometry
 from jax_heads.pallas.config import (
     DEFAULT_BLOCK_SIZES,
@@ -239,14 +240,6 @@ class _Options:
     lse_square_scale: float = 0.0
 
 
-def _pad_rows(x, rows: int, fill):
-    """``(N, ...)`` -> ``(chunks, rows, ...)``, the last chunk padded with ``fill``."""
-    pad = -x.shape[0] % rows
-    if pad:
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape(-1, rows, *x.shape[1:])
-
-
 def _scale(valid, reduction: str):
     """The upstream of every counted token: 1 (``"sum"``) or 1 / their count over the whole input (``"mean"``)."""
     if reduction == "sum":
@@ -283,8 +276,8 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
             d_bias = d_bias + jnp.sum(g, axis=0, dtype=jnp.float32)
         return (d_weight, d_bias), (total, d_h)
 
-    xs = (_pad_rows(hidden, o.chunk_rows, 0), _pad_rows(kernel_labels, o.chunk_rows, -1),
-          _pad_rows(row_scale, o.chunk_rows, 0.0))
+    xs = (split_rows(hidden, o.chunk_rows, 0), split_rows(kernel_labels, o.chunk_rows, -1),
+          split_rows(row_scale, o.chunk_rows, 0.0))
     init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
     (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
     return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]], d_weight, d_bias
