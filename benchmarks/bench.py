@@ -187,6 +187,17 @@ def _jax_pallas(inputs, *, forward_kernel="auto", **options):
     return lambda a, b: pallas_loss(a, b, jy, IGNORE, config=config, **options)
 
 
+def _jax_pallas_mean_exact(inputs):
+    """``jax-pallas-mean`` on the exact recomputing kernels (per-token loss, then the mean)."""
+    import jax.numpy as jnp
+
+    from jax_heads.pallas import pallas_loss
+
+    jy = inputs.jax()[2]
+    count = jnp.maximum(jnp.sum(jy != IGNORE), 1)
+    return lambda a, b: jnp.sum(pallas_loss(a, b, jy, IGNORE)) / count
+
+
 def _jax_materialised(inputs):
     """What a plain JAX user writes: bf16 logits at default precision, log-softmax in float32."""
     import jax
@@ -227,7 +238,9 @@ CASES = [
     Case("jax-reference", "jax", "baseline", "none", lambda i: _jax_heads(i, impl="reference"), data_independent=True),
     Case("jax-chunked", "jax", "baseline", "none", lambda i: _jax_heads(i, impl="chunked"), data_independent=True),
     Case("jax-pallas", "jax", "ours", "none", lambda i: _jax_heads(i, impl="pallas")),
+    # sum/mean: the gradient-in-forward path (6·N·D·V); -exact keeps the recomputing kernels (8·N·D·V).
     Case("jax-pallas-mean", "jax", "ours", "mean", lambda i: _jax_heads(i, impl="pallas", reduction="mean")),
+    Case("jax-pallas-mean-exact", "jax", "ours", "mean", _jax_pallas_mean_exact),
     Case("jax-pallas-softcap", "jax", "ours", "none", lambda i: _jax_heads(i, impl="pallas", softcap=SOFTCAP),
          options=True),
     Case("jax-pallas-options", "jax", "ours", "none", lambda i: _jax_heads_with_bias(i, impl="pallas"),

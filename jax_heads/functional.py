@@ -5,7 +5,9 @@ Implementations (``impl=``), each an :class:`~heads_common.registry.Implementati
 
 * ``"pallas"`` — GPU, our Pallas kernels (:mod:`jax_heads.pallas`, imported on first use); on CPU
   only in Pallas interpret mode (``interpret=True``, for tests). The only one with gradient
-  filtering (a float ``filter_eps``).
+  filtering (a float ``filter_eps``). Reductions ``"sum"``/``"mean"`` form the gradients in the
+  forward (:mod:`jax_heads.pallas.gradient_in_forward`) unless ``return_lse``, ``filter_eps`` or
+  ``vocab_axis`` ask for the exact recomputing kernels.
 * ``"chunked"`` — any backend, ``lax.scan`` over token chunks under ``jax.custom_vjp``.
 * ``"reference"`` — materialised logits, float32 math; the test oracle. Named only.
 * ``"fused"`` — reductions ``"sum"``/``"mean"`` only: gradients formed in the forward
@@ -70,6 +72,7 @@ from heads_common.options import (
 from heads_common.registry import LOSS_OPTIONS, Implementation, LossOptions, Registry
 from jax_heads.chunked import chunked_loss
 from jax_heads.labels import checked_labels
+from jax_heads.reduction import finish_loss, nan_where_infinite
 from jax_heads.reference import reference_loss
 
 FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64))
@@ -168,15 +171,28 @@ def _fused(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None)
     from jax_heads.fused import fused_loss
 
     # Out-of-range labels: NaN loss and NaN gradient rows there only (the other rows exact).
-    loss = fused_loss(
+    return nan_where_infinite(fused_loss(
         hidden, weight, labels, options.ignore_index, options.reduction, bias=bias, softcap=options.softcap,
         label_smoothing=options.label_smoothing, lse_square_scale=options.lse_square_scale, nan_rows=bad,
-    )
-    return loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
+    ))
 
 
+def _pallas(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
+    """The Pallas record: gradients in the forward for ``"sum"``/``"mean"``, else the per-token kernels."""
+    from jax_heads.pallas.gradient_in_forward import gradient_in_forward_loss, uses_gradient_in_forward
+
+    if not uses_gradient_in_forward(options):
+        return _pallas_per_token(hidden, weight, labels, options, bias=bias, bad=bad)
+    return nan_where_infinite(gradient_in_forward_loss(
+        hidden, weight, labels.astype(jnp.int32), options.ignore_index, options.reduction, bias=bias,
+        softcap=options.softcap, label_smoothing=options.label_smoothing,
+        lse_square_scale=options.lse_square_scale, interpret=options.interpret, nan_rows=bad,
+    ))
+
+
+_pallas_per_token = _per_token("pallas", _pallas_tokens)
 REGISTRY = Registry([
-    Implementation("pallas", _pallas_reason, _per_token("pallas", _pallas_tokens), options=frozenset(LOSS_OPTIONS)),
+    Implementation("pallas", _pallas_reason, _pallas, options=frozenset(LOSS_OPTIONS)),
     Implementation("chunked", _exact_reason, _per_token("chunked", _chunked_tokens), options=frozenset(LOSS_OPTIONS)),
     Implementation("reference", _exact_reason, _per_token("reference", _reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
@@ -282,29 +298,6 @@ def select_implementation(hidden: jax.Array, impl: str | None, interpret: bool =
             ``impl=None``, every candidate) cannot run.
     """
     return REGISTRY.choose(impl, hidden, loss_options(impl, interpret=interpret, **options)).name
-
-
-def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
-    """Apply ``reduction`` to a per-token loss; ``mean`` divides by the non-ignored count (0 if none)."""
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    if reduction == "sum":
-        return total
-    return total / jnp.maximum(valid.sum(), 1).astype(total.dtype)
-
-
-def finish_loss(loss: jax.Array, valid: jax.Array, bad: jax.Array | None, reduction: str) -> jax.Array:
-    """The per-token loss's NaN rows, then ``reduction``.
-
-    ``bad`` (out-of-range traced labels) rows become NaN in loss and gradients. A row with
-    non-finite logits (inf/NaN in its hidden state) is NaN in every implementation (some
-    log-sum-exps give inf there); adding a constant keeps the gradient flowing unchanged.
-    """
-    if bad is not None:
-        loss = loss * jnp.where(bad, jnp.nan, 1.0)
-    loss = loss + jnp.where(jnp.isinf(loss), jnp.nan, 0.0)
-    return reduce_loss(loss, valid, reduction)
 
 
 def linear_cross_entropy(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import jax_heads
 import torch_heads
-from jax_heads.functional import reduce_loss as jax_reduce_loss
+from jax_heads.reduction import reduce_loss as jax_reduce_loss
 from torch_heads.functional import reduce_loss as torch_reduce_loss
 
 IGNORE = -100

@@ -1,10 +1,12 @@
 """The CUDA path on our JAX Pallas kernels (``jax_heads/pallas/``), called from PyTorch.
 
-The ``torch.autograd.Function`` below hands hidden states, weight and labels to JAX through
+The per-token ``torch.autograd.Function`` below hands hidden states, weight and labels to JAX through
 :mod:`interop.dlpack` (zero-copy), runs the kernels' narrow entry (``jax_heads.pallas.lse_and_target``
 and ``grads``) in jitted programs cached per static options (``jit`` caches per shape and dtype),
 keeps the ``(N,)`` float32 log-sum-exp for the backward, and hands the loss and the two gradients
-back to torch, zero-copy as well. JAX is imported on first use only. The hand-over is ordered on the
+back to torch, zero-copy as well. The reductions ``"sum"``/``"mean"`` (:func:`pallas_reduced_loss`)
+run ``jax_heads.pallas.gradient_in_forward_grads`` once in the forward instead and keep its
+gradients for the backward. JAX is imported on first use only. The hand-over is ordered on the
 CUDA streams by the DLPack stream protocol; the torch inputs are kept referenced until the results
 are handed back, and with XLA's TFRT GPU client (which ignores the protocol) each call synchronises.
 ``docs/design-torch-on-jax.md`` gives the argument and the compilation costs. Not supported: CUDA
@@ -194,6 +196,101 @@ class _PallasLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+@functools.cache
+def _gradient_in_forward_program(ignore_index: int, reduction: str, interpret: bool, config, logits):
+    """The jitted ``(hidden, weight, labels[, bias]) -> (loss, d_hidden, d_weight[, d_bias])`` of the reduced
+    loss (``jax_heads.pallas.gradient_in_forward_grads``); ``logits`` is ``(has_bias, softcap,
+    label_smoothing, lse_square_scale)``."""
+    jax = _import_jax()
+    from jax_heads.pallas import gradient_in_forward_grads
+
+    has_bias, softcap, eps, lam = logits
+
+    @jax.jit
+    def program(hidden, weight, labels, *bias):
+        loss, d_hidden, d_weight, d_bias = gradient_in_forward_grads(
+            hidden, weight, labels, ignore_index, reduction, bias=bias[0] if has_bias else None, softcap=softcap,
+            label_smoothing=eps, lse_square_scale=lam, **_options(interpret, config),
+        )
+        return (loss, d_hidden, d_weight) if d_bias is None else (loss, d_hidden, d_weight, d_bias)
+
+    return program
+
+
+class _GradientInForward(torch.autograd.Function):
+    """The reduced loss; its forward runs one JAX program that also forms the gradients for an upstream
+    of 1, and its backward scales them by the upstream scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, program):
+        from interop.dlpack import to_torch
+
+        inputs = (hidden, weight, labels) if bias is None else (hidden, weight, labels, bias)
+        loss, *grads = _call(program, hidden.device, inputs)
+        # Saved (not attributes) so that torch's version check refuses a second backward through the
+        # graph (retain_graph) after the first has scaled them in place.
+        ctx.save_for_backward(*(to_torch(g) for g in grads))
+        return to_torch(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = ctx.saved_tensors
+        # In place: the buffers are this call's alone (their JAX arrays were dropped at the hand-over).
+        for g in grads:
+            g.mul_(grad)
+        need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+        d_bias = grads[2] if len(grads) == 3 and need_bias else None
+        return grads[0] if need_hidden else None, grads[1] if need_weight else None, None, d_bias, None
+
+
+def pallas_reduced_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    interpret: bool = False,
+    config=None,
+) -> torch.Tensor:
+    """Summed or mean loss of flat inputs on our Pallas kernels, the gradients formed in the forward.
+
+    When a gradient is wanted (grad mode on and an input requiring it), one JAX program
+    (``jax_heads.pallas.gradient_in_forward_grads``) returns the loss and the three gradients; the
+    backward scales them by the upstream scalar, in place. Otherwise the per-token forward of
+    :func:`pallas_loss` runs and is reduced (no gradient work). No ``return_lse`` and no gradient
+    filtering: those take :func:`pallas_loss`.
+
+    Args:
+        hidden, weight, labels, ignore_index, bias, softcap, label_smoothing, lse_square_scale,
+            interpret, config: as for :func:`pallas_loss`.
+        reduction: ``"sum"`` or ``"mean"`` (over the non-ignored tokens; 0 when all are ignored).
+
+    Returns:
+        A float32 scalar; gradients with respect to ``hidden``, ``weight`` and ``bias`` come back in
+        their dtype. A second backward through the same graph raises torch's in-place error.
+    """
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wanted or hidden.shape[0] == 0:
+        from torch_heads.functional import reduce_loss
+
+        per_token = pallas_loss(hidden, weight, labels, ignore_index, bias=bias, softcap=softcap,
+                                label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                                interpret=interpret, config=config)
+        return reduce_loss(per_token, labels != ignore_index, reduction)
+    labels, ignore_index = _int32_labels(labels, ignore_index)
+    hidden = _aligned(hidden.contiguous())
+    weight = _aligned(weight.contiguous())
+    bias = None if bias is None else _aligned(bias.contiguous())
+    program = _gradient_in_forward_program(ignore_index, reduction, bool(interpret), config, (
+        bias is not None, softcap, float(label_smoothing), float(lse_square_scale)))
+    return _GradientInForward.apply(hidden, weight, _aligned(labels), bias, program)
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:

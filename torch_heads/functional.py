@@ -8,6 +8,9 @@ Implementations (``impl=``), each an :class:`~heads_common.registry.Implementati
 * ``"reference"`` — materialised logits, float32 math; the test oracle. Named only.
 * ``"pallas"`` — CUDA (float16/bfloat16/float32), our JAX Pallas kernels called through
   ``interop`` zero-copy (``torch_heads/_pallas.py``; JAX is imported on first use). Named only.
+  Reductions ``"sum"``/``"mean"`` form the gradients in the forward
+  (``jax_heads.pallas.gradient_in_forward``) unless ``return_lse`` or a float ``filter_eps`` asks
+  for the exact recomputing kernels.
 
 ``impl=None`` picks the first record marked ``auto`` (``"cce"``, then ``"chunked"``) that supports
 the inputs and options; a named implementation that cannot run raises ``ValueError`` saying why,
@@ -104,6 +107,18 @@ def _pallas_tokens(hidden, weight, labels, options: LossOptions, bias):
     )
 
 
+def _pallas_loss(hidden, weight, labels, options: LossOptions, *, bias=None, bad=None):
+    """The Pallas record: ``"sum"``/``"mean"`` form the gradients in the forward, else the per-token kernels."""
+    from jax_heads.pallas import uses_gradient_in_forward
+
+    if not uses_gradient_in_forward(options):
+        return _per_token(_pallas_tokens)(hidden, weight, labels, options, bias=bias, bad=bad)
+    return nan_where_infinite(_pallas.pallas_reduced_loss(
+        hidden, weight, labels, options.ignore_index, options.reduction, bias=bias, softcap=options.softcap,
+        label_smoothing=options.label_smoothing, lse_square_scale=options.lse_square_scale,
+    ))
+
+
 REGISTRY = Registry([
     Implementation("cce", lambda h, o: _cce.unsupported_reason(h, o.filter_eps),
                    _per_token(lambda h, w, y, o, b: _cce.cce_loss(h, w, y, o.ignore_index, o.filter_eps, o.softcap)),
@@ -112,7 +127,7 @@ REGISTRY = Registry([
     Implementation("reference", _exact_reason, _per_token(_reference_tokens), auto=False,
                    options=frozenset(LOSS_OPTIONS)),
     Implementation("pallas", lambda h, o: _pallas.unsupported_reason(h, o.filter_eps, o.label_smoothing),
-                   _per_token(_pallas_tokens), auto=False, options=frozenset(LOSS_OPTIONS)),
+                   _pallas_loss, auto=False, options=frozenset(LOSS_OPTIONS)),
 ])
 IMPLEMENTATIONS = REGISTRY.names
 

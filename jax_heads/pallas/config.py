@@ -215,6 +215,34 @@ class FilterConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GradientInForwardConfig:
+    """The gradient-in-forward path of the reductions ``"sum"``/``"mean"`` (``gradient_in_forward.py``).
+
+    Attributes:
+        logits_budget_bytes: the most bytes of one token chunk's logits buffer, ``(chunk_rows, V)``
+            in the input dtype (the one extra buffer of the size of the vocabulary times tokens; the
+            gradient-logits kernel overwrites it in place). The rows per chunk are the fewest equal
+            chunks that fit, rounded up to ``block_n``; at least ``block_n`` rows whatever the budget.
+        block_n: token rows per program of both kernels.
+        block_v: vocabulary columns per tile of both kernels.
+        num_warps, num_stages: Triton launch options of both kernels.
+        min_programs: the statistics kernel splits the vocabulary until its grid has at least this
+            many programs (:func:`jax_heads.pallas.plan.choose_splits`).
+    """
+
+    logits_budget_bytes: int = 768 * 2**20
+    block_n: int = 16
+    block_v: int = 1024
+    num_warps: int = 4
+    num_stages: int = 2
+    min_programs: int = 1056
+
+    def __post_init__(self):
+        _check_powers_of_two(self, "block_n", "block_v")
+        _check_positive(self, "logits_budget_bytes", "num_warps", "num_stages", "min_programs")
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """The configuration of every kernel of one call.
 
@@ -227,6 +255,7 @@ class BlockSizes:
         mosaic: :class:`MosaicForwardConfig`.
         backward: :class:`BackwardConfig`.
         filtered: :class:`FilterConfig` (used only with gradient filtering).
+        gradient_in_forward: :class:`GradientInForwardConfig` (reductions ``"sum"``/``"mean"``).
         sm_count: multiprocessors the forward grids are sized for; None asks the first GPU.
     """
 
@@ -235,13 +264,15 @@ class BlockSizes:
     mosaic: MosaicForwardConfig = MosaicForwardConfig()
     backward: BackwardConfig = BackwardConfig()
     filtered: FilterConfig = FilterConfig()
+    gradient_in_forward: GradientInForwardConfig = GradientInForwardConfig()
     sm_count: int | None = None
 
     def __post_init__(self):
         if self.forward_kernel not in FORWARD_KERNELS:
             raise ValueError(f"BlockSizes.forward_kernel must be one of {FORWARD_KERNELS}, got {self.forward_kernel!r}")
         for name, cls in (("triton", TritonForwardConfig), ("mosaic", MosaicForwardConfig),
-                          ("backward", BackwardConfig), ("filtered", FilterConfig)):
+                          ("backward", BackwardConfig), ("filtered", FilterConfig),
+                          ("gradient_in_forward", GradientInForwardConfig)):
             value = getattr(self, name)
             if not isinstance(value, cls):
                 raise ValueError(f"BlockSizes.{name} must be a {cls.__name__}, got {type(value).__name__}")
@@ -257,7 +288,7 @@ def matmul_precision(dtype) -> lax.Precision | None:
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def triton_params(config: TritonForwardConfig | BackwardConfig | FilterConfig):
+def triton_params(config: TritonForwardConfig | BackwardConfig | FilterConfig | GradientInForwardConfig):
     """The Triton ``CompilerParams`` of a kernel configured by ``config``."""
     from jax.experimental.pallas import triton as pltriton
 

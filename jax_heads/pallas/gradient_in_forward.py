@@ -1,0 +1,411 @@
+"""The gradient-in-forward path of the reductions ``"sum"`` and ``"mean"``: 6·N·D·V FLOPs, bounded memory.
+
+With a reduced loss the upstream gradient of every token is one scalar, so both gradients are known
+up to that scalar during the forward. The tokens are walked in chunks of ``chunk_rows``
+(``lax.scan``); per chunk:
+
+1. ``logits = h_c · Wᵀ``: an XLA (cuBLAS) product accumulated in float32, written in the input
+   dtype: the one ``(chunk_rows, V)`` buffer, at most ``GradientInForwardConfig.logits_budget_bytes``.
+2. ``lce_gif_stats`` (Pallas, Triton backend): per token block and vocabulary split, the online
+   log-sum-exp partials, the target logit and (label smoothing) the row sum of the transformed
+   logits ``z' = softcap·tanh((z + bias) / softcap)``; the splits are combined in a fixed order
+   (:func:`jax_heads.pallas.op.combine_partials`), then the per-token loss
+   (:func:`~jax_heads.reference.loss_terms`) and the coefficients ``A, B, C`` of
+   ``G = p·A − B·onehot − C`` (:func:`~jax_heads.reference.grad_coefficients`) for the upstream
+   ``scale`` (1 for ``"sum"``, 1 / the count of counted tokens of the whole input for ``"mean"``).
+3. ``lce_gif_grads`` (Pallas): ``G`` times the soft-cap's derivative ``1 − (z'/c)²``, 0 on ignored
+   and padding rows, written over the logits in place (``input_output_aliases``) in the input dtype.
+4. ``d_hidden_c = G · W`` (input dtype) and ``d_weight += Gᵀ · h_c`` accumulated in the weight's
+   dtype (the product accumulates in float32 and is added to the running sum, rounded once per
+   chunk, as Liger-Kernel does; no float32 ``(V, D)`` buffer), ``d_bias += Σ_rows G`` in float32.
+
+A ``jax.custom_vjp`` returns the loss and saves the three gradients; its backward multiplies them by
+the upstream scalar (nothing when it is 1). Memory beyond inputs and gradients: the logits chunk,
+the chunk's ``d_hidden`` rows, a padded copy of ``hidden`` when the chunks do not tile ``N``, and
+``(chunk_rows,)`` vectors — not a float32 ``(V, D)`` accumulator. ``docs/kernel-notes.md`` gives
+the memory formula at the benchmark shapes.
+
+Without differentiation (evaluation) the primal runs the exact Pallas forward
+(:func:`jax_heads.pallas.pallas_loss`, 2·N·D·V, float32 logits in the kernel), so no gradient work is
+done; under differentiation the loss comes from the input-dtype logits of step 1, as the naive
+computation's does (the two agree to the input dtype's rounding of the logits).
+
+Not here: a returned log-sum-exp (its upstream gradient differs per token and is unknown during the
+forward) and gradient filtering (``filter_eps``): with those, and with vocabulary sharding,
+``impl="pallas"`` keeps the exact recomputing path (:func:`uses_gradient_in_forward`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jax_heads.chunked import split_rows
+from jax_heads.pallas import plan as geometry
+from jax_heads.pallas.config import (
+    DEFAULT_BLOCK_SIZES,
+    BlockSizes,
+    GradientInForwardConfig,
+    LogitOptions,
+    matmul_precision,
+    triton_params,
+)
+from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
+from jax_heads.reference import grad_coefficients, loss_terms
+
+REDUCTIONS = ("sum", "mean")
+# Kernels address the logits buffer with int32 offsets: a chunk holds fewer than 2³¹ elements.
+_MAX_CHUNK_ELEMENTS = 2**31 - 1
+_NEG_INF = float("-inf")
+
+
+def uses_gradient_in_forward(options) -> bool:
+    """Whether ``impl="pallas"`` runs this path for a ``heads_common.registry.LossOptions``: a reduction
+    ``"sum"``/``"mean"`` without ``return_lse``, gradient filtering or vocabulary sharding."""
+    return (options.reduction in REDUCTIONS and not options.return_lse and not options.filtered
+            and options.sharding is None)
+
+
+def chunk_rows_for(n: int, v: int, dtype, config: GradientInForwardConfig) -> int:
+    """Token rows per chunk: the fewest equal chunks of ``N`` whose ``(rows, V)`` logits in ``dtype``
+    fit ``config.logits_budget_bytes``, rounded up to ``config.block_n`` (at least ``block_n``)."""
+    block = config.block_n
+    cap = min(config.logits_budget_bytes // (max(v, 1) * jnp.dtype(dtype).itemsize), _MAX_CHUNK_ELEMENTS // max(v, 1))
+    cap = max(block, cap - cap % block)
+    chunks = -(-max(n, 1) // cap)
+    rows = -(-max(n, 1) // chunks)
+    return min(cap, geometry.round_up(rows, block))
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------
+
+
+def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap):
+    """float32 transformed logits ``z'`` of rows ``n0:`` and columns ``v0:`` of the chunk, the column
+    indices ``(1, block_v)`` and the mask of real columns (None when ``block_v`` divides ``V``; the
+    last tile may run past ``V``: masked loads, whose masked values are undefined and never used)."""
+    columns = v0 + lax.broadcasted_iota(jnp.int32, (block_v,), 0)
+    cols = columns[None, :]
+    index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
+    real = None if vocab_size % block_v == 0 else jnp.broadcast_to(cols < vocab_size, (block_n, block_v))
+    if real is None:
+        z = logits_ref[index].astype(jnp.float32)
+    else:
+        z = pltriton.load(logits_ref.at[index], mask=real).astype(jnp.float32)
+    if bias_ref is not None:
+        b_index = pl.ds(v0, block_v)
+        if real is None:
+            b = bias_ref[b_index]
+        else:
+            b = pltriton.load(bias_ref.at[b_index], mask=columns < vocab_size)
+        z = z + b[None, :]
+    if softcap is not None:
+        # c·tanh(z/c) as c − 2c / (exp(2z/c) + 1): one exponential and a division, exact at ±inf.
+        z = softcap - (2.0 * softcap) / (jnp.exp(z * (2.0 / softcap)) + 1.0)
+    return z, cols, real
+
+
+def _stats_kernel(logits_ref, y_ref, *refs, block_n, block_v, tiles_per_split, num_tiles, vocab_size, softcap,
+                  has_bias, row_sum):
+    """One (token block, vocabulary split): partial max, ``Σ exp(z' − max)``, target logit (and row sum)."""
+    bias_ref = refs[0] if has_bias else None
+    m_ref, s_ref, t_ref, *r_ref = refs[1:] if has_bias else refs
+    i, split = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(i * block_n, block_n)
+    labels = y_ref[pl.ds(n0, block_n)]
+    first = split * tiles_per_split
+
+    def body(t, carry):
+        m, s, target, *rsum = carry
+        v0 = pl.multiple_of((first + t) * block_v, block_v)
+        z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v,
+                              vocab_size=vocab_size, softcap=softcap)
+        if real is not None:  # columns past V (undefined values): 0 in the row sum, -inf in the log-sum-exp
+            z = jnp.where(real, z, 0.0)
+        if row_sum:
+            rsum = (rsum[0] + jnp.sum(z, axis=1),)
+        if real is not None:
+            z = jnp.where(real, z, _NEG_INF)
+        target = target + jnp.sum(jnp.where(cols == labels[:, None], z, 0.0), axis=1)
+        # Online log-sum-exp (Milakov & Gimelshein): rescale the running sum to the new maximum.
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        return m_new, s, target, *rsum
+
+    zeros = jnp.zeros((block_n,), jnp.float32)
+    init = (jnp.full((block_n,), _NEG_INF, jnp.float32), zeros, zeros, *((zeros,) if row_sum else ()))
+    stats = lax.fori_loop(0, jnp.minimum(tiles_per_split, num_tiles - first), body, init)
+    for ref, value in zip((m_ref, s_ref, t_ref, *r_ref), stats):
+        ref[split, pl.ds(n0, block_n)] = value
+
+
+def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vocab_size, softcap, has_b, has_c,
+                  has_bias):
+    """One (token block, vocabulary tile): ``G = (p·A − B·onehot − C)·(1 − (z'/c)²)`` over the logits, in place.
+
+    ``B`` defaults to ``A`` and ``C`` to 0 (their refs are absent). Rows with ``A = B = 0`` (ignored
+    and padding tokens) are written as 0 even where their logits are not finite.
+    """
+    b_ref = refs[0] if has_b else None
+    c_ref = refs[int(has_b)] if has_c else None
+    bias_ref = refs[int(has_b) + int(has_c)] if has_bias else None
+    g_ref = refs[-1]  # the logits buffer itself (aliased)
+    i, j = pl.program_id(0), pl.program_id(1)
+    n0 = pl.multiple_of(i * block_n, block_n)
+    v0 = pl.multiple_of(j * block_v, block_v)
+    z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v, vocab_size=vocab_size,
+                          softcap=softcap)
+    rows = pl.ds(n0, block_n)
+    lse, a, labels = lse_ref[rows], a_ref[rows], y_ref[rows]
+    b = a if b_ref is None else b_ref[rows]
+    onehot = cols == labels[:, None]
+    p = jnp.exp(z - lse[:, None])
+    g = (p - jnp.where(onehot, 1.0, 0.0)) * a[:, None] if b_ref is None else p * a[:, None] - jnp.where(
+        onehot, b[:, None], 0.0)
+    if c_ref is not None:
+        g = g - c_ref[rows][:, None]
+    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − (z'/c)²
+        g = g * (1.0 - jnp.square(z * (1.0 / softcap)))
+    live = (a != 0.0) | (b != 0.0)  # NaN counts as live: a NaN row stays NaN
+    g = jnp.where(live[:, None], g, 0.0).astype(g_ref.dtype)
+    index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
+    if real is None:
+        g_ref[index] = g
+    else:
+        pltriton.store(g_ref.at[index], g, mask=real)
+
+
+def _chunk_stats(logits, labels, bias, o: _Options):
+    """Per-token ``(lse, target, row sum or None)`` of one chunk's logits, float32 ``(chunk_rows,)`` each."""
+    cfg = o.config.gradient_in_forward
+    rows, vocab = logits.shape
+    n_blocks, num_tiles = rows // cfg.block_n, -(-vocab // cfg.block_v)
+    splits, tiles_per_split = geometry.choose_splits(
+        n_blocks, num_tiles, cfg.min_programs, o.config.sm_count or geometry.sm_count())
+    row_sum = bool(o.label_smoothing)
+    kernel = functools.partial(
+        _stats_kernel, block_n=cfg.block_n, block_v=cfg.block_v, tiles_per_split=tiles_per_split,
+        num_tiles=num_tiles, vocab_size=vocab, softcap=o.softcap, has_bias=bias is not None, row_sum=row_sum,
+    )
+    part = jax.ShapeDtypeStruct((splits, rows), jnp.float32)
+    partials = pl.pallas_call(
+        kernel, out_shape=(part,) * (4 if row_sum else 3), grid=(n_blocks, splits),
+        compiler_params=triton_params(cfg), interpret=o.interpret, name="lce_gif_stats",
+    )(logits, labels, *(() if bias is None else (bias,)))
+    lse, target, *sums = combine_partials(*partials)
+    return lse, target, (sums[0] if sums else None)
+
+
+def _chunk_grads(logits, labels, lse, coefficients, bias, o: _Options):
+    """The chunk's gradient logits ``G`` in the logits' dtype, written over ``logits``."""
+    cfg = o.config.gradient_in_forward
+    rows, vocab = logits.shape
+    a, b, c = coefficients
+    kernel = functools.partial(
+        _grads_kernel, block_n=cfg.block_n, block_v=cfg.block_v, vocab_size=vocab, softcap=o.softcap,
+        has_b=b is not None, has_c=c is not None, has_bias=bias is not None,
+    )
+    extra = tuple(x for x in (b, c, bias) if x is not None)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+        grid=(rows // cfg.block_n, -(-vocab // cfg.block_v)), input_output_aliases={0: 0},
+        compiler_params=triton_params(cfg), interpret=o.interpret, name="lce_gif_grads",
+    )(logits, labels, lse, a, *extra)
+
+
+# ------------------------------------------------------------------------------------------
+# The chunk loop and the loss under custom_vjp
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Static (hashable) options of one call."""
+
+    ignore_index: int
+    reduction: str
+    chunk_rows: int
+    config: BlockSizes
+    interpret: bool
+    softcap: float | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+
+
+def _scale(valid, reduction: str):
+    """The upstream of every counted token: 1 (``"sum"``) or 1 / their count over the whole input (``"mean"``)."""
+    if reduction == "sum":
+        return jnp.float32(1.0)
+    return 1.0 / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+
+
+def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
+    """``(loss, d_hidden, d_weight, d_bias)`` of ``scale · Σ loss``; ``d_bias`` float32 (None without a bias)."""
+    vocab, dtype = weight.shape[0], hidden.dtype
+    precision = matmul_precision(dtype)
+    valid = labels != o.ignore_index
+    # Upstream per row, folded into G before its rounding: scale, 0 (ignored or padding), NaN (nan_rows).
+    row_scale = jnp.where(nan_rows, jnp.nan, jnp.where(valid, _scale(valid, o.reduction), 0.0))
+    kernel_labels = jnp.where(valid, labels, -1).astype(jnp.int32)
+    bias32 = None if bias is None else bias.astype(jnp.float32)
+
+    def step(carry, xs):
+        d_weight, d_bias = carry
+        h, y, s = xs
+        logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
+        lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
+        loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
+        total = jnp.sum(jnp.where(s != 0.0, loss * s, 0.0))  # a NaN row's s keeps it NaN
+        # Zero where the row does not count, even where its lse is not finite (the kernel then writes 0).
+        coefficients = tuple(None if x is None else jnp.where(s != 0.0, x, 0.0) for x in grad_coefficients(
+            s, None, lse, vocab, o.label_smoothing, o.lse_square_scale))
+        g = _chunk_grads(logits, y, lse, coefficients, bias32, o)
+        d_h = jnp.dot(g, weight, preferred_element_type=dtype, precision=precision)
+        # Accumulated in the weight's dtype: the product (float32 inside) plus the running sum, one rounding.
+        d_weight = d_weight + lax.dot_general(
+            g, h, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision)
+        if d_bias is not None:
+            d_bias = d_bias + jnp.sum(g, axis=0, dtype=jnp.float32)
+        return (d_weight, d_bias), (total, d_h)
+
+    xs = (split_rows(hidden, o.chunk_rows, 0), split_rows(kernel_labels, o.chunk_rows, -1),
+          split_rows(row_scale, o.chunk_rows, 0.0))
+    init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
+    return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]], d_weight, d_bias
+
+
+def _forward_only(hidden, weight, bias, labels, nan_rows, o: _Options):
+    per_token = pallas_loss(hidden, weight, labels, o.ignore_index, bias=bias, softcap=o.softcap,
+                            label_smoothing=o.label_smoothing, lse_square_scale=o.lse_square_scale,
+                            interpret=o.interpret, config=o.config)
+    valid = labels != o.ignore_index
+    return jnp.sum(jnp.where(nan_rows, jnp.nan, per_token)) * _scale(valid, o.reduction)
+
+
+def _gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
+    """:func:`_with_gradients` with the saved gradients in the parameters' dtypes, differentiable once only."""
+
+    def run(h, w, b, y, bad):
+        total, d_hidden, d_weight, d_bias = _with_gradients(h, w, b, y, bad, o)
+        return total, d_hidden, d_weight, (None if b is None else d_bias.astype(b.dtype))
+
+    return _first_order_only(run)(hidden, weight, bias, labels, nan_rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _loss(hidden, weight, bias, labels, nan_rows, o: _Options):
+    return _forward_only(hidden, weight, bias, labels, nan_rows, o)
+
+
+def _loss_fwd(hidden, weight, bias, labels, nan_rows, o: _Options):
+    total, *grads = _gradients(hidden, weight, bias, labels, nan_rows, o)
+    return total, tuple(grads)
+
+
+def _loss_bwd(o: _Options, residuals, grad):
+    """Scale the saved gradients by the upstream scalar; an upstream of 1 (a loss itself) leaves
+    them as they are, without a scaled copy."""
+
+    def scaled(x):
+        if x is None:
+            return None
+        return lax.cond(grad == 1, lambda: x, lambda: (x.astype(grad.dtype) * grad).astype(x.dtype))
+
+    return (*(scaled(x) for x in residuals), None, None)
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd)
+
+
+def _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
+             lse_square_scale) -> _Options:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"the gradient-in-forward path needs reduction in {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(config, BlockSizes):
+        raise TypeError(f"config must be a jax_heads.pallas.BlockSizes, got {type(config).__name__}")
+    rows = chunk_rows_for(hidden.shape[0], weight.shape[0], hidden.dtype, config.gradient_in_forward)
+    return _Options(int(ignore_index), reduction, rows, config, bool(interpret), LogitOptions(softcap).softcap,
+                    float(label_smoothing), float(lse_square_scale))
+
+
+def gradient_in_forward_loss(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    ignore_index: int,
+    reduction: str,
+    *,
+    bias: jax.Array | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    interpret: bool = False,
+    config: BlockSizes = DEFAULT_BLOCK_SIZES,
+    nan_rows: jax.Array | None = None,
+) -> jax.Array:
+    """Summed or mean linear cross-entropy of flat inputs, its gradients formed in the forward pass.
+
+    Args:
+        hidden: ``(N, D)`` float16/bfloat16/float32.
+        weight: ``(V, D)``, same dtype.
+        labels: ``(N,)`` integer, each in ``[0, V)`` or ``ignore_index`` (validated by the caller).
+        ignore_index: label value with loss 0 and gradient 0.
+        reduction: ``"sum"`` or ``"mean"`` (over the non-ignored tokens; 0 when all are ignored).
+        bias, softcap, label_smoothing, lse_square_scale: the loss options of
+            :func:`jax_heads.linear_cross_entropy` (validated by the caller). No ``return_lse``
+            and no gradient filtering (module docstring).
+        interpret: run the kernels in Pallas interpret mode (CPU tests).
+        config: tiles, launch options and ``config.gradient_in_forward.logits_budget_bytes``.
+        nan_rows: ``(N,)`` bool or None: tokens whose loss and gradient rows are to be NaN (the
+            caller's out-of-range labels under a transformation).
+
+    Returns:
+        A float32 scalar, differentiable once in ``hidden``, ``weight`` and ``bias`` (gradients in
+        their dtypes).
+
+    Raises:
+        ValueError: ``reduction`` is not ``"sum"``/``"mean"``; a bad ``softcap``.
+        TypeError: ``config`` is not a :class:`~jax_heads.pallas.BlockSizes`.
+        NotImplementedError: when differentiated a second time.
+    """
+    o = _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
+                 lse_square_scale)
+    if hidden.shape[0] == 0 or weight.shape[0] == 0:  # nothing to launch; the exact path gives the zeros
+        return _forward_only(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool), o)
+    return _loss(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool) if nan_rows is None else nan_rows, o)
+
+
+def gradient_in_forward_grads(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    ignore_index: int,
+    reduction: str,
+    *,
+    bias: jax.Array | None = None,
+    softcap: float | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    interpret: bool = False,
+    config: BlockSizes = DEFAULT_BLOCK_SIZES,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """The reduced loss and its three gradients for an upstream of 1, in one pass (torch's ``impl="pallas"``).
+
+    Args: as :func:`gradient_in_forward_loss` (``N`` and ``V`` at least 1).
+
+    Returns:
+        ``(loss, d_hidden, d_weight, d_bias)``: a float32 scalar, ``(N, D)`` in hidden's dtype,
+        ``(V, D)`` in weight's dtype and ``(V,)`` in bias's dtype (None without a bias).
+    """
+    o = _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
+                 lse_square_scale)
+    return _gradients(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool), o)
