@@ -18,7 +18,8 @@ then ``G`` is cast to the input dtype, stored to a 128-byte-swizzled SMEM tile (
 warpgroup) and written with a TMA store; the store of tile ``t`` drains while tile ``t + 1``'s
 products run (its SMEM is reused only after ``wait_smem_to_gmem(wait_read_only)``). Tiles are
 independent: no reduction across CTAs. The chunk's bounds (``lo``, ``start``) are scalars read from
-global memory, so one compiled kernel serves every chunk of the backward's loop.
+global memory, so one compiled kernel serves every chunk of the backward's loop; its weight rows
+(and bias) come as a slice of the chunk (see :func:`grad_logits_call`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps,
 from jax_heads.pallas.plan import Plan
 
 _LOG2E = 1.4426950408889634
+# Output columns per TMA store: 64 16-bit values, one 128-byte swizzle row.
+_STORE_COLS = 64
 
 
 def smem_bytes(config: MosaicForwardConfig, dtype) -> int:
@@ -117,7 +120,6 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
         n0 = block * cfg.block_n
         first = split * tiles_per_split
         count = jnp.minimum(tiles_per_split, tiles - first)
-        start = bounds_gmem[1]  # the chunk's first vocabulary row
 
         @pl.when(wg == nwg)
         def _memory():
@@ -128,12 +130,13 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
 
             load_steps(plgpu, cfg, h_gmem=h_gmem, w_gmem=w_gmem, h_smem=h_smem, w_smem=w_smem, loaded=loaded,
                        consumed=consumed, n0=n0, first=first, total=count * k_iters, k_iters=k_iters,
-                       weight_t=weight_t, v_base=start, also=bias_load if has_bias else None)
+                       weight_t=weight_t, also=bias_load if has_bias else None)
 
         @pl.when(wg < nwg)
         def _compute():
             plgpu.set_max_registers(cfg.compute_registers, action="increase")
             lo = bounds_gmem[0]  # columns below lo were done by the previous chunk
+            start = bounds_gmem[1]  # the chunk's first vocabulary row
             row0 = n0 + wg * rows
             plgpu.copy_gmem_to_smem(y_gmem.at[pl.ds(row0, rows)], lab_smem.at[wg], row_bar.at[wg])
             for i, vec in enumerate(vec_gmem):
@@ -174,15 +177,18 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
                     a, b, c = coef
                     value = probs * rowwise(a) - jnp.where(hit, rowwise(b), 0.0) - rowwise(c)
                 else:
-                    value = (probs - jnp.where(hit, 1.0, 0.0)) * rowwise(coef[0])
+                    value = jnp.where(hit, probs - 1.0, probs) * rowwise(coef[0])
                 if softcap is not None:
                     value = value * slope
                 keep = (cols >= lo - v0) & (cols < vocab_size - v0)
                 grad = jnp.where(keep, value, 0.0).astype(out_smem.dtype)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read its SMEM
-                out_smem.at[wg][...] = grad
+                for j in range(bv // _STORE_COLS):  # a TMA box row spans one swizzle width (128 bytes)
+                    out_smem.at[wg, j][...] = grad[:, j * _STORE_COLS:(j + 1) * _STORE_COLS]
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[pl.ds(row0, rows), pl.ds(c0, bv)])
+                for j in range(bv // _STORE_COLS):
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg, j], out_gmem.at[pl.ds(row0, rows), pl.ds(c0 + j * _STORE_COLS, _STORE_COLS)])
 
             plgpu.wait_smem_to_gmem(0)
 
@@ -207,7 +213,8 @@ def grad_logits_call(plan: Plan, config: MosaicForwardConfig, *, chunk_v: int, d
     Returns:
         ``f(bounds, hidden, weight, labels, lse, g, *extra) -> (G,)`` with the Triton kernel's
         arguments: ``bounds`` ``(3,)`` int32 ``(lo, start, _)``; ``hidden`` ``(n_pad, d_pad)``,
-        ``weight`` ``(v_pad, d_pad)``; ``labels`` ``(n_pad,)`` int32 (-1: no target); ``lse``,
+        ``weight`` ``(v_pad, d_pad)`` (the kernel reads the chunk's rows
+        ``start : start + chunk_v``); ``labels`` ``(n_pad,)`` int32 (-1: no target); ``lse``,
         ``g`` ``(n_pad,)`` float32; ``extra`` = ``B, C`` with ``coefficients``, then the
         ``(v_pad,)`` float32 bias with ``has_bias``. ``G`` is ``(n_pad, chunk_v)`` in ``dtype``.
     """
@@ -231,7 +238,9 @@ def grad_logits_call(plan: Plan, config: MosaicForwardConfig, *, chunk_v: int, d
         plgpu.SMEM((stages, bk, bv) if weight_t else (stages, bv, bk), dtype, transforms=transforms),
         plgpu.SMEM((nwg, rows), jnp.int32),
         plgpu.SMEM((nwg, num_vec, rows), jnp.float32),
-        plgpu.SMEM((nwg, rows, bv), dtype, transforms=slot_transforms(plgpu, dtype, bv)),
+        # The output tiles: per compute warpgroup, block_v / 64 swizzled (rows, 64) pieces.
+        plgpu.SMEM((nwg, bv // _STORE_COLS, rows, _STORE_COLS), dtype,
+                   transforms=slot_transforms(plgpu, dtype, _STORE_COLS)),
         plgpu.Barrier(num_arrivals=2 + has_bias, num_barriers=stages),
         plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1 + num_vec, num_barriers=nwg),
@@ -251,6 +260,12 @@ def grad_logits_call(plan: Plan, config: MosaicForwardConfig, *, chunk_v: int, d
     )
 
     def grad_logits(bounds, hidden, weight, labels, lse, g, *extra):
-        return (call(bounds, hidden, weight.T if weight_t else weight, labels, lse, g, *extra),)
+        # The kernel reads the chunk's weight rows (and bias) from a slice: a loaded scalar as a TMA
+        # offset fails Mosaic GPU's layout inference (jax 0.10). The d_hidden product slices the
+        # same rows, so XLA forms the slice once.
+        w_chunk = lax.dynamic_slice_in_dim(weight, bounds[1], chunk_v, axis=0)
+        if has_bias:
+            extra = (*extra[:-1], lax.dynamic_slice_in_dim(extra[-1], bounds[1], chunk_v))
+        return (call(bounds, hidden, w_chunk.T if weight_t else w_chunk, labels, lse, g, *extra),)
 
     return grad_logits

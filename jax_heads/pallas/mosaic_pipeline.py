@@ -43,7 +43,7 @@ def layout_cast(plgpu, interpret):
 
 
 def load_steps(plgpu, cfg, *, h_gmem, w_gmem, h_smem, w_smem, loaded, consumed, n0, first, total, k_iters,
-               weight_t, v_base=None, also=None):
+               weight_t, also=None):
     """The memory warpgroup: ``total`` steps of TMA loads, then a drain of the last releases.
 
     Step ``s`` is D step ``s % k_iters`` of vocabulary tile ``first + s // k_iters``, whose weight
@@ -61,8 +61,6 @@ def load_steps(plgpu, cfg, *, h_gmem, w_gmem, h_smem, w_smem, loaded, consumed, 
         tile = lax.div(step, k_iters)
         k0 = (step - tile * k_iters) * bk
         v0 = (first + tile) * bv
-        if v_base is not None:
-            v0 = v_base + v0
 
         @pl.when(step >= stages)
         def _():
