@@ -180,10 +180,10 @@ def _jax_heads_with_bias(inputs, **options):
     return lambda a, b: jax_heads.linear_cross_entropy(a, b, jy, bias=bias, **ALL_OPTIONS, **options)
 
 
-def _jax_pallas(inputs, *, forward_kernel="auto", **options):
+def _jax_pallas(inputs, *, forward_kernel="auto", backward_kernel="auto", **options):
     from jax_heads.pallas import BlockSizes, pallas_loss
 
-    jy, config = inputs.jax()[2], BlockSizes(forward_kernel=forward_kernel)
+    jy, config = inputs.jax()[2], BlockSizes(forward_kernel=forward_kernel, backward_kernel=backward_kernel)
     return lambda a, b: pallas_loss(a, b, jy, IGNORE, config=config, **options)
 
 
@@ -247,6 +247,8 @@ CASES = [
          options=True),
     # The default forward is Mosaic GPU on a Hopper card; this row keeps the Triton forward, for the ratio.
     Case("jax-pallas-triton-fwd", "jax", "ours", "none", lambda i: _jax_pallas(i, forward_kernel="triton")),
+    # The default gradient-logits kernel is Mosaic GPU on a Hopper card too; this row keeps the Triton one.
+    Case("jax-pallas-triton-bwd", "jax", "ours", "none", lambda i: _jax_pallas(i, backward_kernel="triton")),
     # Gradient filtering at CCE's default threshold: our rule (targets outside the tiles) and CCE's own
     # (a tile holding a target is kept).
     Case("jax-pallas-filtered", "jax", "ours", "none", lambda i: _jax_pallas(i, filter_eps=FILTER_EPS)),

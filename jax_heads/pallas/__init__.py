@@ -2,9 +2,9 @@
 
 The package, read in this order: ``config.py`` (tiles and launch options, one dataclass per
 kernel), ``plan.py`` (padding and grid geometry), the kernels (``triton_forward.py``,
-``mosaic_forward.py``, ``backward.py``, ``filtered.py``), ``op.py`` (forward-kernel choice, the
-narrow entry and the differentiable loss) and ``gradient_in_forward.py`` (reductions ``"sum"``/``"mean"``
-with the gradients formed in the forward).
+``mosaic_pipeline.py`` with ``mosaic_forward.py`` and ``mosaic_backward.py``, ``backward.py``,
+``filtered.py``), ``op.py`` (forward-kernel choice, the narrow entry and the differentiable loss) and
+``gradient_in_forward.py`` (reductions ``"sum"``/``"mean"`` with the gradients formed in the forward).
 
 Callers use the narrow entry, :func:`lse_and_target` and :func:`grads` (any ``N``, ``V``, ``D``;
 padding and slicing are theirs), the per-token loss :func:`pallas_loss`, or the reduced loss

@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 
 from jax_heads.pallas.config import BackwardConfig, BlockSizes, matmul_precision, triton_params
 from jax_heads.pallas.filtered import add_skipped_targets, sparse_products
-from jax_heads.pallas.plan import Plan
+from jax_heads.pallas.mosaic_backward import backward_kernel_for, grad_logits_call
+from jax_heads.pallas.plan import Plan, sm_count
 
 
 def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
@@ -171,21 +172,28 @@ def backward(
     tiles = chunk_v // bwd.block_v
     n_blocks = plan.n_pad // bwd.block_n
 
-    grad_logits = pl.pallas_call(
-        functools.partial(
-            _grad_logits_kernel, block_n=bwd.block_n, block_v=bwd.block_v, block_d=plan.bwd_block_d,
-            vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
-            coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
-        ),
-        out_shape=(
-            jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
-            *(() if filter_eps is None else (jax.ShapeDtypeStruct((n_blocks, tiles), jnp.int32),)),
-        ),
-        grid=(n_blocks, tiles),
-        compiler_params=triton_params(bwd),
-        interpret=interpret,
-        name="lce_grad_logits" if filter_eps is None else "lce_grad_logits_filtered",
-    )
+    kernel = backward_kernel_for(dtype, plan, config, interpret, filtered=filter_eps is not None)
+    if kernel == "mosaic":  # the same arguments and result (mosaic_backward.py)
+        grad_logits = grad_logits_call(
+            plan, config.mosaic, chunk_v=chunk_v, dtype=dtype, sm_count=config.sm_count or sm_count(),
+            interpret=interpret, coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
+        )
+    else:
+        grad_logits = pl.pallas_call(
+            functools.partial(
+                _grad_logits_kernel, block_n=bwd.block_n, block_v=bwd.block_v, block_d=plan.bwd_block_d,
+                vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
+                coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
+            ),
+            out_shape=(
+                jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
+                *(() if filter_eps is None else (jax.ShapeDtypeStruct((n_blocks, tiles), jnp.int32),)),
+            ),
+            grid=(n_blocks, tiles),
+            compiler_params=triton_params(bwd),
+            interpret=interpret,
+            name="lce_grad_logits" if filter_eps is None else "lce_grad_logits_filtered",
+        )
     if filter_eps is not None:
         d_hidden_product, d_weight_product = sparse_products(
             plan, bwd, config.filtered, chunk_v=chunk_v, dtype=weight.dtype, precision=precision, interpret=interpret

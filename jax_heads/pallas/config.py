@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 FORWARD_KERNELS = ("auto", "mosaic", "triton")
+BACKWARD_KERNELS = FORWARD_KERNELS
 # The Mosaic forward runs two compute warpgroups per CTA, plus one that issues the TMA loads.
 COMPUTE_WARPGROUPS = 2
 # Shared memory per block on Hopper (227 KiB usable by one CTA).
@@ -251,6 +252,9 @@ class BlockSizes:
             a Hopper GPU for 16-bit inputs whose padded shapes fit its tiles, outside interpret mode;
             Triton otherwise. Naming ``"mosaic"`` for inputs it cannot take raises. The backward is
             the same for both.
+        backward_kernel: the gradient-logits kernel of the backward, chosen the same way:
+            ``"triton"``, ``"mosaic"`` (Hopper, bfloat16/float16, exact gradients; its tiles are
+            ``mosaic``'s) or ``"auto"`` (Mosaic where it can run, outside interpret mode).
         triton: :class:`TritonForwardConfig`.
         mosaic: :class:`MosaicForwardConfig`.
         backward: :class:`BackwardConfig`.
@@ -260,6 +264,7 @@ class BlockSizes:
     """
 
     forward_kernel: str = "auto"
+    backward_kernel: str = "auto"
     triton: TritonForwardConfig = TritonForwardConfig()
     mosaic: MosaicForwardConfig = MosaicForwardConfig()
     backward: BackwardConfig = BackwardConfig()
@@ -270,6 +275,9 @@ class BlockSizes:
     def __post_init__(self):
         if self.forward_kernel not in FORWARD_KERNELS:
             raise ValueError(f"BlockSizes.forward_kernel must be one of {FORWARD_KERNELS}, got {self.forward_kernel!r}")
+        if self.backward_kernel not in BACKWARD_KERNELS:
+            raise ValueError(
+                f"BlockSizes.backward_kernel must be one of {BACKWARD_KERNELS}, got {self.backward_kernel!r}")
         for name, cls in (("triton", TritonForwardConfig), ("mosaic", MosaicForwardConfig),
                           ("backward", BackwardConfig), ("filtered", FilterConfig),
                           ("gradient_in_forward", GradientInForwardConfig)):

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, PLAIN_LOGITS, LogitOptions, MosaicForwardConfig
+from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps, slot_transforms
 from jax_heads.pallas.plan import choose_splits
 
 # Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
@@ -65,7 +66,7 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
     """The kernel of :func:`forward_partials` for one static configuration (options as there)."""
     from jax.experimental import pallas as pl
 
-    rows, bv, bk, stages, nwg = cfg.wg_rows, cfg.block_v, cfg.block_k, cfg.max_concurrent_steps, COMPUTE_WARPGROUPS
+    rows, bv, stages, nwg = cfg.wg_rows, cfg.block_v, cfg.max_concurrent_steps, COMPUTE_WARPGROUPS
     ragged = vocab_size % bv != 0
     neg_inf = float("-inf")
 
@@ -88,28 +89,12 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
         def _memory():
             plgpu.set_max_registers(cfg.memory_registers, action="decrease")
 
-            @pl.loop(0, total)
-            def _step(step):
-                slot = lax.rem(step, stages)
-                tile = lax.div(step, k_iters)
-                k0 = (step - tile * k_iters) * bk
-                v0 = (first + tile) * bv
+            def bias_load(slot, v0):  # every step (the slot's barrier counts a fixed number of copies); 1 KiB
+                plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(v0, bv)], bias_scratch[0].at[slot], loaded.at[slot])
 
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(consumed.at[slot])
-
-                plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(n0, cfg.block_n), pl.ds(k0, bk)], h_smem.at[slot],
-                                        loaded.at[slot])
-                w_src = w_gmem.at[pl.ds(k0, bk), pl.ds(v0, bv)] if weight_t else w_gmem.at[pl.ds(v0, bv), pl.ds(k0, bk)]
-                plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], loaded.at[slot])
-                if has_bias:  # every step (the slot's barrier counts a fixed number of copies); 1 KiB
-                    plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(v0, bv)], bias_scratch[0].at[slot], loaded.at[slot])
-
-            # Observe the last releases too, so that no barrier phase is left unobserved at exit.
-            @pl.loop(jnp.maximum(total - stages, 0), total)
-            def _drain(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+            load_steps(plgpu, cfg, h_gmem=h_gmem, w_gmem=w_gmem, h_smem=h_smem, w_smem=w_smem, loaded=loaded,
+                       consumed=consumed, n0=n0, first=first, total=total, k_iters=k_iters, weight_t=weight_t,
+                       also=bias_load if has_bias else None)
 
         @pl.when(wg < nwg)
         def _compute():
@@ -126,19 +111,8 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 v0 = (first + tile) * bv
 
                 def mma(acc_ref):
-                    def kstep(kk, carry):
-                        step = base + kk
-                        slot = lax.rem(step, stages)
-                        plgpu.barrier_wait(loaded.at[slot])
-                        w_op = w_smem.at[slot] if weight_t else w_smem.at[slot].transpose((1, 0))
-                        plgpu.wgmma(acc_ref, h_smem.at[slot].at[pl.ds(wg * rows, rows)], w_op)
-                        plgpu.wgmma_wait(1)  # step k - 1's WGMMA is done: release its slot
-
-                        @pl.when(kk > 0)
-                        def _():
-                            plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
-
-                    lax.fori_loop(0, k_iters, kstep, None)
+                    mma_steps(plgpu, cfg, acc_ref, h_smem=h_smem, w_smem=w_smem, loaded=loaded, consumed=consumed,
+                              base=base, k_iters=k_iters, wg=wg, weight_t=weight_t)
                     logits = acc_ref[...]
                     last = lax.rem(base + k_iters - 1, stages)
                     if has_bias:  # the tile's bias slice, read from the last step's slot before releasing it
@@ -295,17 +269,8 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
     labels = labels.astype(jnp.int32)
     labels = jnp.where((labels >= 0) & (labels < vocab_size), labels, -1)
 
-    swizzle = plgpu.find_swizzle(bk * jnp.dtype(dtype).itemsize * 8)
-    swizzle_elems = swizzle // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
-    if interpret is None:
-        cast = plgpu.layout_cast
-    else:
-        # Interpret mode keeps values in their logical layout; jax 0.11's interpreter treats
-        # layout_cast as a no-op, jax 0.10's has no rule for it, so it is skipped here.
-        def cast(x, layout):
-            del layout
-            return x
+    transforms = slot_transforms(plgpu, dtype, bk)
+    cast = layout_cast(plgpu, interpret)
 
     # jax 0.10's interpreter cannot read a transposed SMEM operand of wgmma; interpret mode feeds
     # it the weight as a (d_pad, v_pad) matrix (tiles (block_k, block_v), B used as is) instead.

@@ -56,14 +56,14 @@ def plan_for(n: int, v: int, d: int, config: BlockSizes) -> Plan:
     """The :class:`Plan` for hidden ``(n, d)`` and weight ``(v, d)`` under ``config``.
 
     ``N`` and ``V`` are padded to the larger of the Triton forward's and the backward's tiles (powers
-    of two, so one divides the other) and ``D`` to 16. A named Mosaic forward pads to its tiles too:
-    to a common multiple (its tiles are multiples of 64, not always powers of two) and ``D`` to its
-    ``block_k``.
+    of two, so one divides the other) and ``D`` to 16. A named Mosaic forward or backward pads to
+    their tiles (``config.mosaic``) too: to a common multiple (they are multiples of 64, not always
+    powers of two) and ``D`` to ``block_k``.
     """
     block_n = max(config.triton.block_n, config.backward.block_n)
     block_v = max(config.triton.block_v, config.backward.block_v)
     d_pad = round_up(d, 16)
-    if config.forward_kernel == "mosaic":
+    if "mosaic" in (config.forward_kernel, config.backward_kernel):
         block_n = math.lcm(block_n, config.mosaic.block_n)
         block_v = math.lcm(block_v, config.mosaic.block_v)
         d_pad = round_up(d, math.lcm(16, config.mosaic.block_k))
