@@ -19,6 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jax_heads.pallas.config import BackwardConfig, BlockSizes, matmul_precision, triton_params
+from jax_heads.pallas.epilogue import LOG2E, capped_tanh
 from jax_heads.pallas.filtered import add_skipped_targets, sparse_products
 from jax_heads.pallas.plan import Plan
 
@@ -40,7 +41,7 @@ def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
 
 def _grad_logits_kernel(
     bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *refs, block_n, block_v, block_d, vocab_size, precision,
-    filter_eps, separate_targets=False, coefficients=False, has_bias=False, softcap=None,
+    filter_eps, separate_targets=False, coefficients=0, has_bias=False, softcap=None,
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
@@ -57,13 +58,14 @@ def _grad_logits_kernel(
     ``dense`` set, an unflagged tile is written as zeros instead, so that dense products of the
     chunk give the filtered values.
 
-    Options (static; the default program has none of their operations): ``coefficients`` (two more
-    ``(n_pad,)`` float32 refs B, C follow ``g_ref``, which holds A: the tile is
-    ``p·A − B·onehot − C``), ``has_bias`` (a float32 ``(v_pad,)`` bias ref follows, added to the
-    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − (z'/c)²``).
+    Options (static; the default program has none of their operations): ``coefficients`` (1 or 2:
+    that many more ``(n_pad,)`` float32 refs, B then C, follow ``g_ref``, which holds A: the tile is
+    ``p·A − B·onehot (− C)``), ``has_bias`` (a float32 ``(v_pad,)`` bias ref follows, added to the
+    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − (z'/c)²``; both from one
+    ``exp2``, :mod:`jax_heads.pallas.epilogue`).
     """
-    b_ref, c_ref = refs[:2] if coefficients else (None, None)
-    refs = refs[2:] if coefficients else refs
+    b_ref, c_ref = (tuple(refs[:coefficients]) + (None, None))[:2]
+    refs = refs[coefficients:]
     bias_ref, out_refs = (refs[0], refs[1:]) if has_bias else (None, refs)
     i, j = pl.program_id(0), pl.program_id(1)
     lo, start = bounds_ref[0], bounds_ref[1]
@@ -73,32 +75,37 @@ def _grad_logits_kernel(
     logits = _logits_tile(h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision)
     if has_bias:
         logits = logits + bias_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
-    lse = lse_ref[pl.ds(n0, block_n)]
+    # p = exp(z' − lse) as exp2(z'·log2(e) − lse·log2(e)): one multiply-add and one ex2 per element,
+    # the row's lse·log2(e) formed once per row.
+    lse2 = lse_ref[pl.ds(n0, block_n)] * LOG2E
+    if softcap is None:
+        probs = jnp.exp2(logits * LOG2E - lse2[:, None])
+    else:  # z' = c·t, t = tanh(z / c) from one exp2; c·log2(e) folded at trace time
+        t = capped_tanh(logits, softcap)
+        probs = jnp.exp2(t * (softcap * LOG2E) - lse2[:, None])
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
-    cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
-    probs = jnp.exp(logits - lse[:, None])
-    diff = probs - jnp.where(cols == labels[:, None], 1.0, 0.0)
-    in_vocab = (cols >= lo) & (cols < vocab_size)
-    if coefficients:  # dL/dz' = p·A − B·[v == y] − C
-        b, c = b_ref[pl.ds(n0, block_n)], c_ref[pl.ds(n0, block_n)]
-        value = probs * g[:, None] - jnp.where(cols == labels[:, None], b[:, None], 0.0) - c[:, None]
-    else:
-        value = diff * g[:, None]
-    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − (z'/c)²
-        value = value * (1.0 - jnp.square(logits / softcap))
+    # Column indices relative to v0: a (1, block_v) row for the masks, compared with each row's label − v0.
+    col = lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
+    hit = col == (labels - v0)[:, None]
+    in_vocab = (col >= lo - v0) & (col < vocab_size - v0)
+    b = None if b_ref is None else b_ref[pl.ds(n0, block_n)]
+    # dL/dz' = p·A − B·[v == y] − C (A = B = g, C = 0 without coefficients)
+    value = probs * g[:, None] - jnp.where(hit, (g if b is None else b)[:, None], 0.0)
+    if c_ref is not None:
+        value = value - c_ref[pl.ds(n0, block_n)][:, None]
+    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − t²
+        value = value * (1.0 - t * t)
     grad = jnp.where(in_vocab, value, 0.0).astype(out_refs[0].dtype)
     if filter_eps is None:
         out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
         return
     out_ref, flag_ref = out_refs
     # A row counts when its gradient can be non-zero; a NaN upstream gradient counts (NaN != 0).
-    live = (g != 0.0) if b_ref is None else (g != 0.0) | (b != 0.0)
-    finite = (g == g) if b_ref is None else (g == g) & (b == b)
+    live = (g != 0.0) if b is None else (g != 0.0) | (b != 0.0)
+    finite = (g == g) if b is None else (g == g) & (b == b)
     counted = in_vocab & live[:, None]
-    value = probs if separate_targets else jnp.abs(diff)
+    value = probs if separate_targets else jnp.abs(probs - jnp.where(hit, 1.0, 0.0))
     # "not below eps" rather than ">= eps": a NaN (a non-finite hidden state or upstream gradient)
     # keeps its tile, so it reaches the gradients as in the exact path instead of being skipped.
     big = counted & jnp.logical_not((value < filter_eps) & finite[:, None])
@@ -137,7 +144,8 @@ def backward(
             ``coefficients`` the per-row A of ``dL/dz' = p·A − B·onehot − C``.
         plan, config, interpret: geometry, tiles, Pallas interpret mode.
         filter_eps, separate_targets: gradient filtering (None: exact).
-        coefficients: None (``A = B = g``, ``C = 0``) or ``(B, C)``, each ``(n_pad,)`` float32.
+        coefficients: None (``A = B = g``, ``C = 0``) or ``(B, C)``, each ``(n_pad,)`` float32; ``C`` may
+            be None (0: the kernel then has no ``C`` term).
         bias: None or ``(v_pad,)`` float32 added to the logits (its gradient is then returned too).
         softcap: None or ``c``: the logits are ``c·tanh(z / c)``.
 
@@ -171,11 +179,12 @@ def backward(
     tiles = chunk_v // bwd.block_v
     n_blocks = plan.n_pad // bwd.block_n
 
+    extra_rows = () if coefficients is None else tuple(x for x in coefficients if x is not None)  # B[, C]
     grad_logits = pl.pallas_call(
         functools.partial(
             _grad_logits_kernel, block_n=bwd.block_n, block_v=bwd.block_v, block_d=plan.bwd_block_d,
             vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
-            coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
+            coefficients=len(extra_rows), has_bias=bias is not None, softcap=softcap,
         ),
         out_shape=(
             jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
@@ -210,7 +219,7 @@ def backward(
     def filtered_products(gl, flags, d_hidden, bounds):
         return d_hidden_product(bounds, flags, gl, weight, d_hidden), d_weight_product(flags, gl, hidden)
 
-    extra = (*(() if coefficients is None else coefficients), *(() if bias is None else (bias,)))
+    extra = (*extra_rows, *(() if bias is None else (bias,)))
 
     def body(k, carry):
         d_hidden, d_weight, target_kept, dense, *d_bias = carry

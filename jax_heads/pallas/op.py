@@ -245,7 +245,7 @@ def grads(
     f32 = lambda x: jnp.pad(x.astype(jnp.float32), pad)  # noqa: E731
     if coefficients is not None:
         b, c = coefficients
-        coefficients = (f32(b), f32(jnp.zeros_like(b) if c is None else c))
+        coefficients = (f32(b), None if c is None else f32(c))
     d_hidden, d_weight, *d_bias = backward(
         hp, wp, yp, f32(lse), f32(g), plan=plan, config=config, interpret=interpret,
         filter_eps=None if filter_eps is None else float(filter_eps), separate_targets=bool(filter_separate_targets),
