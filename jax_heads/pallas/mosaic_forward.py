@@ -44,20 +44,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, PLAIN_LOGITS, LogitOptions, MosaicForwardConfig
+from jax_heads.pallas.epilogue import LN2, LOG2E, capped_tanh
 from jax_heads.pallas.plan import choose_splits
 
 # Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _DEFAULT_CONFIG = MosaicForwardConfig()
-
-
-def _capped(z, c):
-    """``c·tanh(z / c)`` as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)`` (one ex2, no overflow)."""
-    e = jnp.exp2(jnp.abs(z) * (-2.0 * _LOG2E / c))
-    r = c * (1.0 - e) / (1.0 + e)
-    return jnp.where(z < 0, -r, r)
 
 
 def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size, weight_t, cast, has_bias=False,
@@ -150,15 +142,15 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
                 cols = iota((rows, bv), 1)
                 if softcap is not None:
-                    logits = _capped(logits, softcap)
+                    logits = softcap * capped_tanh(logits, softcap)  # one ex2 (epilogue.py)
                 if row_sum:  # over the real columns (the padded ones hold the transformed bias padding)
                     real = jnp.where(cols < vocab_size - v0, logits, 0.0) if ragged else logits
                     rsum = (rsum[0] + real.sum(axis=1),)
                 if ragged:
                     logits = jnp.where(cols < vocab_size - v0, logits, neg_inf)
                 # Running max in units of log2(e) * logit: each element costs one FMA and one ex2.
-                m_new = jnp.maximum(m2, logits.max(axis=1) * _LOG2E)
-                p = jnp.exp2(logits * _LOG2E - lax.broadcast_in_dim(m_new, (rows, bv), [0]))
+                m_new = jnp.maximum(m2, logits.max(axis=1) * LOG2E)
+                p = jnp.exp2(logits * LOG2E - lax.broadcast_in_dim(m_new, (rows, bv), [0]))
                 s = s * jnp.exp2(m2 - m_new) + p.sum(axis=1)
                 hit = cols == lax.broadcast_in_dim(lab - v0, (rows, bv), [0])
                 tgt = tgt + jnp.where(hit, logits, 0.0).sum(axis=1)
@@ -169,7 +161,7 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 *(cast(jnp.full((rows,), 0.0, jnp.float32), row_layout) for _ in range(2 + row_sum)),
             )
             m2, *stats = lax.fori_loop(0, count, tile_body, init)
-            for i, value in enumerate((m2 * _LN2, *stats)):
+            for i, value in enumerate((m2 * LN2, *stats)):
                 out_smem.at[i, wg][...] = value
             plgpu.commit_smem()
             for i, out in enumerate(outs):
