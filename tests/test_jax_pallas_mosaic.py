@@ -6,7 +6,7 @@ through ``jax.export`` (Pallas → Mosaic GPU dialect, plus layout inference and
 Warpgroup semantics) at the Gemma-2 shape and a ragged one. Two differences from the GPU path in
 interpret mode (jax 0.10's interpreter lacks them): layout casts are skipped (jax 0.11's interpreter
 treats them as no-ops) and the weight is fed pre-transposed instead of as a transposed SMEM operand.
-On a GPU: comparison with the Triton forward.
+On a GPU: comparison with the Triton forward and the float64 truth (with bias, softcap and row sum).
 """
 
 import numpy as np
@@ -191,17 +191,29 @@ def test_gpu_matches_triton_forward(shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("softcap", [None, 30.0, 2.5], ids=lambda c: f"softcap-{c}")
-def test_gpu_options_match_triton_forward(softcap):
-    """Soft-capping and the row sum (label smoothing) in the Mosaic forward's epilogue against the Triton
-    forward on the GPU, at a ragged vocabulary."""
+def test_gpu_options_match_triton_forward(softcap, bias):
+    """The bias, soft-capping and the row sum (label smoothing) in the Mosaic forward's epilogue against
+    the Triton forward and the float64 truth on the GPU, at a ragged vocabulary."""
     if jax.default_backend() != "gpu":
         pytest.skip("JAX has no GPU backend here")
     from jax_heads.pallas import lse_and_target
 
-    h, w, y = _inputs(1000, 256, 5003, 5003, seed=7)
+    n, v = 1000, 5003
+    h, w, y = _inputs(n, 256, v, v, seed=7)
     h = h * 8  # logits of tens, where a cap of 2.5 or 30 changes them
-    ref = lse_and_target(h, w, y, softcap=softcap, row_sum=True, config=BlockSizes(forward_kernel="triton"))
-    got = lse_and_target(h, w, y, softcap=softcap, row_sum=True, config=BlockSizes(forward_kernel="mosaic"))
-    for name, g, r in zip(("lse", "target logit", "row sum"), got, ref, strict=True):
-        assert_close(name, np.asarray(g), np.asarray(r), "float32")
+    b = jnp.asarray(3.0 * np.random.default_rng(5).standard_normal(v, np.float32)) if bias else None
+    kwargs = dict(bias=b, softcap=softcap, row_sum=True)
+    ref = lse_and_target(h, w, y, config=BlockSizes(forward_kernel="triton"), **kwargs)
+    got = lse_and_target(h, w, y, config=BlockSizes(forward_kernel="mosaic"), **kwargs)
+    z = np.asarray(h, np.float64) @ np.asarray(w, np.float64).T + (0.0 if b is None else np.asarray(b, np.float64))
+    zc = z if softcap is None else softcap * np.tanh(z / softcap)
+    yy = np.asarray(y)
+    ok = (yy >= 0) & (yy < v)
+    mx = zc.max(1)
+    truth = (mx + np.log(np.exp(zc - mx[:, None]).sum(1)), np.where(ok, zc[np.arange(n), np.where(ok, yy, 0)], 0.0),
+             zc.sum(1))
+    for name, g, r, t in zip(("lse", "target logit", "row sum"), got, ref, truth, strict=True):
+        assert_close(f"{name} vs triton", np.asarray(g), np.asarray(r), "float32")
+        assert_close(f"{name} vs float64", np.asarray(g), t, "float32")

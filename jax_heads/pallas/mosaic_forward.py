@@ -254,11 +254,12 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
         interpret: None on a GPU; Mosaic GPU interpret parameters (:func:`interpret_params`) to run
             on the CPU.
         bias: None or ``(v_pad,)`` float32, added to the float32 logits (each tile's slice is
-            loaded with the pipeline slots and read in the accumulator's column layout). This path
-            lowers for CUDA but is not verified in interpret mode (jax 0.10's interpreter hangs on
-            it), so :mod:`jax_heads.pallas.op` does not route a bias here yet.
+            loaded with the pipeline slots and read in the accumulator's column layout). jax 0.10's
+            interpreter can deadlock on this path for grids of several tiles per split, so
+            :mod:`jax_heads.pallas.op` routes a bias here on the GPU only.
         options: static softcap and row sum (:class:`~jax_heads.pallas.config.LogitOptions`); the
-            softcap ``c·tanh(z / c)`` is computed as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)``.
+            softcap ``c·tanh(z / c)`` is computed as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)``
+            (:func:`jax_heads.pallas.epilogue.capped_tanh`).
             With neither a bias nor an option the kernel is the plain one.
 
     Returns:
