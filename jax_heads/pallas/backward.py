@@ -75,14 +75,14 @@ def _grad_logits_kernel(
     logits = _logits_tile(h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision)
     if has_bias:
         logits = logits + bias_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
-    # p = exp(z' − lse) as exp2(z'·log2(e) − lse·log2(e)): one multiply-add and one ex2 per element,
-    # the row's lse·log2(e) formed once per row.
-    lse2 = lse_ref[pl.ds(n0, block_n)] * LOG2E
+    # p = exp(z' − lse) as exp2((z' − lse)·log2(e)): the difference first (exact near the row maximum,
+    # where z'·log2(e) − lse·log2(e) would round each term at |z'|·2⁻²⁴), then one multiply and ex2.
+    lse = lse_ref[pl.ds(n0, block_n)]
     if softcap is None:
-        probs = jnp.exp2(logits * LOG2E - lse2[:, None])
-    else:  # z' = c·t, t = tanh(z / c) from one exp2; c·log2(e) folded at trace time
+        probs = jnp.exp2((logits - lse[:, None]) * LOG2E)
+    else:  # z' = c·t, t = tanh(z / c) from one exp2; c·t − lse is one multiply-add
         t = capped_tanh(logits, softcap)
-        probs = jnp.exp2(t * (softcap * LOG2E) - lse2[:, None])
+        probs = jnp.exp2((t * softcap - lse[:, None]) * LOG2E)
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
     # Column indices relative to v0: a (1, block_v) row for the masks, compared with each row's label − v0.

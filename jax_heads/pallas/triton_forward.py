@@ -62,9 +62,9 @@ def _forward_kernel(
             logits = jnp.where(cols < vocab_size, logits, _NEG_INF)
         target = target + jnp.sum(jnp.where(cols == labels[:, None], logits, 0.0), axis=1)
         # Online log-sum-exp (Milakov & Gimelshein): rescale the running sum to the new maximum.
-        # exp(z − m) as exp2(z·log2(e) − m·log2(e)): one multiply-add and one ex2 per element.
+        # exp(z − m) as exp2((z − m)·log2(e)): the difference first (exact near the maximum), then ex2.
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        p = jnp.exp2(logits * LOG2E - (m_new * LOG2E)[:, None])
+        p = jnp.exp2((logits - m_new[:, None]) * LOG2E)
         s = s * jnp.exp2((m - m_new) * LOG2E) + jnp.sum(p, axis=1)
         return m_new, s, target, *rsum
 
