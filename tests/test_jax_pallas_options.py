@@ -188,16 +188,28 @@ def test_gpu_all_options_match_ground_truth(framework, dtype):
                      None if naive is None else as64(naive[i]))
 
 
-def test_mosaic_forward_refuses_the_options_by_name_and_auto_takes_triton(monkeypatch):
-    """The Mosaic forward has no bias, softcap or row sum yet: "auto" resolves to Triton for them (even
-    on a Hopper host), a named "mosaic" raises saying why."""
+def test_mosaic_forward_takes_the_bias_on_hopper_and_refuses_it_by_name_in_interpret_mode(monkeypatch):
+    """On a Hopper host "auto" resolves to Mosaic with a bias too; in interpret mode the bias stays on
+    the Triton forward ("auto") and a named "mosaic" raises saying why (no silent fallback)."""
     from jax_heads import pallas
     from jax_heads.pallas.op import forward_kernel_for
     from jax_heads.pallas.plan import plan_for
 
     monkeypatch.setattr(pallas.plan, "gpu_capabilities", lambda: ("9.0",))
+    monkeypatch.setattr(pallas.plan, "is_hopper", lambda: True)
     plan = plan_for(8192, 256_000, 2304, BlockSizes())
     assert forward_kernel_for(jnp.bfloat16, plan, BlockSizes(), False) == "mosaic"
-    assert forward_kernel_for(jnp.bfloat16, plan, BlockSizes(), False, options_given=True) == "triton"
-    with pytest.raises(ValueError, match="forward_kernel='mosaic' cannot run.*Triton forward only"):
-        forward_kernel_for(jnp.bfloat16, plan, BlockSizes(forward_kernel="mosaic"), False, options_given=True)
+    assert forward_kernel_for(jnp.bfloat16, plan, BlockSizes(), False, bias_given=True) == "mosaic"
+    assert forward_kernel_for(jnp.bfloat16, plan, BlockSizes(), True, bias_given=True) == "triton"
+    named = BlockSizes(forward_kernel="mosaic")
+    assert forward_kernel_for(jnp.bfloat16, plan, named, False, bias_given=True) == "mosaic"
+    with pytest.raises(ValueError, match="forward_kernel='mosaic' cannot run.*bias path runs on the GPU only"):
+        forward_kernel_for(jnp.bfloat16, plan, named, True, bias_given=True)
+
+
+def test_named_mosaic_forward_with_a_bias_in_interpret_mode_raises_through_the_loss():
+    h, w, b, y, _, _ = _problem(8, 64, 20, seed=4, dtype=np.float32)
+    h, w = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    with pytest.raises(ValueError, match="bias path runs on the GPU only"):
+        pallas_loss(h, w, jnp.asarray(y, jnp.int32), IGNORE, bias=jnp.asarray(b, jnp.bfloat16), interpret=True,
+                    config=BlockSizes(forward_kernel="mosaic"))

@@ -19,6 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jax_heads.pallas.config import BackwardConfig, BlockSizes, matmul_precision, triton_params
+from jax_heads.pallas.epilogue import LOG2E, capped_tanh
 from jax_heads.pallas.filtered import add_skipped_targets, sparse_products
 from jax_heads.pallas.mosaic_backward import backward_kernel_for, grad_logits_call
 from jax_heads.pallas.plan import Plan, sm_count
@@ -41,7 +42,7 @@ def _logits_tile(h_ref, w_ref, n0, v0, *, block_n, block_v, block_d, precision):
 
 def _grad_logits_kernel(
     bounds_ref, h_ref, w_ref, y_ref, lse_ref, g_ref, *refs, block_n, block_v, block_d, vocab_size, precision,
-    filter_eps, separate_targets=False, coefficients=False, has_bias=False, softcap=None,
+    filter_eps, separate_targets=False, coefficients=0, has_bias=False, softcap=None,
 ):
     """One (token block, vocabulary tile) of a chunk: ``g * (softmax - onehot)``.
 
@@ -58,13 +59,14 @@ def _grad_logits_kernel(
     ``dense`` set, an unflagged tile is written as zeros instead, so that dense products of the
     chunk give the filtered values.
 
-    Options (static; the default program has none of their operations): ``coefficients`` (two more
-    ``(n_pad,)`` float32 refs B, C follow ``g_ref``, which holds A: the tile is
-    ``p·A − B·onehot − C``), ``has_bias`` (a float32 ``(v_pad,)`` bias ref follows, added to the
-    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − (z'/c)²``).
+    Options (static; the default program has none of their operations): ``coefficients`` (1 or 2:
+    that many more ``(n_pad,)`` float32 refs, B then C, follow ``g_ref``, which holds A: the tile is
+    ``p·A − B·onehot (− C)``), ``has_bias`` (a float32 ``(v_pad,)`` bias ref follows, added to the
+    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − (z'/c)²``; both from one
+    ``exp2``, :mod:`jax_heads.pallas.epilogue`).
     """
-    b_ref, c_ref = refs[:2] if coefficients else (None, None)
-    refs = refs[2:] if coefficients else refs
+    b_ref, c_ref = (tuple(refs[:coefficients]) + (None, None))[:2]
+    refs = refs[coefficients:]
     bias_ref, out_refs = (refs[0], refs[1:]) if has_bias else (None, refs)
     i, j = pl.program_id(0), pl.program_id(1)
     lo, start = bounds_ref[0], bounds_ref[1]
@@ -74,32 +76,37 @@ def _grad_logits_kernel(
     logits = _logits_tile(h_ref, w_ref, n0, v0, block_n=block_n, block_v=block_v, block_d=block_d, precision=precision)
     if has_bias:
         logits = logits + bias_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
-    if softcap is not None:
-        logits = softcap * jnp.tanh(logits / softcap)
+    # p = exp(z' − lse) as exp2((z' − lse)·log2(e)): the difference first (exact near the row maximum,
+    # where z'·log2(e) − lse·log2(e) would round each term at |z'|·2⁻²⁴), then one multiply and ex2.
     lse = lse_ref[pl.ds(n0, block_n)]
+    if softcap is None:
+        probs = jnp.exp2((logits - lse[:, None]) * LOG2E)
+    else:  # z' = c·t, t = tanh(z / c) from one exp2; c·t − lse is one multiply-add
+        t = capped_tanh(logits, softcap)
+        probs = jnp.exp2((t * softcap - lse[:, None]) * LOG2E)
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
-    cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
-    probs = jnp.exp(logits - lse[:, None])
-    diff = probs - jnp.where(cols == labels[:, None], 1.0, 0.0)
-    in_vocab = (cols >= lo) & (cols < vocab_size)
-    if coefficients:  # dL/dz' = p·A − B·[v == y] − C
-        b, c = b_ref[pl.ds(n0, block_n)], c_ref[pl.ds(n0, block_n)]
-        value = probs * g[:, None] - jnp.where(cols == labels[:, None], b[:, None], 0.0) - c[:, None]
-    else:
-        value = diff * g[:, None]
-    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − (z'/c)²
-        value = value * (1.0 - jnp.square(logits / softcap))
+    # Column indices relative to v0: a (1, block_v) row for the masks, compared with each row's label − v0.
+    col = lax.broadcasted_iota(jnp.int32, (1, block_v), 1)
+    hit = col == (labels - v0)[:, None]
+    in_vocab = (col >= lo - v0) & (col < vocab_size - v0)
+    b = None if b_ref is None else b_ref[pl.ds(n0, block_n)]
+    # dL/dz' = p·A − B·[v == y] − C (A = B = g, C = 0 without coefficients)
+    value = probs * g[:, None] - jnp.where(hit, (g if b is None else b)[:, None], 0.0)
+    if c_ref is not None:
+        value = value - c_ref[pl.ds(n0, block_n)][:, None]
+    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − t²
+        value = value * (1.0 - t * t)
     grad = jnp.where(in_vocab, value, 0.0).astype(out_refs[0].dtype)
     if filter_eps is None:
         out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad
         return
     out_ref, flag_ref = out_refs
     # A row counts when its gradient can be non-zero; a NaN upstream gradient counts (NaN != 0).
-    live = (g != 0.0) if b_ref is None else (g != 0.0) | (b != 0.0)
-    finite = (g == g) if b_ref is None else (g == g) & (b == b)
+    live = (g != 0.0) if b is None else (g != 0.0) | (b != 0.0)
+    finite = (g == g) if b is None else (g == g) & (b == b)
     counted = in_vocab & live[:, None]
-    value = probs if separate_targets else jnp.abs(diff)
+    value = probs if separate_targets else jnp.abs(probs - jnp.where(hit, 1.0, 0.0))
     # "not below eps" rather than ">= eps": a NaN (a non-finite hidden state or upstream gradient)
     # keeps its tile, so it reaches the gradients as in the exact path instead of being skipped.
     big = counted & jnp.logical_not((value < filter_eps) & finite[:, None])
@@ -138,7 +145,8 @@ def backward(
             ``coefficients`` the per-row A of ``dL/dz' = p·A − B·onehot − C``.
         plan, config, interpret: geometry, tiles, Pallas interpret mode.
         filter_eps, separate_targets: gradient filtering (None: exact).
-        coefficients: None (``A = B = g``, ``C = 0``) or ``(B, C)``, each ``(n_pad,)`` float32.
+        coefficients: None (``A = B = g``, ``C = 0``) or ``(B, C)``, each ``(n_pad,)`` float32; ``C`` may
+            be None (0: the kernel then has no ``C`` term).
         bias: None or ``(v_pad,)`` float32 added to the logits (its gradient is then returned too).
         softcap: None or ``c``: the logits are ``c·tanh(z / c)``.
 
@@ -173,17 +181,19 @@ def backward(
     n_blocks = plan.n_pad // bwd.block_n
 
     kernel = backward_kernel_for(dtype, plan, config, interpret, filtered=filter_eps is not None)
-    if kernel == "mosaic":  # the same arguments and result (mosaic_backward.py)
+    if kernel == "mosaic":  # the same arguments and result (mosaic_backward.py); it reads B and C both
+        extra_rows = () if coefficients is None else tuple(jnp.zeros_like(g) if x is None else x for x in coefficients)
         grad_logits = grad_logits_call(
             plan, config.mosaic, chunk_v=chunk_v, dtype=dtype, sm_count=config.sm_count or sm_count(),
             interpret=interpret, coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
         )
     else:
+        extra_rows = () if coefficients is None else tuple(x for x in coefficients if x is not None)  # B[, C]
         grad_logits = pl.pallas_call(
             functools.partial(
                 _grad_logits_kernel, block_n=bwd.block_n, block_v=bwd.block_v, block_d=plan.bwd_block_d,
                 vocab_size=plan.v, precision=precision, filter_eps=filter_eps, separate_targets=separate_targets,
-                coefficients=coefficients is not None, has_bias=bias is not None, softcap=softcap,
+                coefficients=len(extra_rows), has_bias=bias is not None, softcap=softcap,
             ),
             out_shape=(
                 jax.ShapeDtypeStruct((plan.n_pad, chunk_v), dtype),
@@ -218,7 +228,7 @@ def backward(
     def filtered_products(gl, flags, d_hidden, bounds):
         return d_hidden_product(bounds, flags, gl, weight, d_hidden), d_weight_product(flags, gl, hidden)
 
-    extra = (*(() if coefficients is None else coefficients), *(() if bias is None else (bias,)))
+    extra = (*extra_rows, *(() if bias is None else (bias,)))
 
     def body(k, carry):
         d_hidden, d_weight, target_kept, dense, *d_bias = carry

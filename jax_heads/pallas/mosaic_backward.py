@@ -31,10 +31,10 @@ from jax import lax
 from jax_heads.pallas import mosaic_forward
 from jax_heads.pallas import plan as geometry  # GPU queries through the module: tests replace them
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, SMEM_LIMIT, BlockSizes, MosaicForwardConfig
+from jax_heads.pallas.epilogue import LOG2E, softcap_and_derivative
 from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps, slot_transforms
 from jax_heads.pallas.plan import Plan
 
-_LOG2E = 1.4426950408889634
 # Output columns per TMA store: 64 16-bit values, one 128-byte swizzle row.
 _STORE_COLS = 64
 
@@ -94,15 +94,6 @@ def backward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, 
     return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "triton"
 
 
-def _capped_and_slope(z, c):
-    """``(c·tanh(z / c), 1 − tanh²(z / c))`` from one ``e = exp(−2|z|/c)``: ``tanh = ±(1 − e)/(1 + e)``,
-    the slope ``4e/(1 + e)²`` (no cancellation where ``|z| ≫ c``)."""
-    e = jnp.exp2(jnp.abs(z) * (-2.0 * _LOG2E / c))
-    q = 1.0 / (1.0 + e)
-    r = c * (1.0 - e) * q
-    return jnp.where(z < 0, -r, r), 4.0 * e * q * q
-
-
 def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, weight_t, cast, coefficients,
                  has_bias, softcap):
     """The kernel of :func:`grad_logits_call` for one static configuration."""
@@ -145,7 +136,7 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             lab = cast(lab_smem.at[wg][...], row_layout)
             lse2, *coef = (cast(vec_smem.at[wg, i][...], row_layout) for i in range(num_vec))
-            lse2 = lse2 * _LOG2E
+            lse2 = lse2 * LOG2E
 
             def rowwise(x):
                 return lax.broadcast_in_dim(x, (rows, bv), [0])
@@ -169,9 +160,9 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
 
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
                 if softcap is not None:
-                    logits, slope = _capped_and_slope(logits, softcap)
+                    logits, slope = softcap_and_derivative(logits, softcap)
                 cols = cast(lax.broadcasted_iota(jnp.int32, (rows, bv), 1), plgpu.Layout.WGMMA)
-                probs = jnp.exp2(logits * _LOG2E - rowwise(lse2))
+                probs = jnp.exp2(logits * LOG2E - rowwise(lse2))
                 hit = cols == rowwise(lab - v0)
                 if coefficients:  # dL/dz' = p·A − B·[v == y] − C
                     a, b, c = coef

@@ -44,21 +44,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, PLAIN_LOGITS, LogitOptions, MosaicForwardConfig
+from jax_heads.pallas.epilogue import LN2, LOG2E, capped_tanh
 from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps, slot_transforms
 from jax_heads.pallas.plan import choose_splits
 
 # Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 _DEFAULT_CONFIG = MosaicForwardConfig()
-
-
-def _capped(z, c):
-    """``c·tanh(z / c)`` as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)`` (one ex2, no overflow)."""
-    e = jnp.exp2(jnp.abs(z) * (-2.0 * _LOG2E / c))
-    r = c * (1.0 - e) / (1.0 + e)
-    return jnp.where(z < 0, -r, r)
 
 
 def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size, weight_t, cast, has_bias=False,
@@ -124,15 +116,15 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
                 cols = iota((rows, bv), 1)
                 if softcap is not None:
-                    logits = _capped(logits, softcap)
+                    logits = softcap * capped_tanh(logits, softcap)  # one ex2 (epilogue.py)
                 if row_sum:  # over the real columns (the padded ones hold the transformed bias padding)
                     real = jnp.where(cols < vocab_size - v0, logits, 0.0) if ragged else logits
                     rsum = (rsum[0] + real.sum(axis=1),)
                 if ragged:
                     logits = jnp.where(cols < vocab_size - v0, logits, neg_inf)
                 # Running max in units of log2(e) * logit: each element costs one FMA and one ex2.
-                m_new = jnp.maximum(m2, logits.max(axis=1) * _LOG2E)
-                p = jnp.exp2(logits * _LOG2E - lax.broadcast_in_dim(m_new, (rows, bv), [0]))
+                m_new = jnp.maximum(m2, logits.max(axis=1) * LOG2E)
+                p = jnp.exp2(logits * LOG2E - lax.broadcast_in_dim(m_new, (rows, bv), [0]))
                 s = s * jnp.exp2(m2 - m_new) + p.sum(axis=1)
                 hit = cols == lax.broadcast_in_dim(lab - v0, (rows, bv), [0])
                 tgt = tgt + jnp.where(hit, logits, 0.0).sum(axis=1)
@@ -143,7 +135,7 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 *(cast(jnp.full((rows,), 0.0, jnp.float32), row_layout) for _ in range(2 + row_sum)),
             )
             m2, *stats = lax.fori_loop(0, count, tile_body, init)
-            for i, value in enumerate((m2 * _LN2, *stats)):
+            for i, value in enumerate((m2 * LN2, *stats)):
                 out_smem.at[i, wg][...] = value
             plgpu.commit_smem()
             for i, out in enumerate(outs):
@@ -236,11 +228,12 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
         interpret: None on a GPU; Mosaic GPU interpret parameters (:func:`interpret_params`) to run
             on the CPU.
         bias: None or ``(v_pad,)`` float32, added to the float32 logits (each tile's slice is
-            loaded with the pipeline slots and read in the accumulator's column layout). This path
-            lowers for CUDA but is not verified in interpret mode (jax 0.10's interpreter hangs on
-            it), so :mod:`jax_heads.pallas.op` does not route a bias here yet.
+            loaded with the pipeline slots and read in the accumulator's column layout). jax 0.10's
+            interpreter can deadlock on this path for grids of several tiles per split, so
+            :mod:`jax_heads.pallas.op` routes a bias here on the GPU only.
         options: static softcap and row sum (:class:`~jax_heads.pallas.config.LogitOptions`); the
-            softcap ``c·tanh(z / c)`` is computed as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)``.
+            softcap ``c·tanh(z / c)`` is computed as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)``
+            (:func:`jax_heads.pallas.epilogue.capped_tanh`).
             With neither a bias nor an option the kernel is the plain one.
 
     Returns:

@@ -48,7 +48,7 @@ def _mosaic_reason(dtype, plan: Plan, config: BlockSizes) -> str | None:
     return None
 
 
-def forward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, options_given: bool = False) -> str:
+def forward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, bias_given: bool = False) -> str:
     """The forward kernel that ``config.forward_kernel`` resolves to for these inputs.
 
     Args:
@@ -56,23 +56,23 @@ def forward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, o
         plan: the call's padded geometry (:func:`jax_heads.pallas.plan.plan_for`).
         config: the block sizes; ``config.forward_kernel`` is ``"auto"``, ``"mosaic"`` or ``"triton"``.
         interpret: Pallas interpret mode.
-        options_given: a bias is given (the Mosaic forward takes the softcap and the row sum;
-            :data:`MOSAIC_BIAS` says whether it takes a bias).
+        bias_given: a bias is given. The Mosaic forward takes the bias, the softcap and the row sum
+            on the GPU; in interpret mode it does not take a bias (:data:`MOSAIC_BIAS_INTERPRET_REASON`).
 
     Returns:
         ``"mosaic"`` or ``"triton"``. ``"auto"`` gives ``"mosaic"`` for 16-bit inputs whose padded
         shapes fit its tiles, on a host whose GPUs are all Hopper parts, outside interpret mode.
 
     Raises:
-        ValueError: ``"mosaic"`` named for inputs it cannot take (dtype, padding, options) or on a
-            GPU that is not a Hopper part. Without any GPU (lowering with ``jax.export``,
+        ValueError: ``"mosaic"`` named for inputs it cannot take (dtype, padding, a bias in interpret
+            mode) or on a GPU that is not a Hopper part. Without any GPU (lowering with ``jax.export``,
             interpret mode) a named ``"mosaic"`` is kept.
     """
     if config.forward_kernel == "triton":
         return "triton"
     reason = _mosaic_reason(dtype, plan, config)
-    if reason is None and options_given and not MOSAIC_BIAS:
-        reason = "the bias is in the Triton forward only"
+    if reason is None and bias_given and interpret:
+        reason = MOSAIC_BIAS_INTERPRET_REASON
     if config.forward_kernel == "mosaic":
         if reason is not None:
             raise ValueError(f"forward_kernel='mosaic' cannot run on these inputs: {reason}")
@@ -80,9 +80,12 @@ def forward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, o
     return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "triton"
 
 
-# Whether the Mosaic forward takes a bias (its softcap and row sum are always on): the kernel's bias
-# path lowers for CUDA but hangs in jax 0.10's Mosaic GPU interpreter, so it is not verified yet.
-MOSAIC_BIAS = False
+# Why a bias is not run through the Mosaic forward in interpret mode (docs/loss-options.md): jax 0.10's
+# Mosaic GPU interpreter deadlocks on the bias path for some grids (one simulated warpgroup never starts).
+MOSAIC_BIAS_INTERPRET_REASON = (
+    "the bias path runs on the GPU only (jax's Mosaic GPU interpreter can deadlock on it); "
+    "use forward_kernel='triton' or 'auto' in interpret mode"
+)
 
 
 def _sum_in_fixed_order(x):
@@ -245,7 +248,7 @@ def grads(
     f32 = lambda x: jnp.pad(x.astype(jnp.float32), pad)  # noqa: E731
     if coefficients is not None:
         b, c = coefficients
-        coefficients = (f32(b), f32(jnp.zeros_like(b) if c is None else c))
+        coefficients = (f32(b), None if c is None else f32(c))
     d_hidden, d_weight, *d_bias = backward(
         hp, wp, yp, f32(lse), f32(g), plan=plan, config=config, interpret=interpret,
         filter_eps=None if filter_eps is None else float(filter_eps), separate_targets=bool(filter_separate_targets),

@@ -19,6 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jax_heads.pallas.config import PLAIN_LOGITS, LogitOptions, TritonForwardConfig, matmul_precision, triton_params
+from jax_heads.pallas.epilogue import LOG2E, capped_tanh
 from jax_heads.pallas.plan import Plan, choose_splits
 
 _NEG_INF = float("-inf")
@@ -51,8 +52,8 @@ def _forward_kernel(
         v0 = (first + t) * block_v
         if has_bias:
             logits = logits + b_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
-        if softcap is not None:
-            logits = softcap * jnp.tanh(logits / softcap)
+        if softcap is not None:  # c·tanh(z / c) from one exp2 (epilogue.py)
+            logits = softcap * capped_tanh(logits, softcap)
         cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
         if row_sum:  # padded columns hold the bias padding (0), transformed: left out
             real = logits if vocab_size % block_v == 0 else jnp.where(cols < vocab_size, logits, 0.0)
@@ -61,8 +62,10 @@ def _forward_kernel(
             logits = jnp.where(cols < vocab_size, logits, _NEG_INF)
         target = target + jnp.sum(jnp.where(cols == labels[:, None], logits, 0.0), axis=1)
         # Online log-sum-exp (Milakov & Gimelshein): rescale the running sum to the new maximum.
+        # exp(z − m) as exp2((z − m)·log2(e)): the difference first (exact near the maximum), then ex2.
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=1)
+        p = jnp.exp2((logits - m_new[:, None]) * LOG2E)
+        s = s * jnp.exp2((m - m_new) * LOG2E) + jnp.sum(p, axis=1)
         return m_new, s, target, *rsum
 
     init = (
