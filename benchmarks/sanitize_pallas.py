@@ -8,7 +8,9 @@ of the backward chunk (so the last chunk overlaps the one before), D not a multi
 Exact gradients, then gradient filtering (the block-sparse products, both target rules), with the
 Triton forward and the Triton gradient-logits kernel; then exact gradients with the Mosaic GPU
 gradient-logits kernel, after the Triton forward and after the Mosaic GPU forward (both pad D to
-their 64-wide K step).
+their 64-wide K step). Then every loss option at once (bias, softcap, label smoothing, z-loss) on
+both kernel pairs, and the gradient-in-forward path of the mean (chunks of 128 tokens, the last one
+ragged), plain and with every option.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import IGNORE, make_inputs  # noqa: E402
-from jax_heads.pallas import BackwardConfig, BlockSizes, pallas_loss  # noqa: E402
+from jax_heads.pallas import (  # noqa: E402
+    BackwardConfig,
+    BlockSizes,
+    GradientInForwardConfig,
+    gradient_in_forward_grads,
+    pallas_loss,
+)
 
 N, D, V = 333, 200, 5_003
 # Chunks of 1536 vocabulary rows (the budget counts the gradient logits and twice the chunk's
@@ -32,6 +40,14 @@ CHUNK_BYTES = {208: 1536 * (384 + 2 * 208) * 2, 256: 1536 * (384 + 2 * 256) * 2}
 # (forward kernel, backward kernel, filter_eps, filter_separate_targets)
 RUNS = (("triton", "triton", None, True), ("triton", "triton", 2.0**-12, False), ("triton", "triton", 2.0**-12, True),
         ("triton", "mosaic", None, True), ("mosaic", "mosaic", None, True))
+OPTIONS = {"softcap": 30.0, "label_smoothing": 0.1, "lse_square_scale": 1e-4}
+
+
+def _report(what: str, *arrays) -> None:
+    arrays = [a for a in arrays if a is not None]
+    jax.block_until_ready(arrays)
+    finite = all(bool(jnp.isfinite(a).all()) for a in arrays)
+    print(f"{what}: loss sum {float(arrays[0].sum()):.4f}, finite: {finite}", flush=True)
 
 
 def main() -> None:
@@ -49,11 +65,19 @@ def main() -> None:
             return pallas_loss(a, b, y, IGNORE, config=config, filter_eps=eps, filter_separate_targets=separate)
 
         loss, vjp = jax.vjp(loss_fn, h, w)
-        dh, dw = vjp(jnp.ones((N,), jnp.float32))
-        jax.block_until_ready((loss, dh, dw))
-        finite = bool(jnp.isfinite(loss).all() & jnp.isfinite(dh).all() & jnp.isfinite(dw).all())
-        print(f"forward {kernel}, backward {bwd_kernel}, filter_eps={eps} separate_targets={separate}: "
-              f"loss sum {float(loss.sum()):.4f}, finite: {finite}", flush=True)
+        _report(f"forward {kernel}, backward {bwd_kernel}, filter_eps={eps} separate_targets={separate}",
+                loss, *vjp(jnp.ones((N,), jnp.float32)))
+    bias = jnp.asarray(torch.randn(V, generator=torch.Generator().manual_seed(1)).numpy())
+    for kernel in ("triton", "mosaic"):
+        config = BlockSizes(forward_kernel=kernel, backward_kernel=kernel,
+                            backward=BackwardConfig(chunk_bytes=CHUNK_BYTES[256 if kernel == "mosaic" else 208]))
+        loss, vjp = jax.vjp(lambda a, b, c, config=config: pallas_loss(a, b, y, IGNORE, bias=c, config=config,
+                                                                       **OPTIONS), h, w, bias)
+        _report(f"forward and backward {kernel}, every option", loss, *vjp(jnp.ones((N,), jnp.float32)))
+    gif = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_budget_bytes=128 * 5_120 * 2))
+    for options in ({}, {"bias": bias, **OPTIONS}):
+        _report(f"gradient in forward, mean, options {sorted(options)}",
+                *gradient_in_forward_grads(h, w, y, IGNORE, "mean", config=gif, **options))
 
 
 if __name__ == "__main__":
