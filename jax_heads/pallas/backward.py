@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jax_heads.pallas.config import BackwardConfig, BlockSizes, matmul_precision, triton_params
-from jax_heads.pallas.epilogue import LOG2E, capped_tanh
+from jax_heads.pallas.epilogue import LOG2E, softcap_and_derivative
 from jax_heads.pallas.filtered import add_skipped_targets, sparse_products
 from jax_heads.pallas.mosaic_backward import backward_kernel_for, grad_logits_call
 from jax_heads.pallas.plan import Plan, sm_count
@@ -62,8 +62,8 @@ def _grad_logits_kernel(
     Options (static; the default program has none of their operations): ``coefficients`` (1 or 2:
     that many more ``(n_pad,)`` float32 refs, B then C, follow ``g_ref``, which holds A: the tile is
     ``p·A − B·onehot (− C)``), ``has_bias`` (a float32 ``(v_pad,)`` bias ref follows, added to the
-    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − (z'/c)²``; both from one
-    ``exp2``, :mod:`jax_heads.pallas.epilogue`).
+    logits), ``softcap`` (logits ``z' = c·tanh(z / c)``, the tile times ``1 − tanh²(z / c)``; both from
+    one ``exp2``, :mod:`jax_heads.pallas.epilogue`).
     """
     b_ref, c_ref = (tuple(refs[:coefficients]) + (None, None))[:2]
     refs = refs[coefficients:]
@@ -81,9 +81,9 @@ def _grad_logits_kernel(
     lse = lse_ref[pl.ds(n0, block_n)]
     if softcap is None:
         probs = jnp.exp2((logits - lse[:, None]) * LOG2E)
-    else:  # z' = c·t, t = tanh(z / c) from one exp2; c·t − lse is one multiply-add
-        t = capped_tanh(logits, softcap)
-        probs = jnp.exp2((t * softcap - lse[:, None]) * LOG2E)
+    else:  # z' = c·tanh(z / c) and its derivative from one exp2 (epilogue.py)
+        capped, slope = softcap_and_derivative(logits, softcap)
+        probs = jnp.exp2((capped - lse[:, None]) * LOG2E)
     g = g_ref[pl.ds(n0, block_n)]
     labels = y_ref[pl.ds(n0, block_n)]
     # Column indices relative to v0: a (1, block_v) row for the masks, compared with each row's label − v0.
@@ -95,8 +95,8 @@ def _grad_logits_kernel(
     value = probs * g[:, None] - jnp.where(hit, (g if b is None else b)[:, None], 0.0)
     if c_ref is not None:
         value = value - c_ref[pl.ds(n0, block_n)][:, None]
-    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − t²
-        value = value * (1.0 - t * t)
+    if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − tanh²(z/c)
+        value = value * slope
     grad = jnp.where(in_vocab, value, 0.0).astype(out_refs[0].dtype)
     if filter_eps is None:
         out_refs[0][pl.ds(n0, block_n), pl.ds(c0, block_v)] = grad

@@ -56,6 +56,7 @@ from jax_heads.pallas.config import (
     matmul_precision,
     triton_params,
 )
+from jax_heads.pallas.epilogue import softcapped
 from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
 from jax_heads.reference import grad_coefficients, loss_terms
 
@@ -107,9 +108,8 @@ def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap
         else:
             b = pltriton.load(bias_ref.at[b_index], mask=columns < vocab_size)
         z = z + b[None, :]
-    if softcap is not None:
-        # c·tanh(z/c) as c − 2c / (exp(2z/c) + 1): one exponential and a division, exact at ±inf.
-        z = softcap - (2.0 * softcap) / (jnp.exp(z * (2.0 / softcap)) + 1.0)
+    if softcap is not None:  # c·tanh(z/c) from one exp2 (epilogue.py)
+        z = softcapped(z, softcap)
     return z, cols, real
 
 

@@ -12,7 +12,7 @@ the flat (tile, D step) sequence of its split. Per tile, in registers, on the fl
     z  = acc (+ bias)                      z' = c·tanh(z / c) with a softcap, else z
     p  = exp2(z'·log2 e − lse·log2 e)      (one FMA and one ex2 per element)
     G  = (p − [v == y])·g                  or p·A − B·[v == y] − C with the loss options
-    G *= 1 − tanh²(z / c) = 4e/(1 + e)²    with a softcap (e = exp(−2|z|/c), as in the cap itself)
+    G *= 1 − tanh²(z / c) = 4q(1 − q)      with a softcap (q = 1/(1 + exp(2z/c)), as in the cap itself)
 
 then ``G`` is cast to the input dtype, stored to a 128-byte-swizzled SMEM tile (one per compute
 warpgroup) and written with a TMA store; the store of tile ``t`` drains while tile ``t + 1``'s

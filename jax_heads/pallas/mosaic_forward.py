@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, PLAIN_LOGITS, LogitOptions, MosaicForwardConfig
-from jax_heads.pallas.epilogue import LN2, LOG2E, capped_tanh
+from jax_heads.pallas.epilogue import LN2, LOG2E, softcapped
 from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps, slot_transforms
 from jax_heads.pallas.plan import choose_splits
 
@@ -116,7 +116,7 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
                 cols = iota((rows, bv), 1)
                 if softcap is not None:
-                    logits = softcap * capped_tanh(logits, softcap)  # one ex2 (epilogue.py)
+                    logits = softcapped(logits, softcap)  # one ex2 (epilogue.py)
                 if row_sum:  # over the real columns (the padded ones hold the transformed bias padding)
                     real = jnp.where(cols < vocab_size - v0, logits, 0.0) if ragged else logits
                     rsum = (rsum[0] + real.sum(axis=1),)
@@ -232,8 +232,8 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
             interpreter can deadlock on this path for grids of several tiles per split, so
             :mod:`jax_heads.pallas.op` routes a bias here on the GPU only.
         options: static softcap and row sum (:class:`~jax_heads.pallas.config.LogitOptions`); the
-            softcap ``c·tanh(z / c)`` is computed as ``±c·(1 − e)/(1 + e)``, ``e = exp(−2|z|/c)``
-            (:func:`jax_heads.pallas.epilogue.capped_tanh`).
+            softcap ``c·tanh(z / c)`` is computed as ``c − 2c/(1 + exp(2z/c))``
+            (:func:`jax_heads.pallas.epilogue.softcapped`).
             With neither a bias nor an option the kernel is the plain one.
 
     Returns:

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jax_heads.pallas.config import PLAIN_LOGITS, LogitOptions, TritonForwardConfig, matmul_precision, triton_params
-from jax_heads.pallas.epilogue import LOG2E, capped_tanh
+from jax_heads.pallas.epilogue import LOG2E, softcapped
 from jax_heads.pallas.plan import Plan, choose_splits
 
 _NEG_INF = float("-inf")
@@ -53,7 +53,7 @@ def _forward_kernel(
         if has_bias:
             logits = logits + b_ref[pl.ds(pl.multiple_of(v0, block_v), block_v)][None, :]
         if softcap is not None:  # c·tanh(z / c) from one exp2 (epilogue.py)
-            logits = softcap * capped_tanh(logits, softcap)
+            logits = softcapped(logits, softcap)
         cols = v0 + lax.broadcasted_iota(jnp.int32, (block_n, block_v), 1)
         if row_sum:  # padded columns hold the bias padding (0), transformed: left out
             real = logits if vocab_size % block_v == 0 else jnp.where(cols < vocab_size, logits, 0.0)
