@@ -2,14 +2,14 @@
 
 With a reduced loss the upstream gradient of every token is one scalar, so both gradients are known
 up to that scalar during the forward. The tokens are walked in chunks of ``chunk_rows``
-(``lax.scan``, unrolled up to :data:`MAX_UNROLLED_CHUNKS` chunks); per chunk:
+(``lax.scan``); per chunk:
 
 1. ``logits = h_c · Wᵀ``: an XLA (cuBLAS) product accumulated in float32, written in the input
    dtype: the one ``(chunk_rows, V)`` buffer, at most ``GradientInForwardConfig.logits_budget_bytes``.
 2. ``lce_gif_stats`` (Pallas, Triton backend): per token block and vocabulary split, the online
    log-sum-exp partials, the target logit and (label smoothing) the row sum of the transformed
-   logits ``z' = softcap·tanh((z + bias) / softcap)`` (:mod:`jax_heads.pallas.epilogue`); the splits
-   are combined in a fixed order (:func:`jax_heads.pallas.op.combine_partials`), then the per-token loss
+   logits ``z' = softcap·tanh((z + bias) / softcap)``; the splits are combined in a fixed order
+   (:func:`jax_heads.pallas.op.combine_partials`), then the per-token loss
    (:func:`~jax_heads.reference.loss_terms`) and the coefficients ``A, B, C`` of
    ``G = p·A − B·onehot − C`` (:func:`~jax_heads.reference.grad_coefficients`) for the upstream
    ``scale`` (1 for ``"sum"``, 1 / the count of counted tokens of the whole input for ``"mean"``).
@@ -226,9 +226,6 @@ def _chunk_grads(logits, labels, lse, coefficients, bias, o: _Options):
 # ------------------------------------------------------------------------------------------
 
 
-MAX_UNROLLED_CHUNKS = 64  # chunks of one call unrolled in the program; more run in a loop of that many
-
-
 @dataclasses.dataclass(frozen=True)
 class _Options:
     """Static (hashable) options of one call."""
@@ -282,9 +279,7 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     xs = (split_rows(hidden, o.chunk_rows, 0), split_rows(kernel_labels, o.chunk_rows, -1),
           split_rows(row_scale, o.chunk_rows, 0.0))
     init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
-    # Unrolled (up to MAX_UNROLLED_CHUNKS): no device-to-host round trip per chunk, and the first chunk's
-    # d_weight is the product itself (the add of the zeros folds away) rather than zeros plus a product.
-    (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs, unroll=min(xs[0].shape[0], MAX_UNROLLED_CHUNKS))
+    (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
     return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]], d_weight, d_bias
 
 
