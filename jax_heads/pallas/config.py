@@ -231,9 +231,9 @@ class GradientInForwardConfig:
             many programs (:func:`jax_heads.pallas.plan.choose_splits`).
     """
 
-    logits_budget_bytes: int = 768 * 2**20
+    logits_budget_bytes: int = 896 * 2**20
     block_n: int = 16
-    block_v: int = 1024
+    block_v: int = 512
     num_warps: int = 4
     num_stages: int = 2
     min_programs: int = 1056
