@@ -66,6 +66,28 @@ def test_interpret_matches_reference():
     assert_close("split 1 max", np.asarray(m[1]), logits[:, 512:].max(1), "float32")
 
 
+@pytest.mark.parametrize("softcap, row_sum", [(None, False), (2.5, True)], ids=["plain", "softcap_row_sum"])
+def test_interpret_store_logits(softcap, row_sum):
+    """``store_logits``: the raw products z (before the softcap) in the input dtype, and the same partials.
+
+    2 token blocks × 2 splits of 2 tiles, ragged vocabulary: every tile's store drains while the next
+    tile's products run; the padded weight rows give zero columns. No bias (interpret mode, above).
+    """
+    n, d, v, v_pad = 256, 192, 600, 768
+    h, w, y = _inputs(n, d, v, v_pad, seed=41)
+    kwargs = dict(vocab_size=v, splits=2, tiles_per_split=2, config=MosaicForwardConfig(max_concurrent_steps=2),
+                  interpret=interpret_params(), options=LogitOptions(softcap, row_sum))
+    parts, z = forward_partials(h, w, y, store_logits=True, **kwargs)
+    assert z.shape == (n, v_pad) and z.dtype == h.dtype
+    exact = np.asarray(h, np.float64) @ np.asarray(w, np.float64).T
+    assert_close("stored logits", np.asarray(z, np.float64), exact, "bfloat16")
+    xla = jnp.dot(h, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
+    assert_close("stored logits vs XLA", np.asarray(z, np.float32), np.asarray(xla, np.float32), "bfloat16")
+    assert not np.asarray(z[:, v:]).any()
+    for name, got, want in zip("mstr", parts, forward_partials(h, w, y, **kwargs)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"partial {name}")
+
+
 @pytest.mark.parametrize("bias, softcap, row_sum", [
     (False, 3.0, False), (False, None, True), (False, 2.5, True), (True, None, False), (True, 2.5, True),
 ], ids=["softcap", "row_sum", "softcap_row_sum", "bias", "bias_softcap_row_sum"])

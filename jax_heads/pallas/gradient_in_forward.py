@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +48,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jax_heads.chunked import split_rows
+from jax_heads.pallas import mosaic_backward, mosaic_forward
 from jax_heads.pallas import plan as geometry
 from jax_heads.pallas.config import (
     DEFAULT_BLOCK_SIZES,
+    SMEM_LIMIT,
     BlockSizes,
     GradientInForwardConfig,
     LogitOptions,
     matmul_precision,
     triton_params,
 )
-from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
+from jax_heads.pallas.op import MOSAIC_BIAS_INTERPRET_REASON, _first_order_only, combine_partials, pallas_loss
 from jax_heads.reference import grad_coefficients, loss_terms
 
 REDUCTIONS = ("sum", "mean")
@@ -88,14 +91,15 @@ def chunk_rows_for(n: int, v: int, dtype, config: GradientInForwardConfig) -> in
 # ------------------------------------------------------------------------------------------
 
 
-def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap):
+def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, width, softcap):
     """float32 transformed logits ``z'`` of rows ``n0:`` and columns ``v0:`` of the chunk, the column
-    indices ``(1, block_v)`` and the mask of real columns (None when ``block_v`` divides ``V``; the
-    last tile may run past ``V``: masked loads, whose masked values are undefined and never used)."""
+    indices ``(1, block_v)`` and the mask of the buffer's ``width`` columns (None when ``block_v``
+    divides it; the last tile may run past it: masked loads, whose masked values are undefined and
+    never used)."""
     columns = v0 + lax.broadcasted_iota(jnp.int32, (block_v,), 0)
     cols = columns[None, :]
     index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
-    real = None if vocab_size % block_v == 0 else jnp.broadcast_to(cols < vocab_size, (block_n, block_v))
+    real = None if width % block_v == 0 else jnp.broadcast_to(cols < width, (block_n, block_v))
     if real is None:
         z = logits_ref[index].astype(jnp.float32)
     else:
@@ -105,7 +109,7 @@ def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap
         if real is None:
             b = bias_ref[b_index]
         else:
-            b = pltriton.load(bias_ref.at[b_index], mask=columns < vocab_size)
+            b = pltriton.load(bias_ref.at[b_index], mask=columns < width)
         z = z + b[None, :]
     if softcap is not None:
         # c·tanh(z/c) as c − 2c / (exp(2z/c) + 1): one exponential and a division, exact at ±inf.
@@ -127,7 +131,7 @@ def _stats_kernel(logits_ref, y_ref, *refs, block_n, block_v, tiles_per_split, n
         m, s, target, *rsum = carry
         v0 = pl.multiple_of((first + t) * block_v, block_v)
         z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v,
-                              vocab_size=vocab_size, softcap=softcap)
+                              width=vocab_size, softcap=softcap)
         if real is not None:  # columns past V (undefined values): 0 in the row sum, -inf in the log-sum-exp
             z = jnp.where(real, z, 0.0)
         if row_sum:
@@ -147,12 +151,13 @@ def _stats_kernel(logits_ref, y_ref, *refs, block_n, block_v, tiles_per_split, n
         ref[split, pl.ds(n0, block_n)] = value
 
 
-def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vocab_size, softcap, has_b, has_c,
-                  has_bias):
+def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vocab_size, width, softcap, has_b,
+                  has_c, has_bias):
     """One (token block, vocabulary tile): ``G = (p·A − B·onehot − C)·(1 − (z'/c)²)`` over the logits, in place.
 
     ``B`` defaults to ``A`` and ``C`` to 0 (their refs are absent). Rows with ``A = B = 0`` (ignored
-    and padding tokens) are written as 0 even where their logits are not finite.
+    and padding tokens) are written as 0 even where their logits are not finite; so are the buffer's
+    padding columns ``vocab_size : width``.
     """
     b_ref = refs[0] if has_b else None
     c_ref = refs[int(has_b)] if has_c else None
@@ -161,7 +166,7 @@ def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vo
     i, j = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(i * block_n, block_n)
     v0 = pl.multiple_of(j * block_v, block_v)
-    z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v, vocab_size=vocab_size,
+    z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v, width=width,
                           softcap=softcap)
     rows = pl.ds(n0, block_n)
     lse, a, labels = lse_ref[rows], a_ref[rows], y_ref[rows]
@@ -175,7 +180,8 @@ def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vo
     if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − (z'/c)²
         g = g * (1.0 - jnp.square(z * (1.0 / softcap)))
     live = (a != 0.0) | (b != 0.0)  # NaN counts as live: a NaN row stays NaN
-    g = jnp.where(live[:, None], g, 0.0).astype(g_ref.dtype)
+    keep = live[:, None] if vocab_size == width else live[:, None] & (cols < vocab_size)
+    g = jnp.where(keep, g, 0.0).astype(g_ref.dtype)
     index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
     if real is None:
         g_ref[index] = g
@@ -204,21 +210,73 @@ def _chunk_stats(logits, labels, bias, o: _Options):
     return lse, target, (sums[0] if sums else None)
 
 
-def _chunk_grads(logits, labels, lse, coefficients, bias, o: _Options):
-    """The chunk's gradient logits ``G`` in the logits' dtype, written over ``logits``."""
+def _chunk_grads(logits, labels, lse, coefficients, bias, vocab: int, o: _Options):
+    """The chunk's gradient logits ``G`` in the logits' dtype, written over ``logits`` (its columns
+    past ``vocab``, padding of the Mosaic path, as zeros)."""
     cfg = o.config.gradient_in_forward
-    rows, vocab = logits.shape
+    rows, width = logits.shape
     a, b, c = coefficients
     kernel = functools.partial(
-        _grads_kernel, block_n=cfg.block_n, block_v=cfg.block_v, vocab_size=vocab, softcap=o.softcap,
+        _grads_kernel, block_n=cfg.block_n, block_v=cfg.block_v, vocab_size=vocab, width=width, softcap=o.softcap,
         has_b=b is not None, has_c=c is not None, has_bias=bias is not None,
     )
     extra = tuple(x for x in (b, c, bias) if x is not None)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-        grid=(rows // cfg.block_n, -(-vocab // cfg.block_v)), input_output_aliases={0: 0},
+        grid=(rows // cfg.block_n, -(-width // cfg.block_v)), input_output_aliases={0: 0},
         compiler_params=triton_params(cfg), interpret=o.interpret, name="lce_gif_grads",
     )(logits, labels, lse, a, *extra)
+
+
+def _chunk_mosaic(h, labels, weight, bias, vocab: int, o: _Options):
+    """The chunk's raw logits ``(rows, v_pad)`` (input dtype) and ``(lse, target, row sum or None)``
+    from the Mosaic forward with its logits store (padded ``h``, ``weight``, ``bias``)."""
+    cfg = o.config.mosaic
+    splits, tiles_per_split = mosaic_forward.choose_grid(
+        h.shape[0], weight.shape[0], cfg, o.config.sm_count or geometry.sm_count())
+    partials, logits = mosaic_forward.forward_partials(
+        h, weight, labels, vocab_size=vocab, splits=splits, tiles_per_split=tiles_per_split, config=cfg,
+        interpret=mosaic_forward.interpret_params() if o.interpret else None, bias=bias,
+        options=LogitOptions(o.softcap, bool(o.label_smoothing)), store_logits=True)
+    lse, target, *sums = combine_partials(*partials)
+    return logits, (lse, target, (sums[0] if sums else None))
+
+
+def _mosaic_reason(dtype, config: BlockSizes, interpret: bool, has_bias: bool) -> str | None:
+    """Why the Mosaic forward with its logits store cannot form the chunks' logits, or None."""
+    if jnp.dtype(dtype) not in mosaic_forward.MOSAIC_DTYPES:
+        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
+    if mosaic_backward.smem_bytes(config.mosaic, dtype) > SMEM_LIMIT:
+        return (f"its pipeline slots and logits tiles need {mosaic_backward.smem_bytes(config.mosaic, dtype)} bytes "
+                f"of shared memory (> {SMEM_LIMIT}); lower BlockSizes.mosaic.max_concurrent_steps")
+    if has_bias and interpret:
+        return MOSAIC_BIAS_INTERPRET_REASON
+    caps = geometry.gpu_capabilities()
+    if caps and not geometry.is_hopper():
+        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
+    return None
+
+
+def logits_kernel_for(dtype, config: BlockSizes, interpret: bool, has_bias: bool) -> str:
+    """``"mosaic"`` or ``"xla"``: what ``config.gradient_in_forward.logits_kernel`` resolves to.
+
+    ``"auto"`` gives ``"mosaic"`` for 16-bit inputs on a host whose GPUs are all Hopper parts,
+    outside interpret mode (the rule of :func:`jax_heads.pallas.op.forward_kernel_for`; the shapes
+    are padded to its tiles here).
+
+    Raises:
+        ValueError: ``"mosaic"`` named where it cannot run (the message says why). Without any GPU
+            (``jax.export``, interpret mode) a named ``"mosaic"`` is kept.
+    """
+    choice = config.gradient_in_forward.logits_kernel
+    if choice == "xla":
+        return "xla"
+    reason = _mosaic_reason(dtype, config, interpret, has_bias)
+    if choice == "mosaic":
+        if reason is not None:
+            raise ValueError(f"logits_kernel='mosaic' cannot run on these inputs: {reason}")
+        return "mosaic"
+    return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "xla"
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,6 +296,7 @@ class _Options:
     softcap: float | None = None
     label_smoothing: float = 0.0
     lse_square_scale: float = 0.0
+    mosaic: bool = False  # the chunks' logits from the Mosaic forward (logits_kernel_for)
 
 
 def _scale(valid, reduction: str):
@@ -249,25 +308,35 @@ def _scale(valid, reduction: str):
 
 def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``scale · Σ loss``; ``d_bias`` float32 (None without a bias)."""
-    vocab, dtype = weight.shape[0], hidden.dtype
+    (n, d), vocab, dtype = hidden.shape, weight.shape[0], hidden.dtype
     precision = matmul_precision(dtype)
     valid = labels != o.ignore_index
     # Upstream per row, folded into G before its rounding: scale, 0 (ignored or padding), NaN (nan_rows).
     row_scale = jnp.where(nan_rows, jnp.nan, jnp.where(valid, _scale(valid, o.reduction), 0.0))
     kernel_labels = jnp.where(valid, labels, -1).astype(jnp.int32)
     bias32 = None if bias is None else bias.astype(jnp.float32)
+    if o.mosaic:  # padded to the Mosaic tiles (no copy where they divide): G is 0 in the padding
+        m = o.config.mosaic
+        v_pad, d_pad = geometry.round_up(vocab, m.block_v), geometry.round_up(d, m.block_k)
+        hidden = jnp.pad(hidden, ((0, 0), (0, d_pad - d))) if d_pad != d else hidden
+        weight = jnp.pad(weight, ((0, v_pad - vocab), (0, d_pad - d))) if weight.shape != (v_pad, d_pad) else weight
+        if bias32 is not None and v_pad != vocab:
+            bias32 = jnp.pad(bias32, (0, v_pad - vocab))
 
     def step(carry, xs):
         d_weight, d_bias = carry
         h, y, s = xs
-        logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
-        lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
+        if o.mosaic:
+            logits, (lse, target, row_sum) = _chunk_mosaic(h, y, weight, bias32, vocab, o)
+        else:
+            logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
+            lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
         loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
         total = jnp.sum(jnp.where(s != 0.0, loss * s, 0.0))  # a NaN row's s keeps it NaN
         # Zero where the row does not count, even where its lse is not finite (the kernel then writes 0).
         coefficients = tuple(None if x is None else jnp.where(s != 0.0, x, 0.0) for x in grad_coefficients(
             s, None, lse, vocab, o.label_smoothing, o.lse_square_scale))
-        g = _chunk_grads(logits, y, lse, coefficients, bias32, o)
+        g = _chunk_grads(logits, y, lse, coefficients, bias32, vocab, o)
         d_h = jnp.dot(g, weight, preferred_element_type=dtype, precision=precision)
         # Accumulated in the weight's dtype: the product (float32 inside) plus the running sum, one rounding.
         d_weight = d_weight + lax.dot_general(
@@ -280,7 +349,9 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
           split_rows(row_scale, o.chunk_rows, 0.0))
     init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
     (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
-    return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]], d_weight, d_bias
+    if d_weight.shape != (vocab, d):  # the Mosaic path's padding
+        d_weight, d_bias = d_weight[:vocab, :d], (None if d_bias is None else d_bias[:vocab])
+    return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[:n, :d], d_weight, d_bias
 
 
 def _forward_only(hidden, weight, bias, labels, nan_rows, o: _Options):
@@ -327,14 +398,17 @@ _loss.defvjp(_loss_fwd, _loss_bwd)
 
 
 def _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
-             lse_square_scale) -> _Options:
+             lse_square_scale, has_bias) -> _Options:
     if reduction not in REDUCTIONS:
         raise ValueError(f"the gradient-in-forward path needs reduction in {REDUCTIONS}, got {reduction!r}")
     if not isinstance(config, BlockSizes):
         raise TypeError(f"config must be a jax_heads.pallas.BlockSizes, got {type(config).__name__}")
     rows = chunk_rows_for(hidden.shape[0], weight.shape[0], hidden.dtype, config.gradient_in_forward)
+    mosaic = logits_kernel_for(hidden.dtype, config, bool(interpret), has_bias) == "mosaic"
+    if mosaic:  # whole Mosaic token blocks
+        rows = geometry.round_up(rows, math.lcm(config.gradient_in_forward.block_n, config.mosaic.block_n))
     return _Options(int(ignore_index), reduction, rows, config, bool(interpret), LogitOptions(softcap).softcap,
-                    float(label_smoothing), float(lse_square_scale))
+                    float(label_smoothing), float(lse_square_scale), mosaic)
 
 
 def gradient_in_forward_loss(
@@ -378,7 +452,7 @@ def gradient_in_forward_loss(
         NotImplementedError: when differentiated a second time.
     """
     o = _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
-                 lse_square_scale)
+                 lse_square_scale, bias is not None)
     if hidden.shape[0] == 0 or weight.shape[0] == 0:  # nothing to launch; the exact path gives the zeros
         return _forward_only(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool), o)
     return _loss(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool) if nan_rows is None else nan_rows, o)
@@ -407,5 +481,5 @@ def gradient_in_forward_grads(
         ``(V, D)`` in weight's dtype and ``(V,)`` in bias's dtype (None without a bias).
     """
     o = _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
-                 lse_square_scale)
+                 lse_square_scale, bias is not None)
     return _gradients(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool), o)
