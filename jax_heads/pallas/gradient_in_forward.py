@@ -347,7 +347,7 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
 
     xs = (split_rows(hidden, o.chunk_rows, 0), split_rows(kernel_labels, o.chunk_rows, -1),
           split_rows(row_scale, o.chunk_rows, 0.0))
-    init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias32.shape, jnp.float32))
     (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
     if d_weight.shape != (vocab, d):  # the Mosaic path's padding
         d_weight, d_bias = d_weight[:vocab, :d], (None if d_bias is None else d_bias[:vocab])
