@@ -251,7 +251,7 @@ def test_mosaic_logits_lower_for_cuda(option):
 
 
 def test_logits_kernel_choice():
-    from jax_heads.pallas.gradient_in_forward import logits_kernel_for
+    from jax_heads.pallas.gif_mosaic import logits_kernel_for
 
     with pytest.raises(ValueError, match="GradientInForwardConfig.logits_kernel must be one of"):
         GradientInForwardConfig(logits_kernel="cublas")

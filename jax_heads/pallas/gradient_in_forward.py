@@ -13,6 +13,13 @@ up to that scalar during the forward. The tokens are walked in chunks of ``chunk
    (:func:`~jax_heads.reference.loss_terms`) and the coefficients ``A, B, C`` of
    ``G = p·A − B·onehot − C`` (:func:`~jax_heads.reference.grad_coefficients`) for the upstream
    ``scale`` (1 for ``"sum"``, 1 / the count of counted tokens of the whole input for ``"mean"``).
+
+   With ``GradientInForwardConfig.logits_kernel`` resolving to ``"mosaic"`` (:func:`logits_kernel_for`),
+   steps 1 and 2 are one kernel: the Mosaic GPU forward (:mod:`jax_heads.pallas.mosaic_forward`) forms
+   the same partials and stores every tile's raw products ``z`` in the input dtype as it goes
+   (``store_logits``), so the logits are read once fewer. Its shapes are padded to its tiles: the
+   chunk's buffer is ``(chunk_rows, V_pad)``, ``G`` is 0 in the padding columns and rows, and the two
+   products below run on the padded weight (a copy only where ``V``/``D`` are not whole tiles).
 3. ``lce_gif_grads`` (Pallas): ``G`` times the soft-cap's derivative ``1 − (z'/c)²``, 0 on ignored
    and padding rows, written over the logits in place (``input_output_aliases``) in the input dtype.
 4. ``d_hidden_c = G · W`` (input dtype) and ``d_weight += Gᵀ · h_c`` accumulated in the weight's
@@ -48,18 +55,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jax_heads.chunked import split_rows
-from jax_heads.pallas import mosaic_backward, mosaic_forward
 from jax_heads.pallas import plan as geometry
 from jax_heads.pallas.config import (
     DEFAULT_BLOCK_SIZES,
-    SMEM_LIMIT,
     BlockSizes,
     GradientInForwardConfig,
     LogitOptions,
     matmul_precision,
     triton_params,
 )
-from jax_heads.pallas.op import MOSAIC_BIAS_INTERPRET_REASON, _first_order_only, combine_partials, pallas_loss
+from jax_heads.pallas.gif_mosaic import chunk_logits_and_stats, logits_kernel_for
+from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
 from jax_heads.reference import grad_coefficients, loss_terms
 
 REDUCTIONS = ("sum", "mean")
@@ -228,57 +234,6 @@ def _chunk_grads(logits, labels, lse, coefficients, bias, vocab: int, o: _Option
     )(logits, labels, lse, a, *extra)
 
 
-def _chunk_mosaic(h, labels, weight, bias, vocab: int, o: _Options):
-    """The chunk's raw logits ``(rows, v_pad)`` (input dtype) and ``(lse, target, row sum or None)``
-    from the Mosaic forward with its logits store (padded ``h``, ``weight``, ``bias``)."""
-    cfg = o.config.mosaic
-    splits, tiles_per_split = mosaic_forward.choose_grid(
-        h.shape[0], weight.shape[0], cfg, o.config.sm_count or geometry.sm_count())
-    partials, logits = mosaic_forward.forward_partials(
-        h, weight, labels, vocab_size=vocab, splits=splits, tiles_per_split=tiles_per_split, config=cfg,
-        interpret=mosaic_forward.interpret_params() if o.interpret else None, bias=bias,
-        options=LogitOptions(o.softcap, bool(o.label_smoothing)), store_logits=True)
-    lse, target, *sums = combine_partials(*partials)
-    return logits, (lse, target, (sums[0] if sums else None))
-
-
-def _mosaic_reason(dtype, config: BlockSizes, interpret: bool, has_bias: bool) -> str | None:
-    """Why the Mosaic forward with its logits store cannot form the chunks' logits, or None."""
-    if jnp.dtype(dtype) not in mosaic_forward.MOSAIC_DTYPES:
-        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
-    if mosaic_backward.smem_bytes(config.mosaic, dtype) > SMEM_LIMIT:
-        return (f"its pipeline slots and logits tiles need {mosaic_backward.smem_bytes(config.mosaic, dtype)} bytes "
-                f"of shared memory (> {SMEM_LIMIT}); lower BlockSizes.mosaic.max_concurrent_steps")
-    if has_bias and interpret:
-        return MOSAIC_BIAS_INTERPRET_REASON
-    caps = geometry.gpu_capabilities()
-    if caps and not geometry.is_hopper():
-        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
-    return None
-
-
-def logits_kernel_for(dtype, config: BlockSizes, interpret: bool, has_bias: bool) -> str:
-    """``"mosaic"`` or ``"xla"``: what ``config.gradient_in_forward.logits_kernel`` resolves to.
-
-    ``"auto"`` gives ``"mosaic"`` for 16-bit inputs on a host whose GPUs are all Hopper parts,
-    outside interpret mode (the rule of :func:`jax_heads.pallas.op.forward_kernel_for`; the shapes
-    are padded to its tiles here).
-
-    Raises:
-        ValueError: ``"mosaic"`` named where it cannot run (the message says why). Without any GPU
-            (``jax.export``, interpret mode) a named ``"mosaic"`` is kept.
-    """
-    choice = config.gradient_in_forward.logits_kernel
-    if choice == "xla":
-        return "xla"
-    reason = _mosaic_reason(dtype, config, interpret, has_bias)
-    if choice == "mosaic":
-        if reason is not None:
-            raise ValueError(f"logits_kernel='mosaic' cannot run on these inputs: {reason}")
-        return "mosaic"
-    return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "xla"
-
-
 # ------------------------------------------------------------------------------------------
 # The chunk loop and the loss under custom_vjp
 # ------------------------------------------------------------------------------------------
@@ -327,7 +282,9 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
         d_weight, d_bias = carry
         h, y, s = xs
         if o.mosaic:
-            logits, (lse, target, row_sum) = _chunk_mosaic(h, y, weight, bias32, vocab, o)
+            logits, (lse, target, row_sum) = chunk_logits_and_stats(
+                h, y, weight, bias32, vocab=vocab, config=o.config, interpret=o.interpret, softcap=o.softcap,
+                row_sum=bool(o.label_smoothing))
         else:
             logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
             lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
