@@ -114,18 +114,25 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                 def mma(acc_ref):
                     mma_steps(plgpu, cfg, acc_ref, h_smem=h_smem, w_smem=w_smem, loaded=loaded, consumed=consumed,
                               base=base, k_iters=k_iters, wg=wg, weight_t=weight_t)
-                    logits = raw = acc_ref[...]
+                    logits = acc_ref[...]
                     last = lax.rem(base + k_iters - 1, stages)
+                    b = None
                     if has_bias:  # the tile's bias slice, read from the last step's slot before releasing it
                         b = cast(bias_scratch[0].at[last][...], plgpu.Layout.WGMMA.reduce(0))
-                        logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
+                        if not store:
+                            logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
                     plgpu.barrier_arrive(consumed.at[last])
-                    return (raw, logits) if store else logits
+                    return (logits, b) if store else logits
 
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
-                if store:  # the raw products z (before bias and softcap), in the input dtype
-                    raw, logits = logits
-                    store_tile(plgpu, raw, z_smem.at[wg], z_gmem, row0=row0, c0=v0)
+                if store:  # the raw products z (before bias and softcap) in the input dtype, then the bias
+                    logits, b = logits  # (the bias is added after the store: one (rows, block_v) array live)
+                    rounded = logits.astype(z_smem.dtype)
+                    store_tile(plgpu, rounded, z_smem.at[wg], z_gmem, row0=row0, c0=v0)
+                    # The statistics of the stored (rounded) values: consistent with what is read back.
+                    logits = rounded.astype(jnp.float32)
+                    if b is not None:
+                        logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
                 cols = iota((rows, bv), 1)
                 if softcap is not None:
                     logits = softcap * capped_tanh(logits, softcap)  # one ex2 (epilogue.py)
@@ -249,7 +256,9 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
             With neither a bias nor an option the kernel is the plain one.
         store_logits: also store every tile's raw products ``z = hidden · weightᵀ`` (before the
             bias and the softcap), rounded to the input dtype, with TMA stores that drain while the
-            next tile's products run (:func:`jax_heads.pallas.mosaic_pipeline.store_tile`); needs
+            next tile's products run (:func:`jax_heads.pallas.mosaic_pipeline.store_tile`); the
+            partials are then those of the rounded ``z`` (as an XLA product in the input dtype gives:
+            consistent with the stored values that a gradient kernel reads back); needs
             :func:`jax_heads.pallas.mosaic_backward.smem_bytes` of shared memory. False leaves the
             kernel as it is without the option.
 
