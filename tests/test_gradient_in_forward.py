@@ -23,6 +23,7 @@ from heads_common.tolerances import assert_close
 from jax_heads.pallas import (
     BlockSizes,
     GradientInForwardConfig,
+    MosaicForwardConfig,
     gradient_in_forward_grads,
     gradient_in_forward_loss,
 )
@@ -228,6 +229,61 @@ def test_kernels_lower_for_cuda(dtype, options):
     assert module.count("__gpu$xla.gpu.triton") == 2
 
 
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_mosaic_logits_lower_for_cuda(option):
+    """``logits_kernel="mosaic"``: the Mosaic forward with its logits store replaces the XLA product and the
+    statistics kernel (one Triton kernel left, the gradient logits); ragged N, D and V against its tiles."""
+    from jax import export
+
+    disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
+                export.DisabledSafetyCheck.custom_call("mosaic_gpu")]
+    options = OPTIONS[option]
+    h, w, y = jnp.zeros((300, 200), jnp.bfloat16), jnp.zeros((1000, 200), jnp.bfloat16), jnp.zeros((300,), jnp.int32)
+    b = jnp.zeros((1000,), jnp.bfloat16) if options.get("bias") else None
+    kwargs = {k: v for k, v in options.items() if k != "bias"}
+    config = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_kernel="mosaic"))
+
+    def f(h, w, b):
+        return gradient_in_forward_grads(h, w, y, IGNORE, "mean", bias=b, config=config, **kwargs)
+
+    module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w, b).mlir_module()
+    assert module.count("__gpu$xla.gpu.triton") == 1 and "mosaic_gpu" in module
+    assert module.count("stablehlo.dot_general") == 2  # d_hidden and d_weight only
+
+
+@pytest.mark.parametrize("option", ["plain", "softcap-smoothing-zloss"])
+def test_interpret_mosaic_logits_match_float64_truth(option):
+    """``logits_kernel="mosaic"`` in interpret mode (no bias there): N 37 → one chunk of 128 rows, D 24 → 64,
+    V 101 → 128 (2 tiles of 64 in one split, one D step: the interpreter's limits): G is 0 in the padding
+    and the gradients come back unpadded."""
+    options = {} if option == "plain" else {"softcap": 2.5, "label_smoothing": 0.15, "lse_square_scale": 0.05}
+    hidden, weight, _, labels = problem(seed=13)
+    h, w, y = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(weight, jnp.bfloat16), jnp.asarray(labels, jnp.int32)
+    mosaic = MosaicForwardConfig(block_n=128, block_v=64, block_k=64, max_concurrent_steps=2, min_programs=1)
+    config = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_kernel="mosaic"), mosaic=mosaic)
+    for reduction in ("sum", "mean"):
+        got = run_jax(h, w, None, y, options, reduction, -2.5, config)
+        assert got[1].shape == (N, D) and got[2].shape == (V, D)
+        f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+        want = truth(f64(h), f64(w), None, labels, options, reduction, -2.5)
+        value, grads = naive(h, w, None, y, options, reduction, -2.5)
+        check(got, want, [value, grads[0], grads[1], None], "bfloat16", f"mosaic-{option}-{reduction}")
+
+
+def test_logits_kernel_choice():
+    from jax_heads.pallas.gif_mosaic import logits_kernel_for
+
+    with pytest.raises(ValueError, match="GradientInForwardConfig.logits_kernel must be one of"):
+        GradientInForwardConfig(logits_kernel="cublas")
+    mosaic = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_kernel="mosaic"))
+    assert logits_kernel_for(jnp.bfloat16, mosaic, interpret=False, has_bias=True) == "mosaic"
+    assert logits_kernel_for(jnp.bfloat16, BlockSizes(), interpret=True, has_bias=False) == "xla"
+    with pytest.raises(ValueError, match="logits_kernel='mosaic' cannot run on these inputs: it takes bfloat16"):
+        logits_kernel_for(jnp.float32, mosaic, interpret=False, has_bias=False)
+    with pytest.raises(ValueError, match="logits_kernel='mosaic' cannot run on these inputs: the bias path"):
+        logits_kernel_for(jnp.bfloat16, mosaic, interpret=True, has_bias=True)
+
+
 def test_second_derivative_is_refused():
     hidden, weight, _, labels = problem(seed=7, n=8)
     h, w, y = jnp.asarray(hidden, jnp.float32), jnp.asarray(weight, jnp.float32), jnp.asarray(labels, jnp.int32)
@@ -363,3 +419,40 @@ def test_gpu_matches_float32_truth_at_the_benchmark_heads(head):
                           ("d_weight", dw, want_dw, base_dw)):
         assert_close(f"{head} {name}", np.asarray(g, np.float64), np.asarray(t, np.float64), "bfloat16",
                      naive=np.asarray(b, np.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_gpu_mosaic_logits_match_xla_and_float64(option, reduction):
+    """``logits_kernel="mosaic"`` against ``"xla"`` and the float64 truth, ragged N, V (and chunks) against the
+    Mosaic tiles: 5 chunks of 512 rows, the last mostly padding."""
+    n, d, v = 2085, 2304, 32005
+    options = OPTIONS[option]
+    rng = np.random.default_rng(11)
+    hidden = rng.standard_normal((n, d))
+    weight = rng.standard_normal((v, d)) / np.sqrt(d) * 2.0
+    bias = rng.standard_normal(v) * 0.5 if options.get("bias") else None
+    labels = rng.integers(0, v, n)
+    labels[rng.random(n) < 0.2] = IGNORE
+    labels[5] = v - 1  # the last real column
+    h, w, y = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(weight, jnp.bfloat16), jnp.asarray(labels, jnp.int32)
+    b = None if bias is None else jnp.asarray(bias, jnp.bfloat16)
+    kwargs = {k: x for k, x in options.items() if k != "bias"}
+
+    def run(kernel):
+        gif = GradientInForwardConfig(logits_kernel=kernel, logits_budget_bytes=512 * v * 2)
+        config = BlockSizes(gradient_in_forward=gif)
+        f = jax.jit(lambda p, q, r: gradient_in_forward_grads(p, q, y, IGNORE, reduction, bias=r, config=config,
+                                                               **kwargs))
+        text = f.lower(h, w, b).as_text()
+        assert ("lce_gif_stats" in text) == (kernel == "xla")
+        return f(h, w, b)
+
+    got, xla = run("mosaic"), run("xla")
+    f64 = lambda x: None if x is None else np.asarray(x, np.float64)  # noqa: E731
+    want = truth(f64(h), f64(w), f64(b), labels, options, reduction, 1.0)
+    value, grads = naive(h, w, b, y, options, reduction, 1.0)
+    base = [value, *grads] if b is not None else [value, grads[0], grads[1], None]
+    check(got, want, base, "bfloat16", f"mosaic-{option}-{reduction}")
+    check(xla, want, base, "bfloat16", f"xla-{option}-{reduction}")

@@ -66,6 +66,44 @@ def test_interpret_matches_reference():
     assert_close("split 1 max", np.asarray(m[1]), logits[:, 512:].max(1), "float32")
 
 
+@pytest.mark.parametrize("d, splits, tiles_per_split, softcap, row_sum", [
+    (64, 1, 3, None, False), (192, 3, 1, 2.5, True),
+], ids=["3_tiles_per_split", "3_k_steps-softcap-row_sum"])
+def test_interpret_store_logits(d, splits, tiles_per_split, softcap, row_sum):
+    """``store_logits``: the raw products z (before the softcap) in the input dtype, and the partials of them.
+
+    2 token blocks, 64-column tiles, ragged vocabulary (150 of 192): the padded weight rows give zero
+    columns. jax 0.10's interpreter deadlocks on the store for grids of several tiles per split with
+    several D steps (as on the bias path, above), so one case has several tiles per split (a store
+    drains while the next tile's products run) and the other several D steps; the GPU test of the
+    gradient-in-forward path (tests/test_gradient_in_forward.py) covers both at once.
+    """
+    n, v, v_pad = 256, 150, 192
+    h, w, y = _inputs(n, d, v, v_pad, seed=41)
+    cfg = MosaicForwardConfig(block_n=128, block_v=64, block_k=64, max_concurrent_steps=2, min_programs=1)
+    kwargs = dict(vocab_size=v, splits=splits, tiles_per_split=tiles_per_split, config=cfg,
+                  interpret=interpret_params(), options=LogitOptions(softcap, row_sum))
+    parts, z = forward_partials(h, w, y, store_logits=True, **kwargs)
+    assert z.shape == (n, v_pad) and z.dtype == h.dtype
+    xla = jnp.dot(h, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
+    exact = np.asarray(h, np.float64) @ np.asarray(w, np.float64).T
+    # Both round the float32 products once: equal, or one bfloat16 step apart where the sums' orders differ.
+    np.testing.assert_allclose(np.asarray(z, np.float64), np.asarray(xla, np.float64), rtol=2**-7, atol=0)
+    np.testing.assert_allclose(np.asarray(z, np.float64), exact, rtol=2**-8, atol=1e-6)
+    assert not np.asarray(z[:, v:]).any()
+    # The partials are those of the stored (rounded) products, as an XLA product in the input dtype gives.
+    zs = np.asarray(z, np.float64)[:, :v]
+    zc = zs if softcap is None else softcap * np.tanh(zs / softcap)
+    lse, tgt, *rsum = combine_partials(*parts)
+    yy = np.asarray(y)
+    ok = (yy >= 0) & (yy < v)
+    mx = zc.max(1)
+    assert_close("lse", np.asarray(lse), mx + np.log(np.exp(zc - mx[:, None]).sum(1)), "float32")
+    assert_close("target logit", np.asarray(tgt), np.where(ok, zc[np.arange(n), np.where(ok, yy, 0)], 0.0), "float32")
+    if row_sum:
+        assert_close("row sum", np.asarray(rsum[0]), zc.sum(1), "float32")
+
+
 @pytest.mark.parametrize("bias, softcap, row_sum", [
     (False, 3.0, False), (False, None, True), (False, 2.5, True), (True, None, False), (True, 2.5, True),
 ], ids=["softcap", "row_sum", "softcap_row_sum", "bias", "bias_softcap_row_sum"])
@@ -99,7 +137,7 @@ def test_interpret_options_match_float64(bias, softcap, row_sum):
         assert_close("row sum", np.asarray(rsum[0]), zc.sum(1), "float32")
 
 
-def _export(n, d, v, cfg, bias=False, options=None):
+def _export(n, d, v, cfg, bias=False, options=None, store=False):
     from jax import export
 
     n_pad = -(-n // cfg.block_n) * cfg.block_n
@@ -109,11 +147,12 @@ def _export(n, d, v, cfg, bias=False, options=None):
     bias_arg = (jax.ShapeDtypeStruct((v_pad,), jnp.float32),) if bias else ()
     args = (jax.ShapeDtypeStruct((n_pad, d_pad), jnp.bfloat16), jax.ShapeDtypeStruct((v_pad, d_pad), jnp.bfloat16),
             jax.ShapeDtypeStruct((n_pad,), jnp.int32), *bias_arg)
-    extra = {} if options is None else {"options": options}
+    extra = ({} if options is None else {"options": options}) | ({"store_logits": True} if store else {})
 
     def f(h, w, y, *b):
-        return combine_partials(*forward_partials(h, w, y, vocab_size=v, splits=splits, tiles_per_split=tps,
-                                                  config=cfg, bias=b[0] if b else None, **extra))
+        out = forward_partials(h, w, y, vocab_size=v, splits=splits, tiles_per_split=tps, config=cfg,
+                               bias=b[0] if b else None, **extra)
+        return (combine_partials(*out[0]), out[1]) if store else combine_partials(*out)
 
     return export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
 
@@ -123,6 +162,15 @@ def test_lowers_for_cuda(shape):
     """The Mosaic GPU lowering on any machine (no GPU needed); PTX/ptxas run only on the GPU."""
     module = _export(*shape, MosaicForwardConfig())
     assert "mosaic_gpu" in module
+
+
+@pytest.mark.parametrize("shape, bias, options", [
+    ((8192, 2304, 256_000), False, None), ((1000, 200, 5003), True, LogitOptions(softcap=30.0, row_sum=True)),
+], ids=["gemma2", "ragged-all"])
+def test_store_logits_lowers_for_cuda(shape, bias, options):
+    """The logits store (TMA store epilogue) lowers; the plain kernel's lowering is what it was without it."""
+    module = _export(*shape, MosaicForwardConfig(), bias=bias, options=options, store=True)
+    assert "mosaic_gpu" in module and module != _export(*shape, MosaicForwardConfig(), bias=bias, options=options)
 
 
 @pytest.mark.parametrize("bias, options", [

@@ -14,6 +14,7 @@ from jax import lax
 
 FORWARD_KERNELS = ("auto", "mosaic", "triton")
 BACKWARD_KERNELS = FORWARD_KERNELS
+LOGITS_KERNELS = ("auto", "mosaic", "xla")
 # The Mosaic forward runs two compute warpgroups per CTA, plus one that issues the TMA loads.
 COMPUTE_WARPGROUPS = 2
 # Shared memory per block on Hopper (227 KiB usable by one CTA).
@@ -229,6 +230,12 @@ class GradientInForwardConfig:
         num_warps, num_stages: Triton launch options of both kernels.
         min_programs: the statistics kernel splits the vocabulary until its grid has at least this
             many programs (:func:`jax_heads.pallas.plan.choose_splits`).
+        logits_kernel: what forms a chunk's logits and their statistics: ``"xla"`` (an XLA product,
+            then the Pallas statistics kernel reads the logits once), ``"mosaic"`` (the Mosaic GPU
+            forward stores the logits while it forms the statistics: Hopper, bfloat16/float16, its
+            tiles are ``BlockSizes.mosaic``'s; no bias in interpret mode) or ``"auto"`` (Mosaic where
+            it can run, outside interpret mode; XLA otherwise). Naming ``"mosaic"`` where it cannot
+            run raises.
     """
 
     logits_budget_bytes: int = 896 * 2**20
@@ -237,8 +244,12 @@ class GradientInForwardConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_programs: int = 1056
+    logits_kernel: str = "auto"
 
     def __post_init__(self):
+        if self.logits_kernel not in LOGITS_KERNELS:
+            raise ValueError(
+                f"GradientInForwardConfig.logits_kernel must be one of {LOGITS_KERNELS}, got {self.logits_kernel!r}")
         _check_powers_of_two(self, "block_n", "block_v")
         _check_positive(self, "logits_budget_bytes", "num_warps", "num_stages", "min_programs")
 

@@ -13,6 +13,13 @@ up to that scalar during the forward. The tokens are walked in chunks of ``chunk
    (:func:`~jax_heads.reference.loss_terms`) and the coefficients ``A, B, C`` of
    ``G = p·A − B·onehot − C`` (:func:`~jax_heads.reference.grad_coefficients`) for the upstream
    ``scale`` (1 for ``"sum"``, 1 / the count of counted tokens of the whole input for ``"mean"``).
+
+   With ``GradientInForwardConfig.logits_kernel`` resolving to ``"mosaic"`` (:func:`logits_kernel_for`),
+   steps 1 and 2 are one kernel: the Mosaic GPU forward (:mod:`jax_heads.pallas.mosaic_forward`) forms
+   the same partials and stores every tile's raw products ``z`` in the input dtype as it goes
+   (``store_logits``), so the logits are read once fewer. Its shapes are padded to its tiles: the
+   chunk's buffer is ``(chunk_rows, V_pad)``, ``G`` is 0 in the padding columns and rows, and the two
+   products below run on the padded weight (a copy only where ``V``/``D`` are not whole tiles).
 3. ``lce_gif_grads`` (Pallas): ``G`` times the soft-cap's derivative ``1 − (z'/c)²``, 0 on ignored
    and padding rows, written over the logits in place (``input_output_aliases``) in the input dtype.
 4. ``d_hidden_c = G · W`` (input dtype) and ``d_weight += Gᵀ · h_c`` accumulated in the weight's
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +65,7 @@ from jax_heads.pallas.config import (
     triton_params,
 )
 from jax_heads.pallas.epilogue import softcapped
+from jax_heads.pallas.gif_mosaic import chunk_logits_and_stats, logits_kernel_for
 from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
 from jax_heads.reference import grad_coefficients, loss_terms
 
@@ -89,14 +98,15 @@ def chunk_rows_for(n: int, v: int, dtype, config: GradientInForwardConfig) -> in
 # ------------------------------------------------------------------------------------------
 
 
-def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap):
+def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, width, softcap):
     """float32 transformed logits ``z'`` of rows ``n0:`` and columns ``v0:`` of the chunk, the column
-    indices ``(1, block_v)`` and the mask of real columns (None when ``block_v`` divides ``V``; the
-    last tile may run past ``V``: masked loads, whose masked values are undefined and never used)."""
+    indices ``(1, block_v)`` and the mask of the buffer's ``width`` columns (None when ``block_v``
+    divides it; the last tile may run past it: masked loads, whose masked values are undefined and
+    never used)."""
     columns = v0 + lax.broadcasted_iota(jnp.int32, (block_v,), 0)
     cols = columns[None, :]
     index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
-    real = None if vocab_size % block_v == 0 else jnp.broadcast_to(cols < vocab_size, (block_n, block_v))
+    real = None if width % block_v == 0 else jnp.broadcast_to(cols < width, (block_n, block_v))
     if real is None:
         z = logits_ref[index].astype(jnp.float32)
     else:
@@ -106,7 +116,7 @@ def _tile(logits_ref, bias_ref, n0, v0, *, block_n, block_v, vocab_size, softcap
         if real is None:
             b = bias_ref[b_index]
         else:
-            b = pltriton.load(bias_ref.at[b_index], mask=columns < vocab_size)
+            b = pltriton.load(bias_ref.at[b_index], mask=columns < width)
         z = z + b[None, :]
     if softcap is not None:  # c·tanh(z/c) from one exp2 (epilogue.py)
         z = softcapped(z, softcap)
@@ -127,7 +137,7 @@ def _stats_kernel(logits_ref, y_ref, *refs, block_n, block_v, tiles_per_split, n
         m, s, target, *rsum = carry
         v0 = pl.multiple_of((first + t) * block_v, block_v)
         z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v,
-                              vocab_size=vocab_size, softcap=softcap)
+                              width=vocab_size, softcap=softcap)
         if real is not None:  # columns past V (undefined values): 0 in the row sum, -inf in the log-sum-exp
             z = jnp.where(real, z, 0.0)
         if row_sum:
@@ -147,12 +157,13 @@ def _stats_kernel(logits_ref, y_ref, *refs, block_n, block_v, tiles_per_split, n
         ref[split, pl.ds(n0, block_n)] = value
 
 
-def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vocab_size, softcap, has_b, has_c,
-                  has_bias):
+def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vocab_size, width, softcap, has_b,
+                  has_c, has_bias):
     """One (token block, vocabulary tile): ``G = (p·A − B·onehot − C)·(1 − (z'/c)²)`` over the logits, in place.
 
     ``B`` defaults to ``A`` and ``C`` to 0 (their refs are absent). Rows with ``A = B = 0`` (ignored
-    and padding tokens) are written as 0 even where their logits are not finite.
+    and padding tokens) are written as 0 even where their logits are not finite; so are the buffer's
+    padding columns ``vocab_size : width``.
     """
     b_ref = refs[0] if has_b else None
     c_ref = refs[int(has_b)] if has_c else None
@@ -161,7 +172,7 @@ def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vo
     i, j = pl.program_id(0), pl.program_id(1)
     n0 = pl.multiple_of(i * block_n, block_n)
     v0 = pl.multiple_of(j * block_v, block_v)
-    z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v, vocab_size=vocab_size,
+    z, cols, real = _tile(logits_ref, bias_ref, n0, v0, block_n=block_n, block_v=block_v, width=width,
                           softcap=softcap)
     rows = pl.ds(n0, block_n)
     lse, a, labels = lse_ref[rows], a_ref[rows], y_ref[rows]
@@ -175,7 +186,8 @@ def _grads_kernel(logits_ref, y_ref, lse_ref, a_ref, *refs, block_n, block_v, vo
     if softcap is not None:  # d(c·tanh(z/c))/dz = 1 − (z'/c)²
         g = g * (1.0 - jnp.square(z * (1.0 / softcap)))
     live = (a != 0.0) | (b != 0.0)  # NaN counts as live: a NaN row stays NaN
-    g = jnp.where(live[:, None], g, 0.0).astype(g_ref.dtype)
+    keep = live[:, None] if vocab_size == width else live[:, None] & (cols < vocab_size)
+    g = jnp.where(keep, g, 0.0).astype(g_ref.dtype)
     index = (pl.ds(n0, block_n), pl.ds(v0, block_v))
     if real is None:
         g_ref[index] = g
@@ -204,19 +216,20 @@ def _chunk_stats(logits, labels, bias, o: _Options):
     return lse, target, (sums[0] if sums else None)
 
 
-def _chunk_grads(logits, labels, lse, coefficients, bias, o: _Options):
-    """The chunk's gradient logits ``G`` in the logits' dtype, written over ``logits``."""
+def _chunk_grads(logits, labels, lse, coefficients, bias, vocab: int, o: _Options):
+    """The chunk's gradient logits ``G`` in the logits' dtype, written over ``logits`` (its columns
+    past ``vocab``, padding of the Mosaic path, as zeros)."""
     cfg = o.config.gradient_in_forward
-    rows, vocab = logits.shape
+    rows, width = logits.shape
     a, b, c = coefficients
     kernel = functools.partial(
-        _grads_kernel, block_n=cfg.block_n, block_v=cfg.block_v, vocab_size=vocab, softcap=o.softcap,
+        _grads_kernel, block_n=cfg.block_n, block_v=cfg.block_v, vocab_size=vocab, width=width, softcap=o.softcap,
         has_b=b is not None, has_c=c is not None, has_bias=bias is not None,
     )
     extra = tuple(x for x in (b, c, bias) if x is not None)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-        grid=(rows // cfg.block_n, -(-vocab // cfg.block_v)), input_output_aliases={0: 0},
+        grid=(rows // cfg.block_n, -(-width // cfg.block_v)), input_output_aliases={0: 0},
         compiler_params=triton_params(cfg), interpret=o.interpret, name="lce_gif_grads",
     )(logits, labels, lse, a, *extra)
 
@@ -238,6 +251,7 @@ class _Options:
     softcap: float | None = None
     label_smoothing: float = 0.0
     lse_square_scale: float = 0.0
+    mosaic: bool = False  # the chunks' logits from the Mosaic forward (logits_kernel_for)
 
 
 def _scale(valid, reduction: str):
@@ -249,25 +263,37 @@ def _scale(valid, reduction: str):
 
 def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``scale · Σ loss``; ``d_bias`` float32 (None without a bias)."""
-    vocab, dtype = weight.shape[0], hidden.dtype
+    (n, d), vocab, dtype = hidden.shape, weight.shape[0], hidden.dtype
     precision = matmul_precision(dtype)
     valid = labels != o.ignore_index
     # Upstream per row, folded into G before its rounding: scale, 0 (ignored or padding), NaN (nan_rows).
     row_scale = jnp.where(nan_rows, jnp.nan, jnp.where(valid, _scale(valid, o.reduction), 0.0))
     kernel_labels = jnp.where(valid, labels, -1).astype(jnp.int32)
     bias32 = None if bias is None else bias.astype(jnp.float32)
+    if o.mosaic:  # padded to the Mosaic tiles (no copy where they divide): G is 0 in the padding
+        m = o.config.mosaic
+        v_pad, d_pad = geometry.round_up(vocab, m.block_v), geometry.round_up(d, m.block_k)
+        hidden = jnp.pad(hidden, ((0, 0), (0, d_pad - d))) if d_pad != d else hidden
+        weight = jnp.pad(weight, ((0, v_pad - vocab), (0, d_pad - d))) if weight.shape != (v_pad, d_pad) else weight
+        if bias32 is not None and v_pad != vocab:
+            bias32 = jnp.pad(bias32, (0, v_pad - vocab))
 
     def step(carry, xs):
         d_weight, d_bias = carry
         h, y, s = xs
-        logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
-        lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
+        if o.mosaic:
+            logits, (lse, target, row_sum) = chunk_logits_and_stats(
+                h, y, weight, bias32, vocab=vocab, config=o.config, interpret=o.interpret, softcap=o.softcap,
+                row_sum=bool(o.label_smoothing))
+        else:
+            logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
+            lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
         loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
         total = jnp.sum(jnp.where(s != 0.0, loss * s, 0.0))  # a NaN row's s keeps it NaN
         # Zero where the row does not count, even where its lse is not finite (the kernel then writes 0).
         coefficients = tuple(None if x is None else jnp.where(s != 0.0, x, 0.0) for x in grad_coefficients(
             s, None, lse, vocab, o.label_smoothing, o.lse_square_scale))
-        g = _chunk_grads(logits, y, lse, coefficients, bias32, o)
+        g = _chunk_grads(logits, y, lse, coefficients, bias32, vocab, o)
         d_h = jnp.dot(g, weight, preferred_element_type=dtype, precision=precision)
         # Accumulated in the weight's dtype: the product (float32 inside) plus the running sum, one rounding.
         d_weight = d_weight + lax.dot_general(
@@ -278,9 +304,11 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
 
     xs = (split_rows(hidden, o.chunk_rows, 0), split_rows(kernel_labels, o.chunk_rows, -1),
           split_rows(row_scale, o.chunk_rows, 0.0))
-    init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias32.shape, jnp.float32))
     (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
-    return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[: hidden.shape[0]], d_weight, d_bias
+    if d_weight.shape != (vocab, d):  # the Mosaic path's padding
+        d_weight, d_bias = d_weight[:vocab, :d], (None if d_bias is None else d_bias[:vocab])
+    return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[:n, :d], d_weight, d_bias
 
 
 def _forward_only(hidden, weight, bias, labels, nan_rows, o: _Options):
@@ -327,14 +355,17 @@ _loss.defvjp(_loss_fwd, _loss_bwd)
 
 
 def _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
-             lse_square_scale) -> _Options:
+             lse_square_scale, has_bias) -> _Options:
     if reduction not in REDUCTIONS:
         raise ValueError(f"the gradient-in-forward path needs reduction in {REDUCTIONS}, got {reduction!r}")
     if not isinstance(config, BlockSizes):
         raise TypeError(f"config must be a jax_heads.pallas.BlockSizes, got {type(config).__name__}")
     rows = chunk_rows_for(hidden.shape[0], weight.shape[0], hidden.dtype, config.gradient_in_forward)
+    mosaic = logits_kernel_for(hidden.dtype, config, bool(interpret), has_bias) == "mosaic"
+    if mosaic:  # whole Mosaic token blocks
+        rows = geometry.round_up(rows, math.lcm(config.gradient_in_forward.block_n, config.mosaic.block_n))
     return _Options(int(ignore_index), reduction, rows, config, bool(interpret), LogitOptions(softcap).softcap,
-                    float(label_smoothing), float(lse_square_scale))
+                    float(label_smoothing), float(lse_square_scale), mosaic)
 
 
 def gradient_in_forward_loss(
@@ -378,7 +409,7 @@ def gradient_in_forward_loss(
         NotImplementedError: when differentiated a second time.
     """
     o = _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
-                 lse_square_scale)
+                 lse_square_scale, bias is not None)
     if hidden.shape[0] == 0 or weight.shape[0] == 0:  # nothing to launch; the exact path gives the zeros
         return _forward_only(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool), o)
     return _loss(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool) if nan_rows is None else nan_rows, o)
@@ -407,5 +438,5 @@ def gradient_in_forward_grads(
         ``(V, D)`` in weight's dtype and ``(V,)`` in bias's dtype (None without a bias).
     """
     o = _options(hidden, weight, ignore_index, reduction, config, interpret, softcap, label_smoothing,
-                 lse_square_scale)
+                 lse_square_scale, bias is not None)
     return _gradients(hidden, weight, bias, labels, jnp.zeros(labels.shape, bool), o)

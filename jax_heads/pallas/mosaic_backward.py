@@ -32,11 +32,15 @@ from jax_heads.pallas import mosaic_forward
 from jax_heads.pallas import plan as geometry  # GPU queries through the module: tests replace them
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, SMEM_LIMIT, BlockSizes, MosaicForwardConfig
 from jax_heads.pallas.epilogue import LOG2E, softcap_and_derivative
-from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps, slot_transforms
+from jax_heads.pallas.mosaic_pipeline import (
+    layout_cast,
+    load_steps,
+    mma_steps,
+    slot_transforms,
+    store_scratch,
+    store_tile,
+)
 from jax_heads.pallas.plan import Plan
-
-# Output columns per TMA store: 64 16-bit values, one 128-byte swizzle row.
-_STORE_COLS = 64
 
 
 def smem_bytes(config: MosaicForwardConfig, dtype) -> int:
@@ -172,14 +176,7 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
                 if softcap is not None:
                     value = value * slope
                 keep = (cols >= lo - v0) & (cols < vocab_size - v0)
-                grad = jnp.where(keep, value, 0.0).astype(out_smem.dtype)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read its SMEM
-                for j in range(bv // _STORE_COLS):  # a TMA box row spans one swizzle width (128 bytes)
-                    out_smem.at[wg, j][...] = grad[:, j * _STORE_COLS:(j + 1) * _STORE_COLS]
-                plgpu.commit_smem()
-                for j in range(bv // _STORE_COLS):
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg, j], out_gmem.at[pl.ds(row0, rows), pl.ds(c0 + j * _STORE_COLS, _STORE_COLS)])
+                store_tile(plgpu, jnp.where(keep, value, 0.0), out_smem.at[wg], out_gmem, row0=row0, c0=c0)
 
             plgpu.wait_smem_to_gmem(0)
 
@@ -229,9 +226,7 @@ def grad_logits_call(plan: Plan, config: MosaicForwardConfig, *, chunk_v: int, d
         plgpu.SMEM((stages, bk, bv) if weight_t else (stages, bv, bk), dtype, transforms=transforms),
         plgpu.SMEM((nwg, rows), jnp.int32),
         plgpu.SMEM((nwg, num_vec, rows), jnp.float32),
-        # The output tiles: per compute warpgroup, block_v / 64 swizzled (rows, 64) pieces.
-        plgpu.SMEM((nwg, bv // _STORE_COLS, rows, _STORE_COLS), dtype,
-                   transforms=slot_transforms(plgpu, dtype, _STORE_COLS)),
+        store_scratch(plgpu, dtype, rows, bv, nwg),  # the output tiles
         plgpu.Barrier(num_arrivals=2 + has_bias, num_barriers=stages),
         plgpu.Barrier(num_arrivals=nwg, num_barriers=stages),
         plgpu.Barrier(num_arrivals=1 + num_vec, num_barriers=nwg),

@@ -45,7 +45,14 @@ from jax import lax
 
 from jax_heads.pallas.config import COMPUTE_WARPGROUPS, PLAIN_LOGITS, LogitOptions, MosaicForwardConfig
 from jax_heads.pallas.epilogue import LN2, LOG2E, softcapped
-from jax_heads.pallas.mosaic_pipeline import layout_cast, load_steps, mma_steps, slot_transforms
+from jax_heads.pallas.mosaic_pipeline import (
+    layout_cast,
+    load_steps,
+    mma_steps,
+    slot_transforms,
+    store_scratch,
+    store_tile,
+)
 from jax_heads.pallas.plan import choose_splits
 
 # Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
@@ -54,7 +61,7 @@ _DEFAULT_CONFIG = MosaicForwardConfig()
 
 
 def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size, weight_t, cast, has_bias=False,
-                 softcap=None, row_sum=False):
+                 softcap=None, row_sum=False, store=False):
     """The kernel of :func:`forward_partials` for one static configuration (options as there)."""
     from jax.experimental import pallas as pl
 
@@ -69,7 +76,9 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
         b_gmem = refs[3] if has_bias else None
         h_gmem, w_gmem, y_gmem, *refs = refs[:3] + refs[3 + has_bias:]
         outs, refs = refs[:3 + row_sum], refs[3 + row_sum:]
-        h_smem, w_smem, lab_smem, out_smem, loaded, consumed, lab_bar, *bias_scratch = refs
+        z_gmem, refs = (refs[0], refs[1:]) if store else (None, refs)
+        h_smem, w_smem, lab_smem, out_smem, loaded, consumed, lab_bar, *extra = refs
+        bias_scratch, z_smem = extra[:has_bias], (extra[has_bias] if store else None)
         block, split = lax.axis_index("n"), lax.axis_index("split")
         wg = lax.axis_index("wg")
         n0 = block * cfg.block_n
@@ -107,13 +116,23 @@ def _kernel_body(*, plgpu, cfg, k_iters, num_tiles, tiles_per_split, vocab_size,
                               base=base, k_iters=k_iters, wg=wg, weight_t=weight_t)
                     logits = acc_ref[...]
                     last = lax.rem(base + k_iters - 1, stages)
+                    b = None
                     if has_bias:  # the tile's bias slice, read from the last step's slot before releasing it
                         b = cast(bias_scratch[0].at[last][...], plgpu.Layout.WGMMA.reduce(0))
-                        logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
+                        if not store:
+                            logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
                     plgpu.barrier_arrive(consumed.at[last])
-                    return logits
+                    return (logits, b) if store else logits
 
                 logits = pl.run_scoped(mma, plgpu.ACC((rows, bv), jnp.float32))
+                if store:  # the raw products z (before bias and softcap) in the input dtype, then the bias
+                    logits, b = logits  # (the bias is added after the store: one (rows, block_v) array live)
+                    rounded = logits.astype(z_smem.dtype)
+                    store_tile(plgpu, rounded, z_smem.at[wg], z_gmem, row0=row0, c0=v0)
+                    # The statistics of the stored (rounded) values: consistent with what is read back.
+                    logits = rounded.astype(jnp.float32)
+                    if b is not None:
+                        logits = logits + lax.broadcast_in_dim(b, (rows, bv), [1])
                 cols = iota((rows, bv), 1)
                 if softcap is not None:
                     logits = softcapped(logits, softcap)  # one ex2 (epilogue.py)
@@ -212,7 +231,7 @@ def _check_inputs(hidden, weight, labels, vocab_size, splits, tiles_per_split, c
 
 def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *, vocab_size: int, splits: int,
                      tiles_per_split: int, config: MosaicForwardConfig = _DEFAULT_CONFIG, interpret=None,
-                     bias: jax.Array | None = None, options: LogitOptions = PLAIN_LOGITS):
+                     bias: jax.Array | None = None, options: LogitOptions = PLAIN_LOGITS, store_logits: bool = False):
     """Per-split partial max, sum of exponentials and target logit (Mosaic GPU kernel).
 
     Args:
@@ -235,12 +254,21 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
             softcap ``c·tanh(z / c)`` is computed as ``c − 2c/(1 + exp(2z/c))``
             (:func:`jax_heads.pallas.epilogue.softcapped`).
             With neither a bias nor an option the kernel is the plain one.
+        store_logits: also store every tile's raw products ``z = hidden · weightᵀ`` (before the
+            bias and the softcap), rounded to the input dtype, with TMA stores that drain while the
+            next tile's products run (:func:`jax_heads.pallas.mosaic_pipeline.store_tile`); the
+            partials are then those of the rounded ``z`` (as an XLA product in the input dtype gives:
+            consistent with the stored values that a gradient kernel reads back); needs
+            :func:`jax_heads.pallas.mosaic_backward.smem_bytes` of shared memory. False leaves the
+            kernel as it is without the option.
 
     Returns:
         ``(m, s, t)``, each ``(splits, n_pad)`` float32: per split, the maximum of the float32
         (transformed) logits over the split's real columns, ``Σ exp(logit − m)``, and the target
         logit if the label lies in the split (else 0); with ``options.row_sum`` a 4th, the sum of
-        the transformed logits over the split's real columns.
+        the transformed logits over the split's real columns. With ``store_logits``, the pair
+        ``(partials, z)``: those partials and ``z`` ``(n_pad, v_pad)`` in the input dtype (padded
+        weight rows give the products with zero rows: zeros).
 
     Raises:
         ValueError: shapes, dtypes or the grid do not fit ``config``, or a bad ``bias``/``options``
@@ -270,7 +298,8 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
     weight_t = interpret is not None
     kernel = _kernel_body(plgpu=plgpu, cfg=cfg, k_iters=d_pad // bk, num_tiles=v_pad // bv,
                           tiles_per_split=tiles_per_split, vocab_size=vocab_size, weight_t=weight_t, cast=cast,
-                          has_bias=bias is not None, softcap=options.softcap, row_sum=options.row_sum)
+                          has_bias=bias is not None, softcap=options.softcap, row_sum=options.row_sum,
+                          store=store_logits)
     part = jax.ShapeDtypeStruct((splits, n_pad), jnp.float32)
     num_out = 4 if options.row_sum else 3
     scratch = (
@@ -283,10 +312,11 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
         plgpu.Barrier(num_arrivals=1, num_barriers=nwg),
         # The bias: a (block_v,) slice per pipeline slot, loaded with the slot's operands.
         *(() if bias is None else (plgpu.SMEM((stages, bv), jnp.float32),)),
+        *((store_scratch(plgpu, dtype, rows, bv, nwg),) if store_logits else ()),  # the logits tiles
     )
     call = plgpu.kernel(
         kernel,
-        out_type=(part,) * num_out,
+        out_type=(part,) * num_out + ((jax.ShapeDtypeStruct((n_pad, v_pad), dtype),) if store_logits else ()),
         scratch_types=scratch,
         grid=(n_pad // cfg.block_n, splits),
         grid_names=("n", "split"),
@@ -296,4 +326,5 @@ def forward_partials(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
             approx_math=cfg.approx_math, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({} if interpret is None else {"interpret": interpret}),
     )
-    return call(hidden, weight.T if weight_t else weight, labels, *(() if bias is None else (bias,)))
+    outs = call(hidden, weight.T if weight_t else weight, labels, *(() if bias is None else (bias,)))
+    return (outs[:num_out], outs[num_out]) if store_logits else outs

@@ -102,3 +102,32 @@ def mma_steps(plgpu, cfg, acc_ref, *, h_smem, w_smem, loaded, consumed, base, k_
             plgpu.barrier_arrive(consumed.at[lax.rem(step - 1, stages)])
 
     lax.fori_loop(0, k_iters, kstep, None)
+
+
+# Output columns per TMA store: 64 16-bit values, one 128-byte swizzle row.
+STORE_COLS = 64
+
+
+def store_scratch(plgpu, dtype, rows: int, block_v: int, warpgroups: int):
+    """The SMEM of the tile stores: per compute warpgroup, ``block_v / STORE_COLS`` swizzled ``(rows, 64)`` pieces."""
+    return plgpu.SMEM((warpgroups, block_v // STORE_COLS, rows, STORE_COLS), dtype,
+                      transforms=slot_transforms(plgpu, dtype, STORE_COLS))
+
+
+def store_tile(plgpu, value, out_smem, out_gmem, *, row0, c0):
+    """Store a warpgroup's ``(rows, block_v)`` tile (in ``out_smem``'s dtype) at ``out_gmem[row0:, c0:]``.
+
+    ``out_smem`` is the warpgroup's slice of :func:`store_scratch`. The previous tile's store is
+    waited for only until it has read the SMEM (``wait_read_only``), so a store drains while the next
+    tile's products run; the caller ends with ``plgpu.wait_smem_to_gmem(0)``.
+    """
+    from jax.experimental import pallas as pl
+
+    rows, width = value.shape
+    value = value.astype(out_smem.dtype)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read its SMEM
+    for j in range(width // STORE_COLS):  # a TMA box row spans one swizzle width (128 bytes)
+        out_smem.at[j][...] = value[:, j * STORE_COLS:(j + 1) * STORE_COLS]
+    plgpu.commit_smem()
+    for j in range(width // STORE_COLS):
+        plgpu.copy_smem_to_gmem(out_smem.at[j], out_gmem.at[pl.ds(row0, rows), pl.ds(c0 + j * STORE_COLS, STORE_COLS)])
