@@ -198,12 +198,12 @@ def _jax_pallas_mean_exact(inputs):
     return lambda a, b: jnp.sum(pallas_loss(a, b, jy, IGNORE)) / count
 
 
-def _jax_pallas_mean_xla_logits(inputs):
-    """``jax-pallas-mean`` with the chunk logits from an XLA product and the Pallas statistics kernel."""
+def _jax_pallas_mean_mosaic_logits(inputs):
+    """``jax-pallas-mean`` with the chunk logits stored by the Mosaic forward, which also forms their statistics."""
     from jax_heads.pallas import BlockSizes, GradientInForwardConfig, gradient_in_forward_loss
 
     jy = inputs.jax()[2]
-    config = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_kernel="xla"))
+    config = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_kernel="mosaic"))
     return lambda a, b: gradient_in_forward_loss(a, b, jy, IGNORE, "mean", config=config)
 
 
@@ -250,7 +250,7 @@ CASES = [
     # sum/mean: the gradient-in-forward path (6·N·D·V); -exact keeps the recomputing kernels (8·N·D·V).
     Case("jax-pallas-mean", "jax", "ours", "mean", lambda i: _jax_heads(i, impl="pallas", reduction="mean")),
     Case("jax-pallas-mean-exact", "jax", "ours", "mean", _jax_pallas_mean_exact),
-    Case("jax-pallas-mean-xla-logits", "jax", "ours", "mean", _jax_pallas_mean_xla_logits),
+    Case("jax-pallas-mean-mosaic-logits", "jax", "ours", "mean", _jax_pallas_mean_mosaic_logits),
     Case("jax-pallas-softcap", "jax", "ours", "none", lambda i: _jax_heads(i, impl="pallas", softcap=SOFTCAP),
          options=True),
     Case("jax-pallas-options", "jax", "ours", "none", lambda i: _jax_heads_with_bias(i, impl="pallas"),

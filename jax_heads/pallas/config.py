@@ -235,7 +235,8 @@ class GradientInForwardConfig:
             forward stores the logits while it forms the statistics: Hopper, bfloat16/float16, its
             tiles are ``BlockSizes.mosaic``'s; no bias in interpret mode) or ``"auto"`` (Mosaic where
             it can run, outside interpret mode; XLA otherwise). Naming ``"mosaic"`` where it cannot
-            run raises.
+            run raises. The default is ``"xla"``: the Mosaic store was not faster on the H200
+            (``docs/kernel-notes.md``).
     """
 
     logits_budget_bytes: int = 896 * 2**20
@@ -244,7 +245,7 @@ class GradientInForwardConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_programs: int = 1056
-    logits_kernel: str = "auto"
+    logits_kernel: str = "xla"
 
     def __post_init__(self):
         if self.logits_kernel not in LOGITS_KERNELS:
