@@ -40,18 +40,19 @@ from jax_heads.pallas import BlockSizes, GradientInForwardConfig, gradient_in_fo
 MIB = 2**20
 CONFIGS = {
     "default": {},
-    "n8": {"block_n": 8},
     "n32": {"block_n": 32},
     "v512": {"block_v": 512},
     "v2048": {"block_v": 2048},
-    "n8_v2048": {"block_n": 8, "block_v": 2048},
     "w8": {"num_warps": 8},
     "n32_v2048_w8": {"block_n": 32, "block_v": 2048, "num_warps": 8},
     "stages3": {"num_stages": 3},
     "programs528": {"min_programs": 528},
     "programs2112": {"min_programs": 2112},
-    "budget896": {"logits_budget_bytes": 896 * MIB},
+    "budget768": {"logits_budget_bytes": 768 * MIB},
     "budget512": {"logits_budget_bytes": 512 * MIB},
+    "budget448": {"logits_budget_bytes": 448 * MIB},
+    "budget384": {"logits_budget_bytes": 384 * MIB},
+    "w8_budget448": {"num_warps": 8, "logits_budget_bytes": 448 * MIB},
 }
 
 
