@@ -294,13 +294,18 @@ def test_second_derivative_is_refused():
 
 def test_chunk_rows_and_config_validation():
     default = GradientInForwardConfig()
-    for v, rows in ((256000, 1648), (128256, 2736)):  # Gemma-2 (5 chunks) and Llama-3 (3) heads, N = 8192, bf16
+    for v, rows in ((256000, 1648), (128256, 2048)):  # Gemma-2 (5 chunks) and Llama-3 (min_chunks: 4) heads, bf16
         assert chunk_rows_for(8192, v, jnp.bfloat16, default) == rows
         assert rows * v * 2 <= default.logits_budget_bytes
     assert chunk_rows_for(5, 101, jnp.float32, default) == 16
+    assert chunk_rows_for(8192, 101, jnp.bfloat16, default) == 2048  # the budget takes all: min_chunks splits in 4
+    assert chunk_rows_for(8192, 101, jnp.bfloat16, GradientInForwardConfig(min_chunks=1)) == 8192
+    assert chunk_rows_for(37, 101, jnp.bfloat16, default) == 16  # 3 chunks: as many as 16-row blocks allow
     assert chunk_rows_for(10**6, 2**30, jnp.float32, default) == 16  # at least one block of rows
     with pytest.raises(ValueError, match="GradientInForwardConfig.logits_budget_bytes must be a positive int"):
         GradientInForwardConfig(logits_budget_bytes=0)
+    with pytest.raises(ValueError, match="GradientInForwardConfig.min_chunks must be a positive int"):
+        GradientInForwardConfig(min_chunks=0)
     with pytest.raises(ValueError, match="GradientInForwardConfig.block_v must be a power of two"):
         GradientInForwardConfig(block_v=100)
     with pytest.raises(ValueError, match="BlockSizes.gradient_in_forward must be a GradientInForwardConfig"):

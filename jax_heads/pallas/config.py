@@ -230,6 +230,9 @@ class GradientInForwardConfig:
         num_warps, num_stages: Triton launch options of both kernels.
         min_programs: the statistics kernel splits the vocabulary until its grid has at least this
             many programs (:func:`jax_heads.pallas.plan.choose_splits`).
+        min_chunks: the tokens are split into at least this many chunks (as far as chunks of
+            ``block_n`` rows allow), so the logits buffer holds at most about ``1/min_chunks`` of the
+            tokens × vocabulary logits even where the budget would take more.
         logits_kernel: what forms a chunk's logits and their statistics: ``"xla"`` (an XLA product,
             then the Pallas statistics kernel reads the logits once), ``"mosaic"`` (the Mosaic GPU
             forward stores the logits while it forms the statistics: Hopper, bfloat16/float16, its
@@ -245,6 +248,7 @@ class GradientInForwardConfig:
     num_warps: int = 4
     num_stages: int = 2
     min_programs: int = 1056
+    min_chunks: int = 4
     logits_kernel: str = "xla"
 
     def __post_init__(self):
@@ -252,7 +256,7 @@ class GradientInForwardConfig:
             raise ValueError(
                 f"GradientInForwardConfig.logits_kernel must be one of {LOGITS_KERNELS}, got {self.logits_kernel!r}")
         _check_powers_of_two(self, "block_n", "block_v")
-        _check_positive(self, "logits_budget_bytes", "num_warps", "num_stages", "min_programs")
+        _check_positive(self, "logits_budget_bytes", "num_warps", "num_stages", "min_programs", "min_chunks")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,12 +83,13 @@ def uses_gradient_in_forward(options) -> bool:
 
 
 def chunk_rows_for(n: int, v: int, dtype, config: GradientInForwardConfig) -> int:
-    """Token rows per chunk: the fewest equal chunks of ``N`` whose ``(rows, V)`` logits in ``dtype``
-    fit ``config.logits_budget_bytes``, rounded up to ``config.block_n`` (at least ``block_n``)."""
+    """Token rows per chunk: the fewest equal chunks of ``N``, at least ``config.min_chunks`` (as far as
+    chunks of ``block_n`` rows allow), whose ``(rows, V)`` logits in ``dtype`` fit
+    ``config.logits_budget_bytes``, rounded up to ``config.block_n`` (at least ``block_n``)."""
     block = config.block_n
     cap = min(config.logits_budget_bytes // (max(v, 1) * jnp.dtype(dtype).itemsize), _MAX_CHUNK_ELEMENTS // max(v, 1))
     cap = max(block, cap - cap % block)
-    chunks = -(-max(n, 1) // cap)
+    chunks = max(-(-max(n, 1) // cap), min(config.min_chunks, -(-max(n, 1) // block)))
     rows = -(-max(n, 1) // chunks)
     return min(cap, geometry.round_up(rows, block))
 
