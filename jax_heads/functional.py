@@ -80,19 +80,9 @@ FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float16, jnp.bfloat16, jnp.float
 Reduction = Literal["none", "sum", "mean"]
 
 
-def _sharding_reason(options: LossOptions) -> str | None:
-    # The vocabulary-parallel op's Pallas shards run the plain kernels; chunked and reference shards take every option.
-    if options.sharding is not None and options.loss_options:
-        return (f"the vocabulary-parallel op's Pallas shards do not support {', '.join(sorted(options.loss_options))} "
-                "(impl='chunked' or 'reference' shards do)")
-    return None
-
-
 def _pallas_reason(hidden: jax.Array, options: LossOptions) -> str | None:
     if options.filtered and options.sharding is not None:
         return f"gradient filtering (filter_eps={options.filter_eps}) is not supported with vocab_axis"
-    if (sharding := _sharding_reason(options)) is not None:
-        return sharding
     try:
         from jax_heads.pallas import unsupported_reason
     except ImportError as exc:  # pragma: no cover - depends on the checkout

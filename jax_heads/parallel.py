@@ -98,13 +98,16 @@ def _parts(impl: str, interpret: bool):
     """``(parts, grads)`` of one shard: ``parts(h, w, b, local_labels, o) -> (lse_k, target_k, row_sum_k)``
     and ``grads(h, w, b, local_labels, lse, (A, B, C), o) -> (d_h, d_w, d_b)``."""
     if impl == "pallas":
-        # The registry refuses the loss options with Pallas shards (functional._pallas_reason), so the
-        # bias is None and the coefficients are (g, None, None) here.
         def parts(h, w, b, y, o):
-            return (*pallas.lse_and_target(h, w, y, interpret=interpret), None)
+            lse, target, *row_sum = pallas.lse_and_target(h, w, y, bias=b, softcap=o.softcap,
+                                                          row_sum=bool(o.label_smoothing), interpret=interpret)
+            return lse, target, (row_sum[0] if row_sum else None)
 
         def grads(h, w, b, y, lse, coefficients, o):
-            return (*pallas.grads(h, w, y, lse, coefficients[0], interpret=interpret), None)
+            a, b_coef, c = coefficients  # B is None only with the plain loss (then C is None too)
+            d_h, d_w, *d_b = pallas.grads(h, w, y, lse, a, bias=b, softcap=o.softcap,
+                                          coefficients=None if b_coef is None else (b_coef, c), interpret=interpret)
+            return d_h, d_w, (d_b[0] if d_b else None)
 
         return parts, grads
     if impl == "chunked":
@@ -269,8 +272,7 @@ def vocab_parallel_linear_cross_entropy(
         softcap, label_smoothing, lse_square_scale, shift, return_lse: the loss options of
             ``jax_heads.linear_cross_entropy``: soft-capping per shard, the smoothing's row sum and
             the log-sum-exp combined over ``vocab_axis``, the z-loss from the global log-sum-exp.
-            Per-shard ``impl="pallas"`` supports none of them yet (``"chunked"`` and
-            ``"reference"`` support all).
+            Every per-shard ``impl`` supports all of them.
         impl: per-shard computation: ``"pallas"`` (our kernels; GPU, or ``interpret=True``),
             ``"chunked"`` (XLA loop over token chunks, any backend) or ``"reference"``
             (materialises the shard's logits); None: ``"pallas"`` where it runs, else ``"chunked"``.

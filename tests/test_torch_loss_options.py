@@ -271,13 +271,17 @@ def test_vocab_parallel_options_reduced_and_shifted_equal_linear_cross_entropy(g
     check(f"parallel-shift-{reduction}", got, want)
 
 
-def test_vocab_parallel_pallas_refuses_options_and_none_picks_chunked(gloo_world):
-    hidden, weight, bias, labels, *_ = problem("parallel-pallas")
-    with pytest.raises(ValueError, match=r"impl='pallas' cannot run.*supports bias, softcap with impl='chunked'"):
-        parallel(gloo_world, impl="pallas", interpret=True)(hidden, weight, bias, labels, softcap=2.0)
+@pytest.mark.parametrize("name", ["all", "bias"])
+def test_vocab_parallel_pallas_shards_take_every_option(gloo_world, name):
+    """Pallas shards (interpret mode) with the options, against the float64 truth; impl=None on CPU
+    picks the chunked shards, which take them too."""
+    options = OPTION_SETS[name]
+    inputs = problem(f"parallel-pallas-{name}")
+    check(f"parallel-pallas-{name}", run(parallel(gloo_world, impl="pallas", interpret=True), *inputs, options),
+          truth(*inputs, options))
     from torch_heads.parallel import select_parallel_implementation
 
-    assert select_parallel_implementation(hidden, None, loss_options=frozenset({"softcap"})) == "chunked"
+    assert select_parallel_implementation(inputs[0], None, loss_options=frozenset({"softcap"})) == "chunked"
 
 
 @pytest.mark.parametrize(

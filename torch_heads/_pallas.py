@@ -127,15 +127,31 @@ def _programs(ignore_index: int, interpret: bool, config, filter_eps: float | No
 
 
 @functools.cache
-def _shard_programs(interpret: bool, config):
+def _shard_programs(interpret: bool, config, softcap: float | None = None, row_sum: bool = False,
+                    has_bias: bool = False, coefficients: int = 0):
     """The jitted per-shard forward and backward of the vocabulary-parallel op (``torch_heads.parallel``):
     ``jax_heads.pallas.lse_and_target`` and ``jax_heads.pallas.grads`` (labels are shard-local, -1
-    where the token has no target in this shard)."""
+    where the token has no target in this shard), for these static options.
+
+    * forward ``(hidden, weight, labels[, bias]) -> (lse, target[, row_sum])``;
+    * backward ``(hidden, weight, labels, lse, a[, b[, c]][, bias]) -> (d_hidden, d_weight[, d_bias])``
+      with ``coefficients`` (0, 1 or 2) of the per-row ``B``, ``C`` after ``a``.
+    """
     jax = _import_jax()
     from jax_heads.pallas import grads, lse_and_target
 
     options = _options(interpret, config)
-    return jax.jit(functools.partial(lse_and_target, **options)), jax.jit(functools.partial(grads, **options))
+
+    def forward(hidden, weight, labels, *bias):
+        return lse_and_target(hidden, weight, labels, bias=bias[0] if has_bias else None, softcap=softcap,
+                              row_sum=row_sum, **options)
+
+    def backward(hidden, weight, labels, lse, a, *rest):
+        k = (*rest[:coefficients], None)
+        return grads(hidden, weight, labels, lse, a, bias=rest[coefficients] if has_bias else None, softcap=softcap,
+                     coefficients=(k[0], k[1]) if coefficients else None, **options)
+
+    return jax.jit(forward), jax.jit(backward)
 
 
 def _tfrt_gpu_client() -> bool:
@@ -367,34 +383,40 @@ def pallas_loss(
 
 
 def pallas_shard_lse_target(
-    hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor, *, interpret: bool = False, config=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, weight: torch.Tensor, local_labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    softcap: float | None = None, row_sum: bool = False, interpret: bool = False, config=None,
+) -> tuple[torch.Tensor, ...]:
     """One vocabulary shard's per-token log-sum-exp and target logit, on our Pallas kernels.
 
     Args:
         hidden: ``(N, D)`` float16/bfloat16/float32 tensor (CUDA; CPU only with ``interpret``).
         weight: ``(V_shard, D)`` shard of the weight, same dtype and device.
         local_labels: ``(N,)`` integer: the target's row of ``weight``, -1 where there is none.
+        bias: None or the ``(V_shard,)`` shard of the bias (added to the logits).
+        softcap: None or ``c > 0``: the logits are ``c·tanh(z / c)`` (after the bias).
+        row_sum: also return the row sum of the (transformed) logits (label smoothing).
         interpret: run the kernels in Pallas interpret mode (CPU tests; slow).
         config: a ``jax_heads.pallas.BlockSizes``; None for its default.
 
     Returns:
-        ``(lse_k, target_k)``, ``(N,)`` float32 each; ``target_k`` is 0 where there is no target and
-        lives in torch's allocator (the caller sums it in place over the group).
+        ``(lse_k, target_k[, row_sum_k])``, ``(N,)`` float32 each; ``target_k`` is 0 where there is no
+        target; ``target_k`` and ``row_sum_k`` live in torch's allocator (the caller sums them in
+        place over the group).
     """
     n = hidden.shape[0]
     if n == 0 or weight.shape[0] == 0:
         lse = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
-        return lse, torch.zeros_like(lse)
+        return (lse, torch.zeros_like(lse), *((torch.zeros_like(lse),) if row_sum else ()))
     from interop.dlpack import to_torch
 
-    programs = _shard_programs(bool(interpret), config)
+    programs = _shard_programs(bool(interpret), config, softcap, bool(row_sum), bias is not None)
     labels = local_labels.to(torch.int32).contiguous()
-    inputs = (_aligned(hidden.contiguous()), _aligned(weight.contiguous()), _aligned(labels))
-    lse, target = _call(programs[0], hidden.device, inputs)
-    # The target is summed in place by the caller's collective (NCCL writes on its own stream):
-    # give it memory from torch's allocator, which tracks that stream, not a view of JAX's buffer.
-    return to_torch(lse), to_torch(target).clone()
+    inputs = (_aligned(hidden.contiguous()), _aligned(weight.contiguous()), _aligned(labels),
+              *(() if bias is None else (_aligned(bias.contiguous()),)))
+    lse, *sums = _call(programs[0], hidden.device, inputs)
+    # The target (and row sum) are summed in place by the caller's collective (NCCL writes on its own
+    # stream): give them memory from torch's allocator, which tracks that stream, not views of JAX's buffers.
+    return (to_torch(lse), *(to_torch(x).clone() for x in sums))
 
 
 def pallas_shard_grads(
@@ -404,34 +426,43 @@ def pallas_shard_grads(
     lse: torch.Tensor,
     g: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    coefficients: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     interpret: bool = False,
     config=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """One vocabulary shard's gradients against the global log-sum-exp, on our Pallas kernels.
 
     Args:
-        hidden, weight, local_labels: as for :func:`pallas_shard_lse_target`.
+        hidden, weight, local_labels, bias, softcap: as for :func:`pallas_shard_lse_target`.
         lse: ``(N,)`` float32 global log-sum-exp (any finite value or +inf where ``g`` is 0).
-        g: ``(N,)`` float32 upstream gradient, 0 at ignored tokens.
+        g: ``(N,)`` float32 upstream gradient, 0 at ignored tokens; with ``coefficients`` the per-row
+            ``A`` of ``dL/dz' = p·A − B·[v == y] − C``.
+        coefficients: None (``B = A``, ``C = 0``) or ``(B, C)``, ``(N,)`` float32 each (``C`` may be None).
         interpret, config: as for :func:`pallas_shard_lse_target`.
 
     Returns:
-        ``(d_hidden, d_weight)``: this shard's float32 partial ``(N, D)`` of the hidden gradient, in
-        memory torch owns (summed in place over the group next; the kernels round it to the input
-        dtype first, as in ``jax_heads.parallel``), and the shard's ``(V_shard, D)`` weight gradient
-        in the weight's dtype.
+        ``(d_hidden, d_weight[, d_bias])``: this shard's float32 partial ``(N, D)`` of the hidden
+        gradient, in memory torch owns (summed in place over the group next; the kernels round it to
+        the input dtype first, as in ``jax_heads.parallel``), the shard's ``(V_shard, D)`` weight
+        gradient in the weight's dtype and, with a bias, its ``(V_shard,)`` gradient in the bias's dtype.
     """
     if hidden.shape[0] == 0 or weight.shape[0] == 0:
-        return torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device), torch.zeros_like(weight)
+        return (torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device), torch.zeros_like(weight),
+                *(() if bias is None else (torch.zeros_like(bias),)))
     from interop.dlpack import to_torch
 
-    programs = _shard_programs(bool(interpret), config)
+    rows = () if coefficients is None else tuple(x for x in coefficients if x is not None)
+    programs = _shard_programs(bool(interpret), config, softcap, False, bias is not None, len(rows))
     inputs = (
         _aligned(hidden.contiguous()),
         _aligned(weight.contiguous()),
         _aligned(local_labels.to(torch.int32).contiguous()),
         _aligned(lse.to(torch.float32).contiguous()),
         _aligned(g.to(torch.float32).contiguous()),
+        *(_aligned(x.to(torch.float32).contiguous()) for x in rows),
+        *(() if bias is None else (_aligned(bias.contiguous()),)),
     )
-    d_hidden, d_weight = _call(programs[1], hidden.device, inputs)
-    return to_torch(d_hidden).to(torch.float32, copy=True), to_torch(d_weight)
+    d_hidden, d_weight, *d_bias = _call(programs[1], hidden.device, inputs)
+    return (to_torch(d_hidden).to(torch.float32, copy=True), to_torch(d_weight), *(to_torch(x) for x in d_bias))

@@ -36,7 +36,7 @@ from heads_common.options import check_shift_fits
 from heads_common.registry import LossOptions
 from torch_heads import _common, _pallas
 from torch_heads._autograd import autocast_disabled, autocast_inputs
-from torch_heads._chunk_loops import chunked_backward, chunked_lse_target, row_coefficients
+from torch_heads._chunk_loops import RowCoefficients, chunked_backward, chunked_lse_target, row_coefficients
 from torch_heads.chunked import DEFAULT_CHUNK_BUDGET_BYTES, chunk_rows_for
 from torch_heads.functional import (
     _check_bias,
@@ -78,18 +78,24 @@ class _ChunkedShard:
 
 
 class _PallasShard:
-    """The plain loss only (:func:`select_parallel_implementation` refuses the loss options)."""
+    """One shard on our Pallas kernels (``torch_heads._pallas``), every loss option included."""
 
     def __init__(self, interpret: bool):
         self.interpret = interpret
 
-    def lse_target(self, hidden, weight, local):
-        return _pallas.pallas_shard_lse_target(hidden, weight, local, interpret=self.interpret)
+    def lse_target(self, hidden, weight, local, bias=None, softcap=None, row_sum=False):
+        return _pallas.pallas_shard_lse_target(hidden, weight, local, bias=bias, softcap=softcap, row_sum=row_sum,
+                                               interpret=self.interpret)
 
-    def grads(self, hidden, weight, local, counted, lse, g, needs):
+    def grads(self, hidden, weight, local, counted, lse, g, needs, bias=None, softcap=None):
         # An infinite lse at ignored rows makes their recomputed softmax exactly 0 (as in chunked_backward).
         lse = torch.where(counted, lse, float("inf"))
-        return (*_pallas.pallas_shard_grads(hidden, weight, local, lse, g, interpret=self.interpret), None)
+        a, coefficients = (g.a, (g.b, g.c)) if isinstance(g, RowCoefficients) else (g, None)
+        d_hidden, d_weight, *d_bias = _pallas.pallas_shard_grads(
+            hidden, weight, local, lse, a, bias=bias, softcap=softcap, coefficients=coefficients,
+            interpret=self.interpret,
+        )
+        return d_hidden, d_weight, (d_bias[0] if d_bias else None)
 
 
 class _VocabParallel(torch.autograd.Function):
@@ -191,22 +197,18 @@ def select_parallel_implementation(
         hidden: the hidden states (their device and dtype decide).
         impl: ``"pallas"``, ``"chunked"`` or None (``"pallas"`` where it runs, else ``"chunked"``).
         interpret: run ``"pallas"`` in Pallas interpret mode (any device); only with ``impl="pallas"``.
-        loss_options: the names of the loss options the call sets (``LossOptions.loss_options``):
-            only ``"chunked"`` supports them, so None then picks it.
+        loss_options: the names of the loss options the call sets (``LossOptions.loss_options``);
+            both implementations support every option, so they do not change the choice.
 
     Raises:
         TypeError: ``interpret`` is not a bool.
         ValueError: an unknown ``impl``, ``interpret=True`` with another ``impl``, or ``"pallas"``
             that cannot run on these inputs or options (saying why).
     """
+    del loss_options  # every implementation takes every option
     check_interpret(interpret, impl, check_parallel_impl)
-    if impl == "chunked" or (impl is None and loss_options):
+    if impl == "chunked":
         return "chunked"
-    if loss_options:
-        raise ValueError(
-            f"impl='pallas' cannot run on these inputs: the vocabulary-parallel op supports "
-            f"{', '.join(sorted(loss_options))} with impl='chunked' only"
-        )
     if interpret:
         reason = _common.tensor_reason(hidden, cuda=False)
         if reason is not None:
