@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_heads.chunked import chunk_logits, logit_grads, split_rows
+from jax_heads.reduction import scaled_by_upstream
 from jax_heads.reference import PRECISION, grad_coefficients, loss_terms, math_dtype, safe_labels
 
 DEFAULT_LOGITS_BUDGET_BYTES = 512 * 2**20
@@ -142,15 +143,7 @@ def _fused_fwd(hidden, weight, bias, labels, nan_rows, o: _Options):
 
 
 def _fused_bwd(o: _Options, residuals, grad):
-    """Scale the saved gradients by the upstream scalar; an upstream of 1 (a loss itself) leaves
-    them as they are, without a scaled copy."""
-
-    def scaled(x):
-        if x is None:
-            return None
-        return lax.cond(grad == 1, lambda: x, lambda: (x.astype(grad.dtype) * grad).astype(x.dtype))
-
-    return (*(scaled(x) for x in residuals), None, None)
+    return (*scaled_by_upstream(residuals, grad), None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def reduce_loss(loss: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:
@@ -29,3 +30,16 @@ def finish_loss(loss: jax.Array, valid: jax.Array, bad: jax.Array | None, reduct
     if bad is not None:
         loss = loss * jnp.where(bad, jnp.nan, 1.0)
     return reduce_loss(nan_where_infinite(loss), valid, reduction)
+
+
+def scaled_by_upstream(saved: tuple, grad: jax.Array) -> tuple:
+    """Gradients formed in the forward (``saved``: arrays or None), times the reduced loss's upstream
+    scalar ``grad``; an upstream of 1 (the loss itself differentiated) returns them as they are,
+    without a scaled copy. Each keeps its dtype."""
+
+    def scaled(x):
+        if x is None:
+            return None
+        return lax.cond(grad == 1, lambda: x, lambda: (x.astype(grad.dtype) * grad).astype(x.dtype))
+
+    return tuple(scaled(x) for x in saved)

@@ -67,6 +67,7 @@ from jax_heads.pallas.config import (
 from jax_heads.pallas.epilogue import softcapped
 from jax_heads.pallas.gif_mosaic import chunk_logits_and_stats, logits_kernel_for
 from jax_heads.pallas.op import _first_order_only, combine_partials, pallas_loss
+from jax_heads.reduction import scaled_by_upstream
 from jax_heads.reference import grad_coefficients, loss_terms
 
 REDUCTIONS = ("sum", "mean")
@@ -341,15 +342,7 @@ def _loss_fwd(hidden, weight, bias, labels, nan_rows, o: _Options):
 
 
 def _loss_bwd(o: _Options, residuals, grad):
-    """Scale the saved gradients by the upstream scalar; an upstream of 1 (a loss itself) leaves
-    them as they are, without a scaled copy."""
-
-    def scaled(x):
-        if x is None:
-            return None
-        return lax.cond(grad == 1, lambda: x, lambda: (x.astype(grad.dtype) * grad).astype(x.dtype))
-
-    return (*(scaled(x) for x in residuals), None, None)
+    return (*scaled_by_upstream(residuals, grad), None, None)
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
