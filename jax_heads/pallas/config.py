@@ -238,7 +238,7 @@ class GradientInForwardConfig:
             forward stores the logits while it forms the statistics: Hopper, bfloat16/float16, its
             tiles are ``BlockSizes.mosaic``'s; no bias in interpret mode) or ``"auto"`` (Mosaic where
             it can run, outside interpret mode; XLA otherwise). Naming ``"mosaic"`` where it cannot
-            run raises. The default is ``"xla"``: the Mosaic store was not faster on the H200
+            run raises. The default is ``"xla"``: the Mosaic store measured slower
             (``docs/kernel-notes.md``).
     """
 
