@@ -44,6 +44,19 @@ def chunk_rows_for(vocab_size: int, itemsize: int, budget_bytes: int = DEFAULT_C
     return max(1, budget_bytes // (vocab_size * itemsize))
 
 
+class _ChunkedFunction(torch.autograd.Function):
+    """What every autograd Function of this module shares: ``torch.func.vmap`` by a loop over the
+    batch (:func:`~torch_heads._autograd.vmap_by_loop`) and forward-mode AD refused with a clear error."""
+
+    @classmethod
+    def vmap(cls, info, in_dims, *args):
+        return vmap_by_loop(cls, info, in_dims, *args)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NO_FORWARD_MODE)
+
+
 @dataclass(frozen=True)
 class ChunkedOptions:
     """The static options of one chunked call with loss options (hashable; the loss options as
@@ -57,7 +70,7 @@ class ChunkedOptions:
     return_lse: bool = False
 
 
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+class _ChunkedLinearCrossEntropy(_ChunkedFunction):
     """Per-token loss and (non-differentiable) log-sum-exp; the backward recomputes each chunk's logits."""
 
     @staticmethod
@@ -83,16 +96,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
         return d_hidden, d_weight, None, None, None
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_ChunkedLinearCrossEntropy, info, in_dims, *args)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(_NO_FORWARD_MODE)
-
-
-class _ChunkedGrads(torch.autograd.Function):
+class _ChunkedGrads(_ChunkedFunction):
     """The loss's gradients (:func:`chunked_backward`) as a Function, so that they can be differentiated."""
 
     @staticmethod
@@ -122,16 +127,8 @@ class _ChunkedGrads(torch.autograd.Function):
         d_hidden, d_weight, d_grad_loss = grads
         return d_hidden, d_weight, None, None, d_grad_loss, None, None, None, None
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_ChunkedGrads, info, in_dims, *args)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(_NO_FORWARD_MODE)
-
-
-class _ChunkedSecondOrder(torch.autograd.Function):
+class _ChunkedSecondOrder(_ChunkedFunction):
     """The derivatives of the gradients (:func:`chunked_second_order`); a third order is refused."""
 
     @staticmethod
@@ -156,16 +153,8 @@ class _ChunkedSecondOrder(torch.autograd.Function):
             "(it differentiates twice); impl='reference' (plain autograd) supports any order"
         )
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_ChunkedSecondOrder, info, in_dims, *args)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(_NO_FORWARD_MODE)
-
-
-class _ChunkedOptionsLoss(torch.autograd.Function):
+class _ChunkedOptionsLoss(_ChunkedFunction):
     """Per-token loss and log-sum-exp (0 where ignored) with loss options; the log-sum-exp is
     differentiable when ``options.return_lse``."""
 
@@ -198,16 +187,8 @@ class _ChunkedOptionsLoss(torch.autograd.Function):
         )
         return *grads, None, None
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_ChunkedOptionsLoss, info, in_dims, *args)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(_NO_FORWARD_MODE)
-
-
-class _ChunkedOptionGrads(torch.autograd.Function):
+class _ChunkedOptionGrads(_ChunkedFunction):
     """``(d_hidden, d_weight, d_bias)`` of the loss with options (None where not needed); a second order is refused."""
 
     @staticmethod
@@ -234,14 +215,6 @@ class _ChunkedOptionGrads(torch.autograd.Function):
             "lse_square_scale, return_lse) are not supported by impl='chunked' (without them it differentiates "
             "twice); impl='reference' (plain autograd) supports any order"
         )
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_ChunkedOptionGrads, info, in_dims, *args)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(_NO_FORWARD_MODE)
 
 
 def chunked_grads(hidden, weight, labels, lse, grad_loss, ignore_index: int, chunk_rows: int, need_h: bool,
