@@ -25,6 +25,7 @@ from jax_heads.pallas import plan as geometry  # GPU queries through the module:
 from jax_heads.pallas.backward import backward
 from jax_heads.pallas.config import DEFAULT_BLOCK_SIZES, PLAIN_LOGITS, BlockSizes, LogitOptions
 from jax_heads.pallas.plan import Plan, pad_inputs, plan_for
+from jax_heads.reference import grad_coefficients
 
 # ------------------------------------------------------------------------------------------
 # Forward: kernel choice and the combine of split partials
@@ -196,12 +197,8 @@ def loss_coefficients(g, g_lse, lse, *, label_smoothing: float, lse_square_scale
     ``(N,)`` float32; ``C`` is None without smoothing. Rows the caller ignores must be zeroed in the
     results (``lse`` may be anything there).
     """
-    a = g * (1.0 + (2.0 * lse_square_scale) * lse) if lse_square_scale else g
-    if g_lse is not None:
-        a = a + g_lse
-    b = g * (1.0 - label_smoothing) if label_smoothing else g
-    c = g * (label_smoothing / vocab_size) if label_smoothing else None
-    return a, b, c
+    a, b, c = grad_coefficients(g, g_lse, lse, vocab_size, label_smoothing, lse_square_scale)
+    return a, (g if b is None else b), c  # the kernels take B whenever they take coefficients
 
 
 def grads(
