@@ -64,6 +64,13 @@ def check_hidden_size(hidden_size: object, name: str = "hidden_size") -> int:
     return _check_positive_int(name, hidden_size)
 
 
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool (not merely truthy), else raise ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_dropout(dropout: object) -> float:
     """Return ``dropout`` as a float in ``[0, 1)``."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
@@ -244,8 +251,7 @@ def check_interpret(interpret: object, impl: object, check_impl: Callable[[objec
     ``check_impl`` (the caller's check of the name) runs in between, so an unknown ``impl`` is
     reported as such rather than as a mismatch with ``interpret``.
     """
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be a bool, got {interpret!r}")
+    check_bool(interpret, "interpret")
     if check_impl is not None:
         check_impl(impl)
     if interpret and impl != "pallas":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from heads_common import check_bool
+
 
 def _number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -69,9 +71,7 @@ def check_shift_fits(shift: int, labels_shape: tuple[int, ...]) -> None:
 
 
 def check_return_lse(return_lse: object) -> bool:
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    return return_lse
+    return check_bool(return_lse, "return_lse")
 
 
 def check_bias_shape(bias_shape: tuple[int, ...], vocab_size: int) -> None:

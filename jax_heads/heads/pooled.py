@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from heads_common import check_dropout, check_hidden_size, check_mask_shape
+from heads_common import check_bool, check_dropout, check_hidden_size, check_mask_shape
 from jax_heads.heads._common import check_hidden, linear, reset_linear
 
 
@@ -155,9 +155,7 @@ class EmbeddingHead(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
     ):
         self._hidden_size = check_hidden_size(hidden_size)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {normalize!r}")
-        self._normalize = normalize
+        self._normalize = check_bool(normalize, "normalize")
         if embedding_dim is None:
             self.projection = None
         else:

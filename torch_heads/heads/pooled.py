@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heads_common import check_dropout, check_hidden_size, check_mask_shape
+from heads_common import check_bool, check_dropout, check_hidden_size, check_mask_shape
 from torch_heads.heads._common import check_hidden
 
 
@@ -80,9 +80,7 @@ class EmbeddingHead(nn.Module):
     def __init__(self, hidden_size: int, embedding_dim: int | None, normalize: bool):
         super().__init__()
         self._hidden_size = check_hidden_size(hidden_size)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {normalize!r}")
-        self._normalize = normalize
+        self._normalize = check_bool(normalize, "normalize")
         if embedding_dim is None:
             self.projection = None
         else:
