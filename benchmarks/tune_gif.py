@@ -3,8 +3,9 @@
 GPU only. For each workload (Gemma-2, Llama-3 heads, bf16, reduction mean, 10 % ignored labels) and
 each configuration of ``GradientInForwardConfig`` (changes from the default, below): the forward+
 backward time of ``jax.value_and_grad`` of the mean loss (``benchmarks.common.time_ms``), the
-compiled program's temporary bytes, and the loss and gradients' largest difference from the
-default configuration's (a configuration must not change the result beyond bf16 rounding).
+first call's wall time (compiling included), the compiled program's temporary bytes, and the loss
+and gradients' largest difference from the default configuration's (a configuration must not
+change the result beyond bf16 rounding).
 Every configuration runs in its own try/except; none starts after ``--budget-s`` seconds.
 
     python -m benchmarks.tune_gif --out /tmp/gif.json [--workloads gemma2-2b,llama3-8b] [--configs default,...]
@@ -53,6 +54,10 @@ CONFIGS = {
     "budget448": {"logits_budget_bytes": 448 * MIB},
     "budget384": {"logits_budget_bytes": 384 * MIB},
     "w8_budget448": {"num_warps": 8, "logits_budget_bytes": 448 * MIB},
+    "chunks3": {"min_chunks": 3},
+    "chunks5": {"min_chunks": 5},
+    "tail4": {"tail_steps": 4},
+    "tail16": {"tail_steps": 16},
 }
 
 
@@ -61,8 +66,10 @@ def _run(row: dict, h, w, y, changes: dict):
     config = BlockSizes(gradient_in_forward=dataclasses.replace(GradientInForwardConfig(), **changes))
     fn = jax.jit(jax.value_and_grad(lambda a, b: gradient_in_forward_loss(a, b, y, IGNORE, "mean", config=config),
                                     (0, 1)))
+    t0 = time.perf_counter()
     out = fn(h, w)
     jax_sync(out)
+    row["first_call_s"] = round(time.perf_counter() - t0, 2)  # compiling included
     row["fwdbwd_ms"] = round(time_ms(lambda: fn(h, w), sync=jax_sync).median_ms, 3)
     row["temp_mib"] = round(jax_temp_mb(fn, h, w), 1)
     return out

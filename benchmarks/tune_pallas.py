@@ -34,6 +34,8 @@ FWD_CONFIGS = [
 ]
 BWD_CONFIGS = [
     {},
+    {"backward": {"chunk_bytes": 40 * MIB}},
+    {"backward": {"chunk_bytes": 58 * MIB}},
     {"filter_eps": 2.0**-12},
     {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 64 * MIB}},
     {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 64 * MIB}, "filtered": {"block_k": 32}},
@@ -62,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default="8192,2304,256000", help="N,D,V")
     p.add_argument("--bwd", action="store_true", help="also the forward+backward configurations")
     p.add_argument("--bwd-only", action="store_true", help="only the forward+backward configurations")
+    p.add_argument("--exact-only", action="store_true", help="of the forward+backward ones, only the exact ones")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args(argv)
     n, d, v = map(int, args.shape.split(","))
@@ -83,6 +86,8 @@ def main(argv=None) -> None:
         return
     ref = None
     for changes in BWD_CONFIGS:
+        if args.exact_only and "filter_eps" in changes:
+            continue
         config, options = configured(changes)
 
         def loss_fn(a, b, config=config, options=options):

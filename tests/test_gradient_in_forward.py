@@ -10,6 +10,8 @@ forward without differentiation; the upstream scalar. The ``gpu`` tests run the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +152,29 @@ def test_all_ignored_and_empty_give_zeros():
         assert float(value) == 0.0 and not any(np.any(np.asarray(g)) for g in grads)
 
 
+def test_only_counted_rows_are_multiplied_in_every_partial_chunk_size():
+    """One compiled program, the count of counted tokens varied (it is dynamic): none, fewer than one
+    step, each partial size, whole chunks only, whole chunks and a partial one, all. 48-row chunks and
+    partial sizes 16, 32 and 48; the ignored rows are spread (the stable partition puts the counted ones
+    first, in order) and their ``d_hidden`` rows stay 0."""
+    n = 150
+    hidden, weight, bias, _ = problem(seed=21, n=n)
+    config = BlockSizes(gradient_in_forward=dataclasses.replace(tiny(48).gradient_in_forward, tail_steps=3),
+                        sm_count=2)
+    h, w, b = (jnp.asarray(x, jnp.float32) for x in (hidden, weight, bias))
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    grad = jax.jit(jax.value_and_grad(lambda p, q, r, y: gradient_in_forward_loss(
+        p, q, y, IGNORE, "sum", bias=r, softcap=2.5, interpret=True, config=config), (0, 1, 2)))
+    rng = np.random.default_rng(5)
+    for counted in (0, 7, 16, 33, 48, 96, 101, 144, 150):
+        labels = np.full(n, IGNORE)
+        labels[np.sort(rng.choice(n, counted, replace=False))] = rng.integers(0, V, counted)
+        value, (dh, dw, db) = grad(h, w, b, jnp.asarray(labels, jnp.int32))
+        want = truth(f64(h), f64(w), f64(b), labels, {"bias": True, "softcap": 2.5}, "sum", 1.0)
+        check((value, dh, dw, db), want, [None] * 4, "float32", f"{counted} counted")
+        assert not np.any(np.asarray(dh)[labels == IGNORE])
+
+
 def test_non_finite_hidden_at_an_ignored_token_keeps_its_row_zero():
     """As on the exact path: loss 0 and a zero d_hidden row there, the other rows finite (d_weight is
     NaN: 0·NaN in Gᵀ·H, docs/robustness.md)."""
@@ -197,14 +222,18 @@ def test_forward_without_differentiation_does_no_gradient_work():
 
 
 def test_one_dot_and_add_per_chunk_and_no_float32_weight_buffer():
-    """The loop body holds the three products (logits, d_hidden, d_weight), the weight gradient is
-    accumulated in bfloat16 (no float32 (V, D) array in the forward that forms the gradients; the
-    backward's scaling by an upstream other than 1 is one elementwise float32 multiply)."""
-    hidden, weight, _, labels = problem(seed=6)
+    """Each chunk step holds the three products (logits, d_hidden, d_weight) — one step per size of the
+    partial chunk, one in the loop over whole chunks —, the weight gradient is accumulated in bfloat16
+    (no float32 (V, D) array in the forward that forms the gradients; the backward's scaling by an
+    upstream other than 1 is one elementwise float32 multiply)."""
+    hidden, weight, _, labels = problem(seed=6, n=150)  # chunks of 16, or 48 rows with a budget of 48
     h, w, y = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(weight, jnp.bfloat16), jnp.asarray(labels, jnp.int32)
-    text = lowered(lambda a, b: gradient_in_forward_grads(a, b, y, IGNORE, "mean", interpret=True,
-                                                          config=tiny(itemsize=2)), h, w)
-    assert text.count("stablehlo.dot_general") == 3
+    for rows, steps, sizes in ((16, 8, 1), (48, 3, 3), (48, 2, 2)):
+        config = BlockSizes(gradient_in_forward=dataclasses.replace(
+            tiny(rows, itemsize=2).gradient_in_forward, tail_steps=steps), sm_count=2)
+        text = lowered(lambda a, b, c=config: gradient_in_forward_grads(a, b, y, IGNORE, "mean", interpret=True,
+                                                                        config=c), h, w)
+        assert text.count("stablehlo.dot_general") == 3 * (sizes + 1), (rows, steps)
     assert f"tensor<{V}x{D}xf32>" not in text and f"tensor<{V}x{D}xbf16>" in text
 
 
@@ -226,7 +255,8 @@ def test_kernels_lower_for_cuda(dtype, options):
                                   (0, 1, 2) if b is not None else (0, 1))(h, w, b)
 
     module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w, b).mlir_module()
-    assert module.count("__gpu$xla.gpu.triton") == 2
+    # 80-row chunks, partial ones of 16 … 80 rows: 6 chunk steps of two kernels
+    assert module.count("__gpu$xla.gpu.triton") == 2 * 6
 
 
 @pytest.mark.parametrize("option", ["plain", "all"])
@@ -247,8 +277,9 @@ def test_mosaic_logits_lower_for_cuda(option):
         return gradient_in_forward_grads(h, w, y, IGNORE, "mean", bias=b, config=config, **kwargs)
 
     module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=disabled)(h, w, b).mlir_module()
-    assert module.count("__gpu$xla.gpu.triton") == 1 and "mosaic_gpu" in module
-    assert module.count("stablehlo.dot_general") == 2  # d_hidden and d_weight only
+    # chunks of one 128-row Mosaic block: the partial-chunk step and the loop's, one Triton kernel each
+    assert module.count("__gpu$xla.gpu.triton") == 2 and "mosaic_gpu" in module
+    assert module.count("stablehlo.dot_general") == 4  # d_hidden and d_weight only
 
 
 @pytest.mark.parametrize("option", ["plain", "softcap-smoothing-zloss"])

@@ -123,9 +123,9 @@ def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
     """Vocabulary rows per backward chunk: whole ``plan.block_v`` tiles within ``config.chunk_bytes``.
 
     Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and its
-    ``d_weight`` row twice (the chunk's product and the rows it is added to).
+    ``d_weight`` row (the chunk's product, then copied into ``d_weight``).
     """
-    per_row = (plan.n_pad + 2 * plan.d_pad) * itemsize
+    per_row = (plan.n_pad + plan.d_pad) * itemsize
     rows = (config.chunk_bytes // per_row) // plan.block_v * plan.block_v
     return int(min(plan.v_pad, max(plan.block_v, rows)))
 
@@ -156,12 +156,13 @@ def backward(
 
     The vocabulary is walked in ``ceil(v_pad / chunk_v)`` chunks of ``chunk_v`` rows: per chunk,
     the gradient logits ``G_c`` ``(N_pad, chunk_v)`` in the input dtype, ``d_hidden += G_c @ W_c``
-    into a float32 accumulator and ``d_weight[c] += G_cᵀ @ H`` in the weight dtype (the product
-    accumulates in float32 and is complete for its rows: every token is in it; the rows start at
-    zero, so the addition is exact). When ``chunk_v`` does not divide the vocabulary, the last chunk
-    is placed at ``v_pad − chunk_v``, overlapping the one before: its kernel writes zeros for the
-    columns already done, which then add nothing to either gradient. Every chunk has one shape, so
-    the loop's buffers are all there is (no separate tail buffers).
+    into a float32 accumulator and ``d_weight[c] = G_cᵀ @ H`` in the weight dtype (the product
+    accumulates in float32 and is complete for its rows: every token is in it; ``d_weight`` is
+    allocated without a fill, every row is written once). When ``chunk_v`` does not divide the
+    vocabulary, the last chunk is placed at ``v_pad − chunk_v``, overlapping the one before: its
+    kernel writes zeros for the columns already done, which then add nothing to ``d_hidden``, and
+    only its new rows are written to ``d_weight``. Every chunk has one shape, so the loop's buffers
+    are all there is (no separate tail buffers).
 
     Exact (``filter_eps`` None): the two products are XLA matrix products. Filtered: the
     gradient-logits kernel also flags the tiles that hold a value ≥ ``filter_eps``, and two Pallas
@@ -230,7 +231,7 @@ def backward(
 
     extra = (*extra_rows, *(() if bias is None else (bias,)))
 
-    def body(k, carry):
+    def body(k, carry, overlapping=False):
         d_hidden, d_weight, target_kept, dense, *d_bias = carry
         lo = k * chunk_v
         start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
@@ -255,9 +256,11 @@ def backward(
                 in_chunk = (labels >= lo) & (labels < start + chunk_v)
                 tile = jnp.clip((labels - start) // bwd.block_v, 0, tiles - 1)
                 target_kept = jnp.where(in_chunk, flags[row_block, tile], target_kept)
-        # Rows below `lo` got zero columns of G (done by the previous chunk): adding leaves them as they are.
-        old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
-        d_weight = lax.dynamic_update_slice_in_dim(d_weight, old + dw_chunk, start, axis=0)
+        if overlapping:  # rows below `lo` are the previous chunk's (its product has zeros there)
+            old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
+            new_rows = lax.broadcasted_iota(jnp.int32, (chunk_v, 1), 0) >= lo - start
+            dw_chunk = jnp.where(new_rows, dw_chunk, old)
+        d_weight = lax.dynamic_update_slice_in_dim(d_weight, dw_chunk, start, axis=0)
         if bias is not None:  # d_bias = Σ_rows G; unflagged tiles of a filtered chunk are not written
             kept = gl if filter_eps is None else jnp.where(
                 jnp.repeat(jnp.repeat(flags != 0, bwd.block_n, axis=0), bwd.block_v, axis=1), gl, 0)
@@ -267,12 +270,17 @@ def backward(
 
     init = (
         jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
-        jnp.zeros((plan.v_pad, plan.d_pad), weight.dtype),
+        lax.empty((plan.v_pad, plan.d_pad), weight.dtype),  # every row is written (no fill on the GPU)
         jnp.ones(labels.shape, jnp.int32),
         jnp.int32(dense_above == 0),  # the first chunk: sparse unless every chunk is dense
         *(() if bias is None else (jnp.zeros((plan.v_pad,), jnp.float32),)),
     )
-    d_hidden, d_weight, target_kept, _, *d_bias = lax.fori_loop(0, num_chunks, body, init)
+    # The chunks that tile the vocabulary, then (in a second call site) the last one where it overlaps.
+    whole = plan.v_pad // chunk_v
+    carry = lax.fori_loop(0, whole, body, init)
+    if whole < num_chunks:
+        carry = body(whole, carry, overlapping=True)
+    d_hidden, d_weight, target_kept, _, *d_bias = carry
     if separate_targets:
         b = g if coefficients is None else coefficients[0]
         live = (g != 0) if coefficients is None else (g != 0) | (b != 0)

@@ -169,7 +169,7 @@ class BackwardConfig:
         block_d: hidden-dimension step of the logits recompute (a divisor of the padded ``D`` is used).
         num_warps, num_stages: Triton launch options.
         chunk_bytes: the most bytes the buffers of one vocabulary chunk may take: its gradient
-            logits ``(N, chunk_v)`` and, twice, its ``(chunk_v, D)`` weight-gradient rows.
+            logits ``(N, chunk_v)`` and its ``(chunk_v, D)`` weight-gradient rows.
     """
 
     block_n: int = 128
@@ -240,6 +240,10 @@ class GradientInForwardConfig:
             it can run, outside interpret mode; XLA otherwise). Naming ``"mosaic"`` where it cannot
             run raises. The default is ``"xla"``: the Mosaic store measured slower
             (``docs/kernel-notes.md``).
+        tail_steps: only the counted (non-ignored) tokens are multiplied: whole chunks of them, and
+            one partial chunk whose size is rounded up to a multiple of ``chunk_rows / tail_steps``
+            (whole ``block_n``). That many sizes of the chunk step are compiled (``lax.switch``); at
+            most that fraction of a chunk is ignored rows.
     """
 
     logits_budget_bytes: int = 896 * 2**20
@@ -250,13 +254,15 @@ class GradientInForwardConfig:
     min_programs: int = 1056
     min_chunks: int = 4
     logits_kernel: str = "xla"
+    tail_steps: int = 8
 
     def __post_init__(self):
         if self.logits_kernel not in LOGITS_KERNELS:
             raise ValueError(
                 f"GradientInForwardConfig.logits_kernel must be one of {LOGITS_KERNELS}, got {self.logits_kernel!r}")
         _check_powers_of_two(self, "block_n", "block_v")
-        _check_positive(self, "logits_budget_bytes", "num_warps", "num_stages", "min_programs", "min_chunks")
+        _check_positive(self, "logits_budget_bytes", "num_warps", "num_stages", "min_programs", "min_chunks",
+                        "tail_steps")
 
 
 @dataclasses.dataclass(frozen=True)

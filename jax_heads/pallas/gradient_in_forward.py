@@ -54,7 +54,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jax_heads.chunked import split_rows
 from jax_heads.pallas import plan as geometry
 from jax_heads.pallas.config import (
     DEFAULT_BLOCK_SIZES,
@@ -93,6 +92,12 @@ def chunk_rows_for(n: int, v: int, dtype, config: GradientInForwardConfig) -> in
     chunks = max(-(-max(n, 1) // cap), min(config.min_chunks, -(-max(n, 1) // block)))
     rows = -(-max(n, 1) // chunks)
     return min(cap, geometry.round_up(rows, block))
+
+
+def tail_rows_for(chunk_rows: int, granule: int, config: GradientInForwardConfig) -> int:
+    """The step of the partial chunk's sizes: ``chunk_rows / config.tail_steps`` rounded up to whole
+    ``granule`` rows (the kernels' token block); ``chunk_rows`` is a multiple of ``granule``."""
+    return min(chunk_rows, geometry.round_up(-(-chunk_rows // config.tail_steps), granule))
 
 
 # ------------------------------------------------------------------------------------------
@@ -254,6 +259,7 @@ class _Options:
     label_smoothing: float = 0.0
     lse_square_scale: float = 0.0
     mosaic: bool = False  # the chunks' logits from the Mosaic forward (logits_kernel_for)
+    tail_rows: int = 16  # the partial chunk's size is a multiple of this (tail_rows_for)
 
 
 def _scale(valid, reduction: str):
@@ -264,25 +270,45 @@ def _scale(valid, reduction: str):
 
 
 def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
-    """``(loss, d_hidden, d_weight, d_bias)`` of ``scale · Σ loss``; ``d_bias`` float32 (None without a bias)."""
+    """``(loss, d_hidden, d_weight, d_bias)`` of ``scale · Σ loss``; ``d_bias`` float32 (None without a bias).
+
+    Only the counted rows are multiplied: they are taken in order (a stable partition of the rows),
+    the partial chunk of ``n_counted mod chunk_rows`` rows first (or a whole one where that is 0),
+    rounded up to ``o.tail_rows`` (``lax.switch`` over the possible sizes; its products start
+    ``d_weight``), then the remaining whole chunks (a loop of dynamic length). Each chunk gathers its rows
+    of ``hidden`` and scatters its ``d_hidden`` rows back; the ignored rows' stay 0.
+    """
     (n, d), vocab, dtype = hidden.shape, weight.shape[0], hidden.dtype
     precision = matmul_precision(dtype)
     valid = labels != o.ignore_index
-    # Upstream per row, folded into G before its rounding: scale, 0 (ignored or padding), NaN (nan_rows).
+    # Upstream per row, folded into G before its rounding: scale, 0 (ignored), NaN (nan_rows).
     row_scale = jnp.where(nan_rows, jnp.nan, jnp.where(valid, _scale(valid, o.reduction), 0.0))
-    kernel_labels = jnp.where(valid, labels, -1).astype(jnp.int32)
+    counted = row_scale != 0.0  # a NaN row counts
+    n_counted = jnp.sum(counted, dtype=jnp.int32)
+    rows, step = o.chunk_rows, o.tail_rows
+    # Row indices, counted rows first; past N: index N (gathers zeros, scatters nothing).
+    order = jnp.argsort(jnp.logical_not(counted), stable=True).astype(jnp.int32)
+    order = jnp.concatenate([order, jnp.full((rows + step,), n, jnp.int32)])
+    kernel_labels = jnp.where(counted & valid, labels, -1).astype(jnp.int32)
     bias32 = None if bias is None else bias.astype(jnp.float32)
+    d_pad = d
     if o.mosaic:  # padded to the Mosaic tiles (no copy where they divide): G is 0 in the padding
         m = o.config.mosaic
         v_pad, d_pad = geometry.round_up(vocab, m.block_v), geometry.round_up(d, m.block_k)
-        hidden = jnp.pad(hidden, ((0, 0), (0, d_pad - d))) if d_pad != d else hidden
         weight = jnp.pad(weight, ((0, v_pad - vocab), (0, d_pad - d))) if weight.shape != (v_pad, d_pad) else weight
         if bias32 is not None and v_pad != vocab:
             bias32 = jnp.pad(bias32, (0, v_pad - vocab))
 
-    def step(carry, xs):
-        d_weight, d_bias = carry
-        h, y, s = xs
+    def chunk(start, size, state):
+        """The ``size`` rows of ``order[start:]``: their loss added, their ``d_hidden`` rows scattered, their
+        ``d_weight`` (and ``d_bias``) products added to the state's (started when those are None)."""
+        total, d_hidden, d_weight, d_bias = state
+        index = lax.dynamic_slice_in_dim(order, start, size)
+        h = jnp.take(hidden, index, axis=0, mode="fill", fill_value=0)
+        y = jnp.take(kernel_labels, index, mode="fill", fill_value=-1)
+        s = jnp.take(row_scale, index, mode="fill", fill_value=0.0)
+        if d_pad != d:
+            h = jnp.pad(h, ((0, 0), (0, d_pad - d)))
         if o.mosaic:
             logits, (lse, target, row_sum) = chunk_logits_and_stats(
                 h, y, weight, bias32, vocab=vocab, config=o.config, interpret=o.interpret, softcap=o.softcap,
@@ -291,26 +317,41 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
             logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
             lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
         loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
-        total = jnp.sum(jnp.where(s != 0.0, loss * s, 0.0))  # a NaN row's s keeps it NaN
+        total = total + jnp.sum(jnp.where(s != 0.0, loss * s, 0.0))  # a NaN row's s keeps it NaN
         # Zero where the row does not count, even where its lse is not finite (the kernel then writes 0).
         coefficients = tuple(None if x is None else jnp.where(s != 0.0, x, 0.0) for x in grad_coefficients(
             s, None, lse, vocab, o.label_smoothing, o.lse_square_scale))
         g = _chunk_grads(logits, y, lse, coefficients, bias32, vocab, o)
         d_h = jnp.dot(g, weight, preferred_element_type=dtype, precision=precision)
+        d_hidden = d_hidden.at[index].set(d_h[:, :d], mode="drop", unique_indices=True)
         # Accumulated in the weight's dtype: the product (float32 inside) plus the running sum, one rounding.
-        d_weight = d_weight + lax.dot_general(
-            g, h, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision)
-        if d_bias is not None:
-            d_bias = d_bias + jnp.sum(g, axis=0, dtype=jnp.float32)
-        return (d_weight, d_bias), (total, d_h)
+        product = lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype,
+                                  precision=precision)
+        d_weight = product if d_weight is None else d_weight + product
+        if bias32 is not None:
+            column_sums = jnp.sum(g, axis=0, dtype=jnp.float32)
+            d_bias = column_sums if d_bias is None else d_bias + column_sums
+        return total, d_hidden, d_weight, d_bias
 
-    xs = (split_rows(hidden, o.chunk_rows, 0), split_rows(kernel_labels, o.chunk_rows, -1),
-          split_rows(row_scale, o.chunk_rows, 0.0))
-    init = (jnp.zeros(weight.shape, weight.dtype), None if bias is None else jnp.zeros(bias32.shape, jnp.float32))
-    (d_weight, d_bias), (totals, d_h) = lax.scan(step, init, xs)
+    whole = n_counted // rows
+    tail = n_counted - whole * rows
+    borrow = (tail == 0) & (whole > 0)  # a whole chunk is the first one then: d_weight is never zero-filled
+    tail, whole = jnp.where(borrow, rows, tail), whole - borrow.astype(jnp.int32)
+    tail_steps = (tail + step - 1) // step  # 0 … ceil(rows / step)
+    start = (jnp.float32(0.0), jnp.zeros((n, d), dtype), None, None)
+
+    def no_tail():
+        zeros = jnp.zeros(weight.shape, weight.dtype)
+        return (*start[:2], zeros, None if bias32 is None else jnp.zeros(bias32.shape, jnp.float32))
+
+    branches = [no_tail] + [functools.partial(chunk, 0, k * step, start) for k in range(1, -(-rows // step) + 1)]
+    state = lax.switch(tail_steps, branches)
+    first = tail_steps * step
+    state = lax.fori_loop(0, whole, lambda i, state: chunk(first + i * rows, rows, state), state)
+    total, d_hidden, d_weight, d_bias = state
     if d_weight.shape != (vocab, d):  # the Mosaic path's padding
         d_weight, d_bias = d_weight[:vocab, :d], (None if d_bias is None else d_bias[:vocab])
-    return jnp.sum(totals), d_h.reshape(-1, hidden.shape[1])[:n, :d], d_weight, d_bias
+    return total, d_hidden, d_weight, d_bias
 
 
 def _forward_only(hidden, weight, bias, labels, nan_rows, o: _Options):
@@ -356,10 +397,13 @@ def _options(hidden, weight, ignore_index, reduction, config, interpret, softcap
         raise TypeError(f"config must be a jax_heads.pallas.BlockSizes, got {type(config).__name__}")
     rows = chunk_rows_for(hidden.shape[0], weight.shape[0], hidden.dtype, config.gradient_in_forward)
     mosaic = logits_kernel_for(hidden.dtype, config, bool(interpret), has_bias) == "mosaic"
+    granule = config.gradient_in_forward.block_n
     if mosaic:  # whole Mosaic token blocks
-        rows = geometry.round_up(rows, math.lcm(config.gradient_in_forward.block_n, config.mosaic.block_n))
+        granule = math.lcm(granule, config.mosaic.block_n)
+        rows = geometry.round_up(rows, granule)
     return _Options(int(ignore_index), reduction, rows, config, bool(interpret), LogitOptions(softcap).softcap,
-                    float(label_smoothing), float(lse_square_scale), mosaic)
+                    float(label_smoothing), float(lse_square_scale), mosaic,
+                    tail_rows_for(rows, granule, config.gradient_in_forward))
 
 
 def gradient_in_forward_loss(
