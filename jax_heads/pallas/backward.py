@@ -120,13 +120,18 @@ def _grad_logits_kernel(
 
 
 def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
-    """Vocabulary rows per backward chunk: whole ``plan.block_v`` tiles within ``config.chunk_bytes``.
+    """Vocabulary rows per backward chunk within ``config.chunk_bytes``: a multiple of
+    ``config.chunk_multiple`` where that is a whole number of ``plan.block_v`` tiles and fits, else
+    whole tiles; at least one tile, at most ``plan.v_pad``.
 
     Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and its
     ``d_weight`` row (the chunk's product, then copied into ``d_weight``).
     """
     per_row = (plan.n_pad + plan.d_pad) * itemsize
-    rows = (config.chunk_bytes // per_row) // plan.block_v * plan.block_v
+    fit = config.chunk_bytes // per_row
+    rows = fit // config.chunk_multiple * config.chunk_multiple
+    if rows == 0 or rows % plan.block_v:
+        rows = fit // plan.block_v * plan.block_v
     return int(min(plan.v_pad, max(plan.block_v, rows)))
 
 
@@ -231,7 +236,7 @@ def backward(
 
     extra = (*extra_rows, *(() if bias is None else (bias,)))
 
-    def body(k, carry, overlapping=False):
+    def body(k, carry):
         d_hidden, d_weight, target_kept, dense, *d_bias = carry
         lo = k * chunk_v
         start = jnp.minimum(lo, plan.v_pad - chunk_v)  # the last chunk may overlap the one before
@@ -256,11 +261,11 @@ def backward(
                 in_chunk = (labels >= lo) & (labels < start + chunk_v)
                 tile = jnp.clip((labels - start) // bwd.block_v, 0, tiles - 1)
                 target_kept = jnp.where(in_chunk, flags[row_block, tile], target_kept)
-        if overlapping:  # rows below `lo` are the previous chunk's (its product has zeros there)
-            old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
-            new_rows = lax.broadcasted_iota(jnp.int32, (chunk_v, 1), 0) >= lo - start
-            dw_chunk = jnp.where(new_rows, dw_chunk, old)
-        d_weight = lax.dynamic_update_slice_in_dim(d_weight, dw_chunk, start, axis=0)
+        # Rows below `lo` (an overlapping last chunk's, whose product has zeros there) keep the previous
+        # chunk's values; every other row is written once (d_weight starts unfilled).
+        old = lax.dynamic_slice_in_dim(d_weight, start, chunk_v, axis=0)
+        new_rows = lax.broadcasted_iota(jnp.int32, (chunk_v, 1), 0) >= lo - start
+        d_weight = lax.dynamic_update_slice_in_dim(d_weight, jnp.where(new_rows, dw_chunk, old), start, axis=0)
         if bias is not None:  # d_bias = Σ_rows G; unflagged tiles of a filtered chunk are not written
             kept = gl if filter_eps is None else jnp.where(
                 jnp.repeat(jnp.repeat(flags != 0, bwd.block_n, axis=0), bwd.block_v, axis=1), gl, 0)
@@ -275,12 +280,7 @@ def backward(
         jnp.int32(dense_above == 0),  # the first chunk: sparse unless every chunk is dense
         *(() if bias is None else (jnp.zeros((plan.v_pad,), jnp.float32),)),
     )
-    # The chunks that tile the vocabulary, then (in a second call site) the last one where it overlaps.
-    whole = plan.v_pad // chunk_v
-    carry = lax.fori_loop(0, whole, body, init)
-    if whole < num_chunks:
-        carry = body(whole, carry, overlapping=True)
-    d_hidden, d_weight, target_kept, _, *d_bias = carry
+    d_hidden, d_weight, target_kept, _, *d_bias = lax.fori_loop(0, num_chunks, body, init)
     if separate_targets:
         b = g if coefficients is None else coefficients[0]
         live = (g != 0) if coefficients is None else (g != 0) | (b != 0)

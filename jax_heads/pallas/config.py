@@ -170,6 +170,9 @@ class BackwardConfig:
         num_warps, num_stages: Triton launch options.
         chunk_bytes: the most bytes the buffers of one vocabulary chunk may take: its gradient
             logits ``(N, chunk_v)`` and its ``(chunk_v, D)`` weight-gradient rows.
+        chunk_multiple: ``chunk_v`` is rounded down to a multiple of this where it is whole tiles
+            and the budget holds one (:func:`jax_heads.pallas.backward.chunk_v_for`): the kernel's
+            grid per chunk is then whole waves more often (``docs/kernel-notes.md`` has the measurement).
     """
 
     block_n: int = 128
@@ -178,10 +181,11 @@ class BackwardConfig:
     num_warps: int = 8
     num_stages: int = 3
     chunk_bytes: int = 50 * 2**20
+    chunk_multiple: int = 1024
 
     def __post_init__(self):
         _check_powers_of_two(self, "block_n", "block_v", "block_d")
-        _check_positive(self, "num_warps", "num_stages", "chunk_bytes")
+        _check_positive(self, "num_warps", "num_stages", "chunk_bytes", "chunk_multiple")
 
 
 @dataclasses.dataclass(frozen=True)
