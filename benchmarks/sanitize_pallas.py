@@ -9,8 +9,8 @@ Exact gradients, then gradient filtering (the block-sparse products, both target
 Triton forward and the Triton gradient-logits kernel; then exact gradients with the Mosaic GPU
 gradient-logits kernel, after the Triton forward and after the Mosaic GPU forward (both pad D to
 their 64-wide K step). Then every loss option at once (bias, softcap, label smoothing, z-loss) on
-both kernel pairs, and the gradient-in-forward path of the mean (chunks of 128 tokens, the last one
-ragged), plain and with every option.
+both kernel pairs, and the gradient-in-forward path of the mean (chunks of 128 tokens, the partial
+one first), plain and with every option.
 """
 
 from __future__ import annotations
@@ -33,10 +33,14 @@ from jax_heads.pallas import (  # noqa: E402
 )
 
 N, D, V = 333, 200, 5_003
-# Chunks of 1536 vocabulary rows (the budget counts the gradient logits and twice the chunk's
-# weight-gradient rows, D padded to 16, or to 64 for a Mosaic kernel) over V padded to 5120: the last
-# chunk overlaps the one before.
-CHUNK_BYTES = {208: 1536 * (384 + 2 * 208) * 2, 256: 1536 * (384 + 2 * 256) * 2}
+# Chunks of 1536 vocabulary rows (the budget counts the gradient logits and the chunk's weight-gradient
+# rows, D padded to 16, or to 64 for a Mosaic kernel; whole tiles, no larger multiple) over V padded to
+# 5120: the last chunk overlaps the one before.
+CHUNK_BYTES = {208: 1536 * (384 + 208) * 2, 256: 1536 * (384 + 256) * 2}
+
+
+def _backward(d_pad: int) -> BackwardConfig:
+    return BackwardConfig(chunk_bytes=CHUNK_BYTES[d_pad], chunk_multiple=256)
 # (forward kernel, backward kernel, filter_eps, filter_separate_targets)
 RUNS = (("triton", "triton", None, True), ("triton", "triton", 2.0**-12, False), ("triton", "triton", 2.0**-12, True),
         ("triton", "mosaic", None, True), ("mosaic", "mosaic", None, True))
@@ -58,8 +62,7 @@ def main() -> None:
     y = jnp.asarray(inputs.labels.numpy(), jnp.int32)
     for kernel, bwd_kernel, eps, separate in RUNS:
         config = BlockSizes(forward_kernel=kernel, backward_kernel=bwd_kernel,
-                            backward=BackwardConfig(chunk_bytes=CHUNK_BYTES[256 if "mosaic" in (kernel, bwd_kernel)
-                                                                            else 208]))
+                            backward=_backward(256 if "mosaic" in (kernel, bwd_kernel) else 208))
 
         def loss_fn(a, b, config=config, eps=eps, separate=separate):
             return pallas_loss(a, b, y, IGNORE, config=config, filter_eps=eps, filter_separate_targets=separate)
@@ -70,7 +73,7 @@ def main() -> None:
     bias = jnp.asarray(torch.randn(V, generator=torch.Generator().manual_seed(1)).numpy())
     for kernel in ("triton", "mosaic"):
         config = BlockSizes(forward_kernel=kernel, backward_kernel=kernel,
-                            backward=BackwardConfig(chunk_bytes=CHUNK_BYTES[256 if kernel == "mosaic" else 208]))
+                            backward=_backward(256 if kernel == "mosaic" else 208))
         loss, vjp = jax.vjp(lambda a, b, c, config=config: pallas_loss(a, b, y, IGNORE, bias=c, config=config,
                                                                        **OPTIONS), h, w, bias)
         _report(f"forward and backward {kernel}, every option", loss, *vjp(jnp.ones((N,), jnp.float32)))
