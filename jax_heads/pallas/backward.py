@@ -124,9 +124,8 @@ def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
     ``config.chunk_multiple`` where that is a whole number of ``plan.block_v`` tiles and fits, else
     whole tiles; at least one tile, at most ``plan.v_pad``.
 
-    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and one row of
-    ``d_pad`` values: the copy of the chunk's weight rows for the ``d_hidden`` product, then (ordered
-    after it, in the same memory) the chunk's ``d_weight`` product before it is copied into place.
+    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and its
+    ``d_weight`` row (the chunk's product, then copied into ``d_weight``).
     """
     per_row = (plan.n_pad + plan.d_pad) * itemsize
     fit = config.chunk_bytes // per_row
@@ -225,10 +224,8 @@ def backward(
         active_tiles = jnp.maximum(jnp.sum(active_blocks.astype(jnp.float32)), 1.0) * tiles
 
     def dense_products(gl, start, d_hidden):
-        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)  # a copy (a product operand)
+        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
         d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
-        # The weight-gradient product after that one: the chunk copy is free before its result is allocated.
-        gl, d_hidden = lax.optimization_barrier((gl, d_hidden))
         dw_chunk = lax.dot_general(
             gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
         )
