@@ -28,7 +28,7 @@ IGNORE = -100
 OPTIONS = {"softcap": 2.5, "label_smoothing": 0.15, "lse_square_scale": 0.05, "return_lse": True}
 
 # Interpret mode: 100 tokens → 1 block of 128, D 50 → 64 (one K step), V 150 → 192 = 3 tiles of 64 (the
-# last ragged); chunks of 128 rows (384 bytes per row), so the second chunk starts at 64 and overlaps.
+# last ragged); chunks of 128 rows (512 bytes per row), so the second chunk starts at 64 and overlaps.
 TINY_MOSAIC = dataclasses.replace(
     TINY, backward_kernel="mosaic",
     backward=dataclasses.replace(TINY.backward, chunk_bytes=128 * 512),

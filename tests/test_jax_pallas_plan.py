@@ -81,17 +81,17 @@ def test_choose_splits_by_whole_waves():
 
 
 def test_backward_chunk_fits_its_memory_budget():
-    """The default backward chunk: gradient logits plus its d_weight rows within chunk_bytes."""
+    """The default backward chunk: gradient logits plus twice its weight rows within chunk_bytes."""
     for (n, d, v), rows in (((8192, 2304, 256_000), 2048), ((8192, 4096, 128_256), 2048)):
         plan = plan_for(n, v, d, DEFAULT_BLOCK_SIZES)
         chunk = chunk_v_for(plan, DEFAULT_BLOCK_SIZES.backward, 2)
         assert chunk == rows
-        assert chunk * (n + d) * 2 <= DEFAULT_BLOCK_SIZES.backward.chunk_bytes
+        assert chunk * (n + 2 * d) * 2 <= DEFAULT_BLOCK_SIZES.backward.chunk_bytes
     # At least one tile, at most the whole padded vocabulary.
     plan = plan_for(37, 101, 24, SMALL)
     assert chunk_v_for(plan, BackwardConfig(block_n=32, block_v=16, chunk_bytes=1), 4) == plan.block_v
     assert chunk_v_for(plan, SMALL.backward, 4) == plan.v_pad
     # A multiple of chunk_multiple where the budget holds one, else whole tiles.
     plan = plan_for(8192, 256_000, 2304, DEFAULT_BLOCK_SIZES)
-    for multiple, rows in ((1024, 2048), (768, 2304), (4096, 2304), (1000, 2304)):
+    for multiple, rows in ((1024, 2048), (768, 2304), (4096, 2560), (1000, 2560)):
         assert chunk_v_for(plan, BackwardConfig(chunk_multiple=multiple), 2) == rows

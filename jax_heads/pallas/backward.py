@@ -124,10 +124,11 @@ def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
     ``config.chunk_multiple`` where that is a whole number of ``plan.block_v`` tiles and fits, else
     whole tiles; at least one tile, at most ``plan.v_pad``.
 
-    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and its
-    ``d_weight`` row (the chunk's product, then copied into ``d_weight``).
+    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and twice
+    ``d_pad`` values: the copy of the chunk's weight rows that the ``d_hidden`` product reads, and
+    the chunk's ``d_weight`` product before it is copied into place.
     """
-    per_row = (plan.n_pad + plan.d_pad) * itemsize
+    per_row = (plan.n_pad + 2 * plan.d_pad) * itemsize
     fit = config.chunk_bytes // per_row
     rows = fit // config.chunk_multiple * config.chunk_multiple
     if rows == 0 or rows % plan.block_v:

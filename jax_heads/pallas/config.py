@@ -169,7 +169,8 @@ class BackwardConfig:
         block_d: hidden-dimension step of the logits recompute (a divisor of the padded ``D`` is used).
         num_warps, num_stages: Triton launch options.
         chunk_bytes: the most bytes the buffers of one vocabulary chunk may take: its gradient
-            logits ``(N, chunk_v)`` and its ``(chunk_v, D)`` weight-gradient rows.
+            logits ``(N, chunk_v)`` and two ``(chunk_v, D)`` buffers (the weight rows' copy read by
+            the ``d_hidden`` product, the chunk's ``d_weight`` product).
         chunk_multiple: ``chunk_v`` is rounded down to a multiple of this where it is whole tiles
             and the budget holds one (:func:`jax_heads.pallas.backward.chunk_v_for`): the kernel's
             grid per chunk is then whole waves more often (``docs/kernel-notes.md`` has the measurement).
@@ -180,7 +181,7 @@ class BackwardConfig:
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    chunk_bytes: int = 50 * 2**20
+    chunk_bytes: int = 64 * 2**20
     chunk_multiple: int = 1024
 
     def __post_init__(self):
