@@ -157,9 +157,19 @@ def _liger_cute_sm90():
     return lambda h, w, y: fn(h, w, y, ignore_index=IGNORE, reduction="mean")
 
 
+# QuACK's default token chunk; 0.6.5 fails where a chunk's rows equal D (its epilogue cannot tell a row
+# vector from a column vector when m == n), so there the chunk is doubled.
+QUACK_CHUNK = 4096
+
+
 def _quack():
     fn = _peer("quack.linear_cross_entropy", "chunked_linear_cross_entropy")
-    return lambda h, w, y: fn(h, w, y, ignore_index=IGNORE, reduction="mean")
+
+    def call(h, w, y):
+        chunk = QUACK_CHUNK if h.shape[-1] != QUACK_CHUNK else 2 * QUACK_CHUNK
+        return fn(h, w, y, chunk_size=chunk, ignore_index=IGNORE, reduction="mean")
+
+    return call
 
 
 def _jax_heads(inputs, **options):

@@ -1,8 +1,12 @@
 """The gradient-in-forward path of the reductions ``"sum"`` and ``"mean"``: 6·N·D·V FLOPs, bounded memory.
 
 With a reduced loss the upstream gradient of every token is one scalar, so both gradients are known
-up to that scalar during the forward. The tokens are walked in chunks of ``chunk_rows``
-(``lax.scan``); per chunk:
+up to that scalar during the forward. Only the counted tokens (not ``ignore_index``) are multiplied:
+their row indices are put first, in order (a stable partition), and walked in chunks of
+``chunk_rows``: the partial chunk first (its size rounded up to a multiple of ``chunk_rows /
+GradientInForwardConfig.tail_steps``; ``lax.switch`` over the possible sizes), then the whole chunks
+(a loop whose length is the count of counted tokens over ``chunk_rows``, known on the device only).
+Per chunk, its rows of ``hidden`` gathered:
 
 1. ``logits = h_c · Wᵀ``: an XLA (cuBLAS) product accumulated in float32, written in the input
    dtype: the one ``(chunk_rows, V)`` buffer, at most ``GradientInForwardConfig.logits_budget_bytes``.
@@ -22,14 +26,16 @@ up to that scalar during the forward. The tokens are walked in chunks of ``chunk
    products below run on the padded weight (a copy only where ``V``/``D`` are not whole tiles).
 3. ``lce_gif_grads`` (Pallas): ``G`` times the soft-cap's derivative ``1 − (z'/c)²``, 0 on ignored
    and padding rows, written over the logits in place (``input_output_aliases``) in the input dtype.
-4. ``d_hidden_c = G · W`` (input dtype) and ``d_weight += Gᵀ · h_c`` accumulated in the weight's
-   dtype (the product accumulates in float32 and is added to the running sum, rounded once per
-   chunk, as Liger-Kernel does; no float32 ``(V, D)`` buffer), ``d_bias += Σ_rows G`` in float32.
+4. ``d_hidden_c = G · W`` (input dtype), scattered to the chunk's rows of ``d_hidden`` (the
+   ignored rows stay 0), and ``d_weight += Gᵀ · h_c`` accumulated in the weight's dtype (the product
+   accumulates in float32 and is added to the running sum, rounded once per chunk, as Liger-Kernel
+   does; no float32 ``(V, D)`` buffer; the first chunk's product starts it, no zero fill),
+   ``d_bias += Σ_rows G`` in float32.
 
 A ``jax.custom_vjp`` returns the loss and saves the three gradients; its backward multiplies them by
 the upstream scalar (nothing when it is 1). Memory beyond inputs and gradients: the logits chunk,
-the chunk's ``d_hidden`` rows, a padded copy of ``hidden`` when the chunks do not tile ``N``, and
-``(chunk_rows,)`` vectors — not a float32 ``(V, D)`` accumulator. ``docs/kernel-notes.md`` gives
+the chunk's gathered ``hidden`` and ``d_hidden`` rows, ``(N,)`` and ``(chunk_rows,)`` vectors — not
+a float32 ``(V, D)`` accumulator. ``docs/kernel-notes.md`` gives
 the memory formula at the benchmark shapes.
 
 Without differentiation (evaluation) the primal runs the exact Pallas forward
