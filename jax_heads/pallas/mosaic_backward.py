@@ -118,14 +118,9 @@ def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, wei
 
         @pl.when(wg == nwg)
         def _memory():
-            plgpu.set_max_registers(cfg.memory_registers, action="decrease")
-
-            def bias_load(slot, v0):  # every step (the slot's barrier counts a fixed number of copies); 1 KiB
-                plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(v0, bv)], bias_scratch[0].at[slot], loaded.at[slot])
-
             load_steps(plgpu, cfg, h_gmem=h_gmem, w_gmem=w_gmem, h_smem=h_smem, w_smem=w_smem, loaded=loaded,
                        consumed=consumed, n0=n0, first=first, total=count * k_iters, k_iters=k_iters,
-                       weight_t=weight_t, also=bias_load if has_bias else None)
+                       weight_t=weight_t, bias=(b_gmem, bias_scratch[0]) if has_bias else None)
 
         @pl.when(wg < nwg)
         def _compute():

@@ -43,17 +43,20 @@ def layout_cast(plgpu, interpret):
 
 
 def load_steps(plgpu, cfg, *, h_gmem, w_gmem, h_smem, w_smem, loaded, consumed, n0, first, total, k_iters,
-               weight_t, also=None):
-    """The memory warpgroup: ``total`` steps of TMA loads, then a drain of the last releases.
+               weight_t, bias=None):
+    """The memory warpgroup: its registers lowered to ``cfg.memory_registers``, ``total`` steps of TMA
+    loads, then a drain of the last releases.
 
     Step ``s`` is D step ``s % k_iters`` of vocabulary tile ``first + s // k_iters``, whose weight
-    rows start at ``v_base + (first + s // k_iters) * block_v`` (``v_base`` None: 0); the hidden
-    rows are ``n0 : n0 + block_n``. ``also(slot, v0)``, if given, issues more loads into the slot
-    (counted by its "loaded" barrier too).
+    rows start at ``(first + s // k_iters) * block_v``; the hidden rows are ``n0 : n0 + block_n``.
+    ``bias``, if given, is ``(b_gmem, b_smem)``: every step also copies the tile's ``block_v`` bias
+    values into ``b_smem[slot]`` (counted by the slot's "loaded" barrier too, which expects a fixed
+    number of copies per step; 1 KiB).
     """
     from jax.experimental import pallas as pl
 
     bv, bk, stages = cfg.block_v, cfg.block_k, cfg.max_concurrent_steps
+    plgpu.set_max_registers(cfg.memory_registers, action="decrease")
 
     @pl.loop(0, total)
     def _step(step):
@@ -69,8 +72,8 @@ def load_steps(plgpu, cfg, *, h_gmem, w_gmem, h_smem, w_smem, loaded, consumed, 
         plgpu.copy_gmem_to_smem(h_gmem.at[pl.ds(n0, cfg.block_n), pl.ds(k0, bk)], h_smem.at[slot], loaded.at[slot])
         w_src = w_gmem.at[pl.ds(k0, bk), pl.ds(v0, bv)] if weight_t else w_gmem.at[pl.ds(v0, bv), pl.ds(k0, bk)]
         plgpu.copy_gmem_to_smem(w_src, w_smem.at[slot], loaded.at[slot])
-        if also is not None:
-            also(slot, v0)
+        if bias is not None:
+            plgpu.copy_gmem_to_smem(bias[0].at[pl.ds(v0, bv)], bias[1].at[slot], loaded.at[slot])
 
     # Observe the last releases too, so that no barrier phase is left unobserved at exit.
     @pl.loop(jnp.maximum(total - stages, 0), total)
