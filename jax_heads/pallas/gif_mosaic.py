@@ -9,8 +9,6 @@ products while it forms the per-split partials, which are then combined in a fix
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from jax_heads.pallas import mosaic_backward, mosaic_forward
 from jax_heads.pallas import plan as geometry  # GPU queries through the module: tests replace them
 from jax_heads.pallas.config import SMEM_LIMIT, BlockSizes, LogitOptions
@@ -48,17 +46,14 @@ def chunk_logits_and_stats(h, labels, weight, bias, *, vocab: int, config: Block
 
 def _mosaic_reason(dtype, config: BlockSizes, interpret: bool, has_bias: bool) -> str | None:
     """Why the Mosaic forward with its logits store cannot form the chunks' logits, or None."""
-    if jnp.dtype(dtype) not in mosaic_forward.MOSAIC_DTYPES:
-        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
+    if (why := mosaic_forward.dtype_reason(dtype)) is not None:
+        return why
     if mosaic_backward.smem_bytes(config.mosaic, dtype) > SMEM_LIMIT:
         return (f"its pipeline slots and logits tiles need {mosaic_backward.smem_bytes(config.mosaic, dtype)} bytes "
                 f"of shared memory (> {SMEM_LIMIT}); lower BlockSizes.mosaic.max_concurrent_steps")
     if has_bias and interpret:
         return MOSAIC_BIAS_INTERPRET_REASON
-    caps = geometry.gpu_capabilities()
-    if caps and not geometry.is_hopper():
-        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
-    return None
+    return geometry.hopper_reason()
 
 
 def logits_kernel_for(dtype, config: BlockSizes, interpret: bool, has_bias: bool) -> str:
@@ -72,12 +67,5 @@ def logits_kernel_for(dtype, config: BlockSizes, interpret: bool, has_bias: bool
         ValueError: ``"mosaic"`` named where it cannot run (the message says why). Without any GPU
             (``jax.export``, interpret mode) a named ``"mosaic"`` is kept.
     """
-    choice = config.gradient_in_forward.logits_kernel
-    if choice == "xla":
-        return "xla"
-    reason = _mosaic_reason(dtype, config, interpret, has_bias)
-    if choice == "mosaic":
-        if reason is not None:
-            raise ValueError(f"logits_kernel='mosaic' cannot run on these inputs: {reason}")
-        return "mosaic"
-    return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "xla"
+    return geometry.resolve_kernel("logits_kernel", config.gradient_in_forward.logits_kernel,
+                                   lambda: _mosaic_reason(dtype, config, interpret, has_bias), interpret, "xla")

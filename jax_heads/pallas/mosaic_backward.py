@@ -53,18 +53,15 @@ def _mosaic_reason(dtype, plan: Plan, config: BlockSizes, filtered: bool) -> str
     m = config.mosaic
     if filtered:
         return "gradient filtering (filter_eps) flags tiles in the Triton kernel only"
-    if jnp.dtype(dtype) not in mosaic_forward.MOSAIC_DTYPES:
-        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
+    if (why := mosaic_forward.dtype_reason(dtype)) is not None:
+        return why
     if plan.n_pad % m.block_n or plan.block_v % m.block_v or plan.d_pad % m.block_k:
         return (f"the padded shape (N {plan.n_pad}, chunks of {plan.block_v}-row tiles, D {plan.d_pad}) is not a "
                 f"whole number of its tiles ({m.block_n}, {m.block_v}, {m.block_k})")
     if smem_bytes(m, dtype) > SMEM_LIMIT:
         return (f"its pipeline slots and output tiles need {smem_bytes(m, dtype)} bytes of shared memory "
                 f"(> {SMEM_LIMIT}); lower BlockSizes.mosaic.max_concurrent_steps")
-    caps = geometry.gpu_capabilities()
-    if caps and not geometry.is_hopper():
-        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
-    return None
+    return geometry.hopper_reason()
 
 
 def backward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, filtered: bool = False) -> str:
@@ -88,14 +85,8 @@ def backward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, 
             is not a Hopper part. Without any GPU (``jax.export``, interpret mode) a named
             ``"mosaic"`` is kept.
     """
-    if config.backward_kernel == "triton":
-        return "triton"
-    reason = _mosaic_reason(dtype, plan, config, filtered)
-    if config.backward_kernel == "mosaic":
-        if reason is not None:
-            raise ValueError(f"backward_kernel='mosaic' cannot run on these inputs: {reason}")
-        return "mosaic"
-    return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "triton"
+    return geometry.resolve_kernel("backward_kernel", config.backward_kernel,
+                                   lambda: _mosaic_reason(dtype, plan, config, filtered), interpret, "triton")
 
 
 def _kernel_body(*, plgpu, cfg, k_iters, tiles, tiles_per_split, vocab_size, weight_t, cast, coefficients,

@@ -57,6 +57,13 @@ from jax_heads.pallas.plan import choose_splits
 
 # Operand dtypes of the WGMMA products (float32 inputs take the Triton forward).
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def dtype_reason(dtype) -> str | None:
+    """Why the Mosaic GPU kernels cannot take inputs of ``dtype`` (WGMMA takes 16-bit floats), or None."""
+    if jnp.dtype(dtype) not in MOSAIC_DTYPES:
+        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
+    return None
 _DEFAULT_CONFIG = MosaicForwardConfig()
 
 

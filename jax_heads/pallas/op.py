@@ -35,18 +35,15 @@ from jax_heads.reference import grad_coefficients
 def _mosaic_reason(dtype, plan: Plan, config: BlockSizes) -> str | None:
     """Why the Mosaic forward cannot take these padded inputs, or None."""
     m = config.mosaic
-    if jnp.dtype(dtype) not in mosaic_forward.MOSAIC_DTYPES:
-        return f"it takes bfloat16 or float16 (WGMMA), got {jnp.dtype(dtype).name}"
+    if (why := mosaic_forward.dtype_reason(dtype)) is not None:
+        return why
     if plan.n_pad % m.block_n or plan.v_pad % m.block_v or plan.d_pad % m.block_k:
         return (f"the padded shape (N {plan.n_pad}, V {plan.v_pad}, D {plan.d_pad}) is not a whole number of its "
                 f"tiles ({m.block_n}, {m.block_v}, {m.block_k})")
     if plan.v_pad - plan.v >= m.block_v:  # a tile of padding only would make its split's sum NaN
         return (f"the vocabulary is padded by {plan.v_pad - plan.v} rows (to {plan.v_pad}, for the other kernels' "
                 f"tiles), a whole {m.block_v}-row tile of its own or more")
-    caps = geometry.gpu_capabilities()
-    if caps and not geometry.is_hopper():
-        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
-    return None
+    return geometry.hopper_reason()
 
 
 def forward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, bias_given: bool = False) -> str:
@@ -69,16 +66,11 @@ def forward_kernel_for(dtype, plan: Plan, config: BlockSizes, interpret: bool, b
             mode) or on a GPU that is not a Hopper part. Without any GPU (lowering with ``jax.export``,
             interpret mode) a named ``"mosaic"`` is kept.
     """
-    if config.forward_kernel == "triton":
-        return "triton"
-    reason = _mosaic_reason(dtype, plan, config)
-    if reason is None and bias_given and interpret:
-        reason = MOSAIC_BIAS_INTERPRET_REASON
-    if config.forward_kernel == "mosaic":
-        if reason is not None:
-            raise ValueError(f"forward_kernel='mosaic' cannot run on these inputs: {reason}")
-        return "mosaic"
-    return "mosaic" if reason is None and not interpret and geometry.is_hopper() else "triton"
+    def reason():
+        why = _mosaic_reason(dtype, plan, config)
+        return MOSAIC_BIAS_INTERPRET_REASON if why is None and bias_given and interpret else why
+
+    return geometry.resolve_kernel("forward_kernel", config.forward_kernel, reason, interpret, "triton")
 
 
 # Why a bias is not run through the Mosaic forward in interpret mode (docs/loss-options.md): jax 0.10's

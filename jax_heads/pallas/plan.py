@@ -141,3 +141,39 @@ def is_hopper() -> bool:
     mixed GPUs ``"auto"`` keeps the Triton forward, which runs on any of them."""
     caps = gpu_capabilities()
     return bool(caps) and all(c.startswith("9") for c in caps)
+
+
+def hopper_reason() -> str | None:
+    """Why a Mosaic GPU kernel cannot run on this host's GPUs (one is not a Hopper part), or None
+    (all are, or there is no GPU: lowering with ``jax.export`` and interpret mode need none)."""
+    caps = gpu_capabilities()
+    if caps and not is_hopper():
+        return f"it needs a Hopper GPU (compute capability 9.x), found {', '.join(caps)}"
+    return None
+
+
+def resolve_kernel(option: str, choice: str, reason, interpret: bool, other: str) -> str:
+    """What a kernel choice of ``"auto"``, ``"mosaic"`` or ``other`` resolves to.
+
+    Args:
+        option: the configuration field's name, for the error message.
+        choice: its value.
+        reason: a callable giving why the Mosaic GPU kernel cannot take the inputs, or None.
+        interpret: Pallas interpret mode (``"auto"`` then gives ``other``).
+        other: the alternative kernel's name (``"triton"`` or ``"xla"``).
+
+    Returns:
+        ``other`` where chosen; ``"mosaic"`` where named and possible, or where ``"auto"`` and possible
+        outside interpret mode on a host whose GPUs are all Hopper parts; ``other`` otherwise.
+
+    Raises:
+        ValueError: ``"mosaic"`` named where ``reason()`` says it cannot run.
+    """
+    if choice == other:
+        return other
+    why = reason()
+    if choice == "mosaic":
+        if why is not None:
+            raise ValueError(f"{option}='mosaic' cannot run on these inputs: {why}")
+        return "mosaic"
+    return "mosaic" if why is None and not interpret and is_hopper() else other
