@@ -234,6 +234,23 @@ def test_interpret_filtered_dense_chunks_with_overlapping_last_chunk(dense_above
     _check_filtered(h, w, y, up, "float32", bs, 0.5, separate=separate, interpret=True)
 
 
+@pytest.mark.parametrize("filtered", [False, True], ids=["exact", "filtered"])
+def test_interpret_every_weight_gradient_row_is_written(monkeypatch, filtered):
+    """``d_weight`` starts unfilled (garbage on the GPU, zeros on the CPU): filled with NaN here, every
+    row must still come out right — the chunks that tile the vocabulary and the overlapping last one
+    (chunks of 32 rows over a vocabulary padded to 272), dense and block-sparse products alike."""
+    from jax_heads.pallas import backward
+
+    monkeypatch.setattr(backward, "_unfilled", lambda shape, dtype: jnp.full(shape, jnp.nan, dtype))
+    h, w, y, up = pallas_inputs(50, 40, 257, jnp.float32, seed=34)
+    bs = _tiny(filtered=dict(dense_above=0.25), backward=dict(chunk_bytes=640 * 32))
+    assert backward.chunk_v_for(plan_for(50, 257, 40, bs), bs.backward, 4) == 32
+    if filtered:
+        _check_filtered(h, w, y, up, "float32", bs, 0.5, interpret=True)
+    else:
+        _check(h, w, y, up, "float32", interpret=True, config=bs)
+
+
 @pytest.mark.parametrize("separate", [False, True], ids=["in-tiles", "separate-targets"])
 @pytest.mark.parametrize("dense_above", [0.0, 0.25])
 def test_interpret_filtered_dense_chunks_match_filtered_truth(dense_above, separate):

@@ -119,6 +119,11 @@ def _grad_logits_kernel(
         out_ref[pl.ds(n0, block_n), pl.ds(c0, block_v)] = jnp.where(keep, grad, jnp.zeros_like(grad))
 
 
+def _unfilled(shape, dtype):
+    """An array the caller writes in full: no fill on the GPU (``lax.empty``; zeros elsewhere)."""
+    return lax.empty(shape, dtype)
+
+
 def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
     """Vocabulary rows per backward chunk within ``config.chunk_bytes``: a multiple of
     ``config.chunk_multiple`` where that is a whole number of ``plan.block_v`` tiles and fits, else
@@ -276,7 +281,7 @@ def backward(
 
     init = (
         jnp.zeros((plan.n_pad, plan.d_pad), jnp.float32),
-        lax.empty((plan.v_pad, plan.d_pad), weight.dtype),  # every row is written (no fill on the GPU)
+        _unfilled((plan.v_pad, plan.d_pad), weight.dtype),  # every row is written once
         jnp.ones(labels.shape, jnp.int32),
         jnp.int32(dense_above == 0),  # the first chunk: sparse unless every chunk is dense
         *(() if bias is None else (jnp.zeros((plan.v_pad,), jnp.float32),)),
