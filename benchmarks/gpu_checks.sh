@@ -26,7 +26,8 @@
 #   compare   the headline rows of this tree and of the checkout at COMPARE_TREE, in the same run
 #             -> OUTDIR/compare.json and OUTDIR/compare.md
 #   tune      python -m benchmarks.tune_pallas --bwd, then python -m benchmarks.tune_mosaic
-#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas
+#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas (SANITIZE_ONLY: some of its
+#             parts, e.g. "gif")
 #   profile   python -m benchmarks.profile_kernels: the kernels of one forward+backward of the rows in
 #             PROFILE_IMPLS (default: floor and our exact and mean rows), both workloads -> OUTDIR/profile.json
 #   parallel  the 2-GPU vocabulary-parallel parity and timing -> OUTDIR/vocab_parallel/
@@ -192,7 +193,7 @@ one_gpu() {
       step tune-mosaic python -m benchmarks.tune_mosaic --out "$out" ;;
     sanitize)
       step sanitize compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-        python -m benchmarks.sanitize_pallas ;;
+        python -m benchmarks.sanitize_pallas ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} ;;
     profile)
       step profile python -m benchmarks.profile_kernels --workloads gemma2-2b,llama3-8b --out "$out/profile.json" \
         --impls "${PROFILE_IMPLS:-floor,jax-pallas,jax-pallas-softcap,jax-pallas-mean}" ;;

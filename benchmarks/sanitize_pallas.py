@@ -1,7 +1,7 @@
 """One forward and backward of our Pallas kernels at a ragged shape, for compute-sanitizer.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck --target-processes all \\
-        python -m benchmarks.sanitize_pallas
+        python -m benchmarks.sanitize_pallas [--only exact options gif]
 
 Ragged everywhere: N not a multiple of the token block, V not a multiple of the vocabulary tile or
 of the backward chunk (so the last chunk overlaps the one before), D not a multiple of the D step.
@@ -15,6 +15,7 @@ one first), plain and with every option.
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -54,13 +55,21 @@ def _report(what: str, *arrays) -> None:
     print(f"{what}: loss sum {float(arrays[0].sum()):.4f}, finite: {finite}", flush=True)
 
 
-def main() -> None:
+PARTS = ("exact", "options", "gif")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="the parts to run: the exact and filtered runs, every option on both kernel "
+                             "pairs, the gradient-in-forward mean (default: all)")
+    parts = set(parser.parse_args(argv).only)
     # Drawn on the CPU (no torch CUDA kernels under the sanitizer), handed to JAX as float32 arrays.
     inputs = make_inputs(N, D, V, dtype=torch.float32, device="cpu")
     h = jnp.asarray(inputs.hidden.numpy(), jnp.bfloat16)
     w = jnp.asarray(inputs.weight.numpy(), jnp.bfloat16)
     y = jnp.asarray(inputs.labels.numpy(), jnp.int32)
-    for kernel, bwd_kernel, eps, separate in RUNS:
+    for kernel, bwd_kernel, eps, separate in RUNS if "exact" in parts else ():
         config = BlockSizes(forward_kernel=kernel, backward_kernel=bwd_kernel,
                             backward=_backward(256 if "mosaic" in (kernel, bwd_kernel) else 208))
 
@@ -71,14 +80,14 @@ def main() -> None:
         _report(f"forward {kernel}, backward {bwd_kernel}, filter_eps={eps} separate_targets={separate}",
                 loss, *vjp(jnp.ones((N,), jnp.float32)))
     bias = jnp.asarray(torch.randn(V, generator=torch.Generator().manual_seed(1)).numpy())
-    for kernel in ("triton", "mosaic"):
+    for kernel in ("triton", "mosaic") if "options" in parts else ():
         config = BlockSizes(forward_kernel=kernel, backward_kernel=kernel,
                             backward=_backward(256 if kernel == "mosaic" else 208))
         loss, vjp = jax.vjp(lambda a, b, c, config=config: pallas_loss(a, b, y, IGNORE, bias=c, config=config,
                                                                        **OPTIONS), h, w, bias)
         _report(f"forward and backward {kernel}, every option", loss, *vjp(jnp.ones((N,), jnp.float32)))
     gif = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_budget_bytes=128 * 5_120 * 2))
-    for options in ({}, {"bias": bias, **OPTIONS}):
+    for options in ({}, {"bias": bias, **OPTIONS}) if "gif" in parts else ():
         _report(f"gradient in forward, mean, options {sorted(options)}",
                 *gradient_in_forward_grads(h, w, y, IGNORE, "mean", config=gif, **options))
 
