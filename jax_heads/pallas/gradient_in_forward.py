@@ -6,7 +6,7 @@ their row indices are put first, in order (a stable partition), and walked in ch
 ``chunk_rows``: the partial chunk first (its size rounded up to a multiple of ``chunk_rows /
 GradientInForwardConfig.tail_steps``; ``lax.switch`` over the possible sizes), then the whole chunks
 (a loop whose length is the count of counted tokens over ``chunk_rows``, known on the device only).
-Per chunk, its rows of ``hidden`` gathered:
+Per chunk, with its rows of ``hidden`` gathered:
 
 1. ``logits = h_c · Wᵀ``: an XLA (cuBLAS) product accumulated in float32, written in the input
    dtype: the one ``(chunk_rows, V)`` buffer, at most ``GradientInForwardConfig.logits_budget_bytes``.
@@ -37,6 +37,10 @@ the upstream scalar (nothing when it is 1). Memory beyond inputs and gradients: 
 the chunk's gathered ``hidden`` and ``d_hidden`` rows, ``(N,)`` and ``(chunk_rows,)`` vectors — not
 a float32 ``(V, D)`` accumulator. ``docs/kernel-notes.md`` gives
 the memory formula at the benchmark shapes.
+
+Under ``jax.vmap`` with batched labels the count of counted tokens is batched too: ``lax.switch``
+then evaluates every partial size and the loop runs the largest member's count, so time and memory
+grow with ``tail_steps`` (the functional API flattens leading dimensions into one call instead).
 
 Without differentiation (evaluation) the primal runs the exact Pallas forward
 (:func:`jax_heads.pallas.pallas_loss`, 2·N·D·V, float32 logits in the kernel), so no gradient work is
