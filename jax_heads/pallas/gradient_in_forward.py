@@ -286,7 +286,7 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     the partial chunk of ``n_counted mod chunk_rows`` rows first (or a whole one where that is 0),
     rounded up to ``o.tail_rows`` (``lax.switch`` over the possible sizes; its products start
     ``d_weight``), then the remaining whole chunks (a loop of dynamic length). Each chunk gathers its rows
-    of ``hidden`` and scatters its ``d_hidden`` rows back; the ignored rows' stay 0.
+    of ``hidden`` and scatters its ``d_hidden`` rows back; the ignored rows stay 0.
     """
     (n, d), vocab, dtype = hidden.shape, weight.shape[0], hidden.dtype
     precision = matmul_precision(dtype)
@@ -299,7 +299,7 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     # Row indices, counted rows first; past N: index N (gathers zeros, scatters nothing).
     order = jnp.argsort(jnp.logical_not(counted), stable=True).astype(jnp.int32)
     order = jnp.concatenate([order, jnp.full((rows + step,), n, jnp.int32)])
-    kernel_labels = jnp.where(counted & valid, labels, -1).astype(jnp.int32)
+    kernel_labels = jnp.where(valid, labels, -1).astype(jnp.int32)  # a valid row always counts
     bias32 = None if bias is None else bias.astype(jnp.float32)
     d_pad = d
     if o.mosaic:  # padded to the Mosaic tiles (no copy where they divide): G is 0 in the padding
