@@ -34,10 +34,10 @@ from jax_heads.pallas import (  # noqa: E402
 )
 
 N, D, V = 333, 200, 5_003
-# Chunks of 1536 vocabulary rows (the budget counts the gradient logits and twice the chunk's weight
-# rows, D padded to 16, or to 64 for a Mosaic kernel; whole tiles, no larger multiple) over V padded to
-# 5120: the last chunk overlaps the one before.
-CHUNK_BYTES = {208: 1536 * (384 + 2 * 208) * 2, 256: 1536 * (384 + 2 * 256) * 2}
+# Chunks of 1536 vocabulary rows (the budget counts the gradient logits and one (chunk_v, D) buffer, D
+# padded to 16, or to 64 for a Mosaic kernel; whole tiles, no larger multiple) over V padded to 5120:
+# the last chunk overlaps the one before.
+CHUNK_BYTES = {208: 1536 * (384 + 208) * 2, 256: 1536 * (384 + 256) * 2}
 
 
 def _backward(d_pad: int) -> BackwardConfig:

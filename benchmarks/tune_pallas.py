@@ -34,8 +34,9 @@ FWD_CONFIGS = [
 ]
 BWD_CONFIGS = [
     {},
-    {"backward": {"chunk_bytes": 40 * MIB}},
-    {"backward": {"chunk_bytes": 58 * MIB}},
+    {"backward": {"chunk_bytes": 48 * MIB}},
+    {"backward": {"chunk_bytes": 64 * MIB}},
+    {"backward": {"chunk_bytes": 72 * MIB}},
     {"filter_eps": 2.0**-12},
     {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 64 * MIB}},
     {"filter_eps": 2.0**-12, "backward": {"chunk_bytes": 64 * MIB}, "filtered": {"block_k": 32}},

@@ -114,7 +114,7 @@ def check_against_truth(fn, hidden, weight, labels, reduction, dtype_name, rng):
 # backward chunks (a shorter last one) and ragged edges everywhere.
 TINY = BlockSizes(
     triton=TritonForwardConfig(block_n=16, block_v=16, block_d=16, min_programs=8),
-    backward=BackwardConfig(block_n=16, block_v=16, block_d=16, chunk_bytes=32 * (48 + 2 * 32) * 4),
+    backward=BackwardConfig(block_n=16, block_v=16, block_d=16, chunk_bytes=32 * (48 + 32) * 4),
     filtered=FilterConfig(block_d=16, block_rows=16),
     sm_count=2,
 )

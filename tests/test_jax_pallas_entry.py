@@ -19,7 +19,7 @@ from jax_heads.pallas import BackwardConfig, BlockSizes, FilterConfig, TritonFor
 # (a shorter, overlapping last one) and ragged edges in N, V and D.
 SMALL = BlockSizes(
     triton=TritonForwardConfig(block_n=16, block_v=16, block_d=16, min_programs=8),
-    backward=BackwardConfig(block_n=16, block_v=16, block_d=16, chunk_bytes=48 * (48 + 2 * 32) * 4),
+    backward=BackwardConfig(block_n=16, block_v=16, block_d=16, chunk_bytes=48 * (48 + 32) * 4),
     filtered=FilterConfig(block_d=16, block_rows=16),
     sm_count=2,
 )

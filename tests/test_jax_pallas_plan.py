@@ -81,12 +81,12 @@ def test_choose_splits_by_whole_waves():
 
 
 def test_backward_chunk_fits_its_memory_budget():
-    """The default backward chunk: gradient logits plus twice its weight rows within chunk_bytes."""
+    """The default backward chunk: gradient logits plus one (chunk_v, D) buffer within chunk_bytes."""
     for (n, d, v), rows in (((8192, 2304, 256_000), 2048), ((8192, 4096, 128_256), 2048)):
         plan = plan_for(n, v, d, DEFAULT_BLOCK_SIZES)
         chunk = chunk_v_for(plan, DEFAULT_BLOCK_SIZES.backward, 2)
         assert chunk == rows
-        assert chunk * (n + 2 * d) * 2 <= DEFAULT_BLOCK_SIZES.backward.chunk_bytes
+        assert chunk * (n + d) * 2 <= DEFAULT_BLOCK_SIZES.backward.chunk_bytes
     # At least one tile, at most the whole padded vocabulary.
     plan = plan_for(37, 101, 24, SMALL)
     assert chunk_v_for(plan, BackwardConfig(block_n=32, block_v=16, chunk_bytes=1), 4) == plan.block_v

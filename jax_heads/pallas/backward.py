@@ -129,11 +129,12 @@ def chunk_v_for(plan: Plan, config: BackwardConfig, itemsize: int) -> int:
     ``config.chunk_multiple`` where that is a whole number of ``plan.block_v`` tiles and fits, else
     whole tiles; at least one tile, at most ``plan.v_pad``.
 
-    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and twice
-    ``d_pad`` values: the copy of the chunk's weight rows that the ``d_hidden`` product reads, and
-    the chunk's ``d_weight`` product before it is copied into place.
+    Per vocabulary row a chunk holds its gradient-logits column (``n_pad`` values) and ``d_pad``
+    values: first the copy of the chunk's weight rows that the ``d_hidden`` product reads, then (in
+    the same memory: the products are ordered) the chunk's ``d_weight`` product before it is
+    copied into place.
     """
-    per_row = (plan.n_pad + 2 * plan.d_pad) * itemsize
+    per_row = (plan.n_pad + plan.d_pad) * itemsize
     fit = config.chunk_bytes // per_row
     rows = fit // config.chunk_multiple * config.chunk_multiple
     if rows == 0 or rows % plan.block_v:
@@ -230,8 +231,11 @@ def backward(
         active_tiles = jnp.maximum(jnp.sum(active_blocks.astype(jnp.float32)), 1.0) * tiles
 
     def dense_products(gl, start, d_hidden):
-        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)
+        w_chunk = lax.dynamic_slice_in_dim(weight, start, chunk_v, axis=0)  # XLA copies these rows
         d_hidden = d_hidden + jnp.dot(gl, w_chunk, preferred_element_type=jnp.float32, precision=precision)
+        # The d_weight product after the d_hidden one: the weight rows' copy is dead before the
+        # product's (chunk_v, D) result is allocated, so the two share memory.
+        gl, d_hidden = lax.optimization_barrier((gl, d_hidden))
         dw_chunk = lax.dot_general(
             gl, hidden, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype, precision=precision
         )

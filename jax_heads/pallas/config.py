@@ -169,8 +169,9 @@ class BackwardConfig:
         block_d: hidden-dimension step of the logits recompute (a divisor of the padded ``D`` is used).
         num_warps, num_stages: Triton launch options.
         chunk_bytes: the most bytes the buffers of one vocabulary chunk may take: its gradient
-            logits ``(N, chunk_v)`` and two ``(chunk_v, D)`` buffers (the weight rows' copy read by
-            the ``d_hidden`` product, the chunk's ``d_weight`` product).
+            logits ``(N, chunk_v)`` and one ``(chunk_v, D)`` buffer (the weight rows' copy read by
+            the ``d_hidden`` product, then the chunk's ``d_weight`` product: the two products are
+            ordered so that they share it).
         chunk_multiple: ``chunk_v`` is rounded down to a multiple of this where it is whole tiles
             and the budget holds one (:func:`jax_heads.pallas.backward.chunk_v_for`): the kernel's
             grid per chunk is then whole waves more often (``docs/kernel-notes.md`` has the measurement).
@@ -181,7 +182,7 @@ class BackwardConfig:
     block_d: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    chunk_bytes: int = 64 * 2**20
+    chunk_bytes: int = 56 * 2**20
     chunk_multiple: int = 1024
 
     def __post_init__(self):
