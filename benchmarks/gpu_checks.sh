@@ -26,8 +26,8 @@
 #   compare   the headline rows of this tree and of the checkout at COMPARE_TREE, in the same run
 #             -> OUTDIR/compare.json and OUTDIR/compare.md
 #   tune      python -m benchmarks.tune_pallas --bwd, then python -m benchmarks.tune_mosaic
-#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas (SANITIZE_ONLY: some of its
-#             parts, e.g. "gif")
+#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas (SANITIZE_ONLY: its parts,
+#             default "exact options gif-kernels"; "gif" and "loop-repro" crash compute-sanitizer 2025.3.1)
 #   profile   python -m benchmarks.profile_kernels: the kernels of one forward+backward of the rows in
 #             PROFILE_IMPLS (default: floor and our exact and mean rows), both workloads -> OUTDIR/profile.json
 #   parallel  the 2-GPU vocabulary-parallel parity and timing -> OUTDIR/vocab_parallel/

@@ -11,6 +11,13 @@ gradient-logits kernel, after the Triton forward and after the Mosaic GPU forwar
 their 64-wide K step). Then every loss option at once (bias, softcap, label smoothing, z-loss) on
 both kernel pairs, and the gradient-in-forward path of the mean (chunks of 128 tokens, the partial
 one first), plain and with every option.
+
+Parts (``--only``): ``exact``, ``options``, ``gif`` as above; ``gif-kernels``: the gradient-in-forward
+path's two Pallas kernels on one chunk, outside its loop, plain and with every option; ``loop-repro``:
+no code of ours, one XLA (cuBLAS) product inside a ``fori_loop`` of traced length. compute-sanitizer
+2025.3.1 ends with a segmentation fault on ``loop-repro`` and on ``gif`` (which has such a loop),
+before reporting anything (``docs/robustness.md``); ``gif-kernels`` checks the kernels without it.
+The default is ``exact options gif-kernels``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
+from jax import lax  # noqa: E402
 
 from benchmarks.common import IGNORE, make_inputs  # noqa: E402
 from jax_heads.pallas import (  # noqa: E402
@@ -32,6 +40,8 @@ from jax_heads.pallas import (  # noqa: E402
     gradient_in_forward_grads,
     pallas_loss,
 )
+from jax_heads.pallas import gradient_in_forward as gif_path  # noqa: E402
+from jax_heads.reference import grad_coefficients  # noqa: E402
 
 N, D, V = 333, 200, 5_003
 # Chunks of 1536 vocabulary rows (the budget counts the gradient logits and one (chunk_v, D) buffer, D
@@ -55,14 +65,15 @@ def _report(what: str, *arrays) -> None:
     print(f"{what}: loss sum {float(arrays[0].sum()):.4f}, finite: {finite}", flush=True)
 
 
-PARTS = ("exact", "options", "gif")
+PARTS = ("exact", "options", "gif-kernels", "gif", "loop-repro")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS[:3]),
                         help="the parts to run: the exact and filtered runs, every option on both kernel "
-                             "pairs, the gradient-in-forward mean (default: all)")
+                             "pairs, the gradient-in-forward kernels on one chunk, the gradient-in-forward "
+                             "mean, the loop that the tool fails on (default: the first three)")
     parts = set(parser.parse_args(argv).only)
     # Drawn on the CPU (no torch CUDA kernels under the sanitizer), handed to JAX as float32 arrays.
     inputs = make_inputs(N, D, V, dtype=torch.float32, device="cpu")
@@ -87,9 +98,41 @@ def main(argv=None) -> None:
                                                                        **OPTIONS), h, w, bias)
         _report(f"forward and backward {kernel}, every option", loss, *vjp(jnp.ones((N,), jnp.float32)))
     gif = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_budget_bytes=128 * 5_120 * 2))
+    for options in ({}, {"bias": bias, **OPTIONS}) if "gif-kernels" in parts else ():
+        _report(f"gradient-in-forward kernels on one chunk, options {sorted(options)}",
+                *_gif_kernels(h, w, y, gif, **options))
     for options in ({}, {"bias": bias, **OPTIONS}) if "gif" in parts else ():
-        _report(f"gradient in forward, mean, options {sorted(options)}",
-                *gradient_in_forward_grads(h, w, y, IGNORE, "mean", config=gif, **options))
+        run = jax.jit(lambda a, b, options=options: gradient_in_forward_grads(a, b, y, IGNORE, "mean", config=gif,
+                                                                               **options))
+        _report(f"gradient in forward, mean, options {sorted(options)}", *run(h, w))
+    if "loop-repro" in parts:
+        a, b = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((256, 512), jnp.bfloat16)
+        trips = jnp.int32(inputs.labels[0].item() % 3 + 1)  # a count the compiler cannot see
+        body = lambda i, c: c + jnp.dot(a, b, preferred_element_type=jnp.float32)  # noqa: E731
+        _report("a product in a loop of traced length",
+                jax.jit(lambda k: lax.fori_loop(0, k, body, jnp.zeros((128, 512))))(trips))
+
+
+def _gif_kernels(h, w, y, config, bias=None, softcap=None, label_smoothing=0.0, lse_square_scale=0.0,
+                 interpret=False):
+    """``lce_gif_stats`` then ``lce_gif_grads`` on the first chunk of rows, under ``jax.jit``, with
+    the coefficients the path would pass for a mean; ``(lse, target, G[, row sums])``."""
+    o = gif_path._options(h, w, IGNORE, "mean", config, interpret, softcap, label_smoothing, lse_square_scale,
+                          bias is not None)
+    rows = o.chunk_rows
+    bias32 = None if bias is None else bias.astype(jnp.float32)
+
+    def run(hc, yc):
+        yk = jnp.where(yc == IGNORE, -1, yc)
+        logits = jnp.dot(hc, w.T, preferred_element_type=hc.dtype)
+        lse, target, row_sum = gif_path._chunk_stats(logits, yk, bias32, o)
+        scale = jnp.where(yk >= 0, 1.0 / rows, 0.0).astype(jnp.float32)
+        coefficients = tuple(None if x is None else jnp.where(scale != 0.0, x, 0.0) for x in grad_coefficients(
+            scale, None, lse, V, o.label_smoothing, o.lse_square_scale))
+        g = gif_path._chunk_grads(logits, yk, lse, coefficients, bias32, V, o)
+        return lse, target, g, row_sum
+
+    return jax.jit(run)(h[:rows], y[:rows])
 
 
 if __name__ == "__main__":
