@@ -5,8 +5,10 @@ Usage, from the repository root (a host with 2 CUDA GPUs; cut-cross-entropy impo
     python -m benchmarks.vocab_parallel_gpu --out results/vocab-parallel/
     python -m benchmarks.vocab_parallel_gpu --cpu-smoke --out /tmp/vp-smoke   # the logic on CPU, tiny shapes
 
-Two problems: ``parity`` (float32, small) and ``main`` (bfloat16, Gemma-2-2B's head by default:
-N=8192, D=2304, V=256000); reduction none, 10% ignored labels, upstream gradient of ones.
+Three problems: ``parity`` (float32, small), ``parity-options`` (the same with a bias, softcap 30,
+label smoothing 0.1 and z-loss 1e-4: ``OPTIONS``; ``d_bias`` compared too) and ``main`` (bfloat16,
+Gemma-2-2B's head by default: N=8192, D=2304, V=256000); reduction none, 10% ignored labels,
+upstream gradient of ones.
 
 (a) torch: 2 processes, one GPU each, NCCL (``NCCL_NVLS_ENABLE=0``). Each rank holds rows
     ``shard_range(V, rank, 2)`` of the weight and runs
@@ -58,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
 
 WORLD = 2
 PARITY_BOUND = 1e-5  # float32, relative in norm (PARITY_FLOAT32 of heads_common.tolerances)
+OPTIONS = {"softcap": 30.0, "label_smoothing": 0.1, "lse_square_scale": 1e-4}  # with a bias: parity-options
 
 
 @dataclass(frozen=True)
@@ -67,15 +70,22 @@ class Problem:
     d: int
     v: int
     dtype: str  # "float32" or "bfloat16"
+    options: bool = False  # a bias and OPTIONS
 
 
 def problems(args) -> list[Problem]:
     if args.cpu_smoke:
-        return [Problem("parity", 24, 16, 64, "float32"), Problem("main", 40, 16, 96, "bfloat16")]
-    return [
-        Problem("parity", args.parity_n, args.parity_d, args.parity_v, "float32"),
-        Problem("main", args.n, args.d, args.v, args.dtype),
-    ]
+        parity = Problem("parity", 24, 16, 64, "float32")
+        main = Problem("main", 40, 16, 96, "bfloat16")
+    else:
+        parity = Problem("parity", args.parity_n, args.parity_d, args.parity_v, "float32")
+        main = Problem("main", args.n, args.d, args.v, args.dtype)
+    return [parity, Problem("parity-options", parity.n, parity.d, parity.v, "float32", options=True), main]
+
+
+def problem_bias(p: Problem) -> torch.Tensor | None:
+    """The ``(V,)`` float32 bias of a problem with options (drawn on the CPU: the same values everywhere), else None."""
+    return torch.randn(p.v, generator=torch.Generator().manual_seed(17)) if p.options else None
 
 
 def problem_inputs(p: Problem, device: torch.device, dtype: str | None = None):
@@ -95,25 +105,31 @@ def _time_and_memory(step, device: torch.device, warmup: int, iters: int) -> dic
     return {"fwdbwd_ms": ms, "extra_mb": torch_extra_memory_mb(step, device=device)}
 
 
-def _fwdbwd(loss_fn, h, w, y):
+def _fwdbwd(loss_fn, h, w, y, bias=None):
+    """``(loss, d_hidden, d_weight)`` of ``loss_fn(h, w, y)``, or with a bias ``loss_fn(h, w, y, bias)`` and
+    ``d_bias`` last."""
     hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
-    loss = loss_fn(hh, ww, y)
+    bb = None if bias is None else bias.detach().requires_grad_()
+    loss = loss_fn(hh, ww, y) if bb is None else loss_fn(hh, ww, y, bb)
     loss.backward(torch.ones_like(loss))
-    return loss.detach(), hh.grad, ww.grad
+    return (loss.detach(), hh.grad, ww.grad) + (() if bb is None else (bb.grad,))
 
 
-def single_device_loss(impl: str, smoke: bool):
-    """The unsharded op on one device for a per-shard ``impl`` (smoke: Pallas in interpret mode)."""
+def single_device_loss(impl: str, smoke: bool, options: bool = False):
+    """The unsharded op on one device for a per-shard ``impl`` (smoke: Pallas in interpret mode); with
+    ``options`` it takes a fourth argument, the bias, and applies ``OPTIONS``."""
     import torch_heads
 
+    extra = OPTIONS if options else {}
     if impl == "pallas" and smoke:
         from torch_heads._pallas import pallas_loss
 
-        return lambda h, w, y: pallas_loss(h, w, y, IGNORE, interpret=True)
+        return lambda h, w, y, b=None: pallas_loss(h, w, y, IGNORE, bias=b, interpret=True, **extra)
     if impl in ("cce", "cce-exact"):
         eps = None if impl == "cce-exact" else "auto"
-        return lambda h, w, y: torch_heads.linear_cross_entropy(h, w, y, impl="cce", filter_eps=eps)
-    return lambda h, w, y: torch_heads.linear_cross_entropy(h, w, y, impl=impl)
+        return lambda h, w, y, b=None: torch_heads.linear_cross_entropy(h, w, y, bias=b, impl="cce", filter_eps=eps,
+                                                                        **extra)
+    return lambda h, w, y, b=None: torch_heads.linear_cross_entropy(h, w, y, bias=b, impl=impl, **extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,19 +175,24 @@ def _sharded_row(rank: int, p: Problem, impl: str, inputs, args, device: torch.d
     start, stop = shard_range(p.v, rank, WORLD)
     interpret = args.cpu_smoke and impl == "pallas"
     row = {"part": "torch-2gpu", "problem": p.name, "impl": impl, "rank": rank, "errors": []}
+    bias = problem_bias(p)
+    bias = None if bias is None else bias.to(device)
+    extra = OPTIONS if p.options else {}
 
-    def sharded(a, b, c):
+    def sharded(a, b, c, d=None):
         return vocab_parallel_linear_cross_entropy(
-            a, b, c, vocab_start=start, vocab_size=p.v, impl=impl, interpret=interpret
+            a, b, c, vocab_start=start, vocab_size=p.v, bias_shard=d, impl=impl, interpret=interpret, **extra
         )
 
     try:
-        loss, dh, dw = _fwdbwd(sharded, h, w[start:stop], y)
-        ref_loss, ref_dh, ref_dw = _fwdbwd(single_device_loss(impl, args.cpu_smoke), h, w, y)
+        loss, dh, dw, *db = _fwdbwd(sharded, h, w[start:stop], y, None if bias is None else bias[start:stop])
+        ref_loss, ref_dh, ref_dw, *ref_db = _fwdbwd(single_device_loss(impl, args.cpu_smoke, p.options), h, w, y, bias)
         row.update(err_loss=rel(loss, ref_loss), err_dh=rel(dh, ref_dh), err_dw=rel(dw, ref_dw[start:stop]))
+        if db:
+            row["err_db"] = rel(db[0], ref_db[0][start:stop])
         if p.name == "parity" and impl == "pallas":
             _save_parity(args.out, rank, loss, dh, dw, h, w, y)
-        del loss, dh, dw, ref_loss, ref_dh, ref_dw
+        del loss, dh, dw, ref_loss, ref_dh, ref_dw, db, ref_db
         if p.name == "main":
             shard = w[start:stop]
             row.update(_time_and_memory(lambda: _fwdbwd(sharded, h, shard, y), device, *_runs(args, impl)))
@@ -236,7 +257,7 @@ def run_torch_single(args, report) -> None:
     """1 GPU, the whole weight: the rows the 2-GPU step is measured against."""
     smoke = args.cpu_smoke
     device = torch.device("cpu") if smoke else torch.device("cuda", 0)
-    p = problems(args)[1]
+    p = next(q for q in problems(args) if q.name == "main")
     h, w, y = problem_inputs(p, device)
     impls = ["pallas", "chunked"] if smoke else ["pallas", "cce", "cce-exact", "chunked"]
     for impl in impls:
@@ -276,14 +297,17 @@ def run_jax(args, report) -> None:
     generator_device = torch.device("cpu") if smoke else torch.device("cuda", 0)
     opts = {"impl": "pallas", "interpret": smoke}
 
-    def step(mesh_opts):
-        def objective(a, b, c):
-            return jnp.sum(jax_heads.linear_cross_entropy(a, b, c, **opts, **mesh_opts))
+    def step(mesh_opts, options=False):
+        def objective(a, b, c, d=None):
+            extra = {"bias": d, **OPTIONS} if options else {}
+            return jnp.sum(jax_heads.linear_cross_entropy(a, b, c, **opts, **mesh_opts, **extra))
 
-        return jax.jit(jax.value_and_grad(objective, (0, 1)))
+        return jax.jit(jax.value_and_grad(objective, (0, 1, 3) if options else (0, 1)))
 
-    single, sharded = step({}), step({"mesh": mesh, "vocab_axis": "vocab"})
+    vocab_opts = {"mesh": mesh, "vocab_axis": "vocab"}
+    steps = {False: (step({}), step(vocab_opts)), True: (step({}, True), step(vocab_opts, True))}
     for p in problems(args):
+        single, sharded = steps[p.options]
         row = {"part": "jax-2dev", "problem": p.name, "impl": "pallas", "errors": []}
         single_row = {"part": "jax-1dev", "problem": p.name, "impl": "pallas", "errors": []}
         try:
@@ -295,8 +319,11 @@ def run_jax(args, report) -> None:
             replicated = NamedSharding(mesh, P())
             hs, ys = jax.device_put(h1, replicated), jax.device_put(y1, replicated)
             ws = shard_weight(w1, mesh, "vocab")
-            loss1, (dh1, dw1) = single(h1, w1, y1)
-            loss2, (dh2, dw2) = sharded(hs, ws, ys)
+            bias = problem_bias(p)
+            with_bias = () if bias is None else (jax.device_put(bias.numpy(), one),)
+            loss1, (dh1, dw1, *db1) = single(h1, w1, y1, *with_bias)
+            loss2, (dh2, dw2, *db2) = sharded(hs, ws, ys, *(jax.device_put(b, NamedSharding(mesh, P("vocab")))
+                                                            for b in with_bias))
             to64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
             row.update(
                 err_loss=_rel_np(to64(loss2), to64(loss1)),
@@ -304,12 +331,14 @@ def run_jax(args, report) -> None:
                 err_dw=_rel_np(to64(dw2), to64(dw1)),
                 d_weight_shard_rows=sorted({s.data.shape[0] for s in dw2.addressable_shards}),
             )
+            if db1:
+                row["err_db"] = _rel_np(to64(db2[0]), to64(db1[0]))
             if p.name == "parity" and "torch" not in args.skip:
                 _cross_framework(args, report, loss2, dh2, dw2, to64)
             del dh1, dw1, dh2, dw2
             if p.name == "main":
-                single_row["fwdbwd_ms"] = _time_jax(lambda a=(h1, w1, y1): single(*a), args)
-                row["fwdbwd_ms"] = _time_jax(lambda a=(hs, ws, ys): sharded(*a), args)
+                single_row["fwdbwd_ms"] = _time_jax(lambda a=(h1, w1, y1), f=single: f(*a), args)
+                row["fwdbwd_ms"] = _time_jax(lambda a=(hs, ws, ys), f=sharded: f(*a), args)
         except Exception as exc:
             row["errors"].append(f"{type(exc).__name__}: {exc}"[:400])
             traceback.print_exc()
@@ -349,7 +378,7 @@ def _time_jax(fn, args) -> float:
 
 
 def _brief(row: dict) -> str:
-    keys = ("err_loss", "err_dh", "err_dw", "fwdbwd_ms", "extra_mb")
+    keys = ("err_loss", "err_dh", "err_dw", "err_db", "fwdbwd_ms", "extra_mb")
     text = " ".join(f"{k} {row[k]:.3g}" for k in keys if row.get(k) is not None)
     return text + (f" ERRORS {row['errors']}" if row.get("errors") else "")
 
@@ -357,12 +386,14 @@ def _brief(row: dict) -> str:
 def verdicts(report) -> list[str]:
     """float32 parity lines (the bound is PARITY_BOUND); bfloat16 differences are only reported."""
     lines = []
-    rows = [r for r in report["torch_sharded"] + report["jax"] if r["problem"] == "parity"]
+    rows = [r for r in report["torch_sharded"] + report["jax"] if r["problem"].startswith("parity")]
     for r in rows:
-        errs = [r.get(k) for k in ("err_loss", "err_dh", "err_dw")]
+        keys = ("err_loss", "err_dh", "err_dw") + (("err_db",) if r["problem"] == "parity-options" else ())
+        errs = [r.get(k) for k in keys]
         ok = not r["errors"] and all(e is not None and e <= PARITY_BOUND for e in errs)
         who = f"{r['part']} {r['impl']}" + (f" rank {r['rank']}" if "rank" in r else "")
-        lines.append(f"{'ok  ' if ok else 'FAIL'} float32 sharded vs 1 device, {who}")
+        what = "with bias and options " if r["problem"] == "parity-options" else ""
+        lines.append(f"{'ok  ' if ok else 'FAIL'} float32 sharded vs 1 device, {what}{who}")
     if {"torch", "jax"} & set(report["args"]["skip"]):
         lines.append("skip float32 torch-sharded vs JAX-sharded (a framework was left out)")
     else:

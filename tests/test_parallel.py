@@ -82,7 +82,10 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "vocab_parallel.json").read_text())
     assert not report["errors"] and report["cross"]["ok"], report
-    # pallas and chunked on 2 ranks for 2 problems; 1-device pallas and chunked; JAX: 1 + 2 rows
-    assert (len(report["torch_sharded"]), len(report["torch_single"]), len(report["jax"])) == (8, 2, 3)
-    assert len(report["verdicts"]) == 6 and all(line.startswith("ok") for line in report["verdicts"])
+    # pallas and chunked on 2 ranks for 3 problems (parity, parity with a bias and the options, main);
+    # 1-device pallas and chunked; JAX: 2 parity rows + 2 main rows
+    assert (len(report["torch_sharded"]), len(report["torch_single"]), len(report["jax"])) == (12, 2, 4)
+    assert len(report["verdicts"]) == 11 and all(line.startswith("ok") for line in report["verdicts"])
+    options = [r for r in report["torch_sharded"] + report["jax"] if r["problem"] == "parity-options"]
+    assert len(options) == 5 and all(r["err_db"] <= 1e-5 for r in options), options
     assert (tmp_path / "vocab_parallel.md").read_text().startswith("# Vocabulary-parallel")
