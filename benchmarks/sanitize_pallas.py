@@ -12,8 +12,9 @@ their 64-wide K step). Then every loss option at once (bias, softcap, label smoo
 both kernel pairs, and the gradient-in-forward path of the mean (chunks of 128 tokens, the partial
 one first), plain and with every option.
 
-Parts (``--only``): ``exact``, ``options``, ``gif`` as above; ``gif-kernels``: the gradient-in-forward
-path's two Pallas kernels on one chunk, outside its loop, plain and with every option; ``loop-repro``:
+Parts (``--only``): ``exact``, ``options``, ``gif`` as above; ``gif-kernels``: one chunk of the
+gradient-in-forward path (``chunk_gradients``: its kernels and products) outside its loop, with the XLA
+and with the Mosaic logits, plain and with every option; ``loop-repro``:
 no code of ours, one XLA (cuBLAS) product inside a ``fori_loop`` of traced length. compute-sanitizer
 2025.3.1 ends with a segmentation fault on ``loop-repro`` and on ``gif`` (which has such a loop),
 before reporting anything (``docs/robustness.md``); ``gif-kernels`` checks the kernels without it.
@@ -23,6 +24,7 @@ The default is ``exact options gif-kernels``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -41,7 +43,6 @@ from jax_heads.pallas import (  # noqa: E402
     pallas_loss,
 )
 from jax_heads.pallas import gradient_in_forward as gif_path  # noqa: E402
-from jax_heads.reference import grad_coefficients  # noqa: E402
 
 N, D, V = 333, 200, 5_003
 # Chunks of 1536 vocabulary rows (the budget counts the gradient logits and one (chunk_v, D) buffer, D
@@ -98,9 +99,11 @@ def main(argv=None) -> None:
                                                                        **OPTIONS), h, w, bias)
         _report(f"forward and backward {kernel}, every option", loss, *vjp(jnp.ones((N,), jnp.float32)))
     gif = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_budget_bytes=128 * 5_120 * 2))
-    for options in ({}, {"bias": bias, **OPTIONS}) if "gif-kernels" in parts else ():
-        _report(f"gradient-in-forward kernels on one chunk, options {sorted(options)}",
-                *_gif_kernels(h, w, y, gif, **options))
+    gif_mosaic = BlockSizes(gradient_in_forward=dataclasses.replace(gif.gradient_in_forward, logits_kernel="mosaic"))
+    for config, logits in ((gif, "XLA"), (gif_mosaic, "Mosaic")) if "gif-kernels" in parts else ():
+        for options in ({}, {"bias": bias, **OPTIONS}):
+            _report(f"gradient-in-forward chunk, {logits} logits, options {sorted(options)}",
+                    *_gif_kernels(h, w, y, config, **options))
     for options in ({}, {"bias": bias, **OPTIONS}) if "gif" in parts else ():
         run = jax.jit(lambda a, b, options=options: gradient_in_forward_grads(a, b, y, IGNORE, "mean", config=gif,
                                                                                **options))
@@ -115,25 +118,20 @@ def main(argv=None) -> None:
 
 def _gif_kernels(h, w, y, config, bias=None, softcap=None, label_smoothing=0.0, lse_square_scale=0.0,
                  interpret=False):
-    """``lce_gif_stats`` then ``lce_gif_grads`` on the first chunk of rows, under ``jax.jit``, with
-    the coefficients the path would pass for a mean; ``(lse, target, G[, row sums])``."""
+    """The gradient-in-forward path's chunk (``gradient_in_forward.chunk_gradients``: the logits, the
+    statistics and gradient-logits kernels, the two products) on the first ``chunk_rows`` tokens, under
+    ``jax.jit``, without the loop around it; ``(loss sum, d_h, d_weight part, column sums or None)``."""
     o = gif_path._options(h, w, IGNORE, "mean", config, interpret, softcap, label_smoothing, lse_square_scale,
                           bias is not None)
     rows = o.chunk_rows
-    bias32 = None if bias is None else bias.astype(jnp.float32)
+    weight, bias32 = gif_path._padded_parameters(w, None if bias is None else bias.astype(jnp.float32), o)
 
     def run(hc, yc):
-        yk = jnp.where(yc == IGNORE, -1, yc)
-        logits = jnp.dot(hc, w.T, preferred_element_type=hc.dtype)
-        lse, target, row_sum = gif_path._chunk_stats(logits, yk, bias32, o)
-        scale = jnp.where(yk >= 0, 1.0 / rows, 0.0).astype(jnp.float32)
-        coefficients = tuple(None if x is None else jnp.where(scale != 0.0, x, 0.0) for x in grad_coefficients(
-            scale, None, lse, V, o.label_smoothing, o.lse_square_scale))
-        g = gif_path._chunk_grads(logits, yk, lse, coefficients, bias32, V, o)
-        return lse, target, g, row_sum
+        labels = jnp.where(yc == IGNORE, -1, yc)
+        scale = jnp.where(labels >= 0, 1.0 / rows, 0.0).astype(jnp.float32)
+        return gif_path.chunk_gradients(hc, labels, scale, weight, bias32, o, vocab=V)
 
     return jax.jit(run)(h[:rows], y[:rows])
-
 
 if __name__ == "__main__":
     main()

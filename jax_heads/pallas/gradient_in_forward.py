@@ -279,6 +279,64 @@ def _scale(valid, reduction: str):
     return 1.0 / jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
 
 
+def _padded_parameters(weight, bias32, o: _Options):
+    """The weight ``(V, D)`` and float32 bias ``(V,)`` (or None) as the chunks read them: unchanged, or on
+    the Mosaic path padded with zeros to whole ``block_v`` rows and ``block_k`` columns (no copy where
+    the tiles divide them)."""
+    if not o.mosaic:
+        return weight, bias32
+    m = o.config.mosaic
+    (vocab, d) = weight.shape
+    v_pad, d_pad = geometry.round_up(vocab, m.block_v), geometry.round_up(d, m.block_k)
+    if weight.shape != (v_pad, d_pad):
+        weight = jnp.pad(weight, ((0, v_pad - vocab), (0, d_pad - d)))
+    if bias32 is not None and v_pad != vocab:
+        bias32 = jnp.pad(bias32, (0, v_pad - vocab))
+    return weight, bias32
+
+
+def chunk_gradients(h, labels, scale, weight, bias32, o: _Options, *, vocab: int):
+    """One chunk of tokens: its logits formed once, the loss and both gradients from them.
+
+    Args:
+        h: ``(rows, D)`` hidden rows (zeros for padding rows), ``rows`` a multiple of ``o.tail_rows``.
+        labels: ``(rows,)`` int32, -1 (or any id outside ``[0, vocab)``) where a row has no target.
+        scale: ``(rows,)`` float32 upstream per row: the reduction's factor, 0 where the row does not
+            count, NaN for a row whose loss must be NaN.
+        weight, bias32: from :func:`_padded_parameters` (``(V_pad, D_pad)``; ``(V_pad,)`` float32 or None).
+        o: the call's options; vocab: the real vocabulary size.
+
+    Returns:
+        ``(loss_sum, d_h, d_weight_part, column_sums)``: the float32 sum of ``scale · loss`` over the counted
+        rows; ``d_h`` ``(rows, D)`` in ``h``'s dtype; the chunk's ``d_weight`` product in the weight's dtype
+        and shape; with a bias the float32 column sums of G ``(V_pad,)``, else None.
+    """
+    d, dtype = h.shape[1], h.dtype
+    precision = matmul_precision(dtype)
+    d_pad = weight.shape[1]
+    if d_pad != d:
+        h = jnp.pad(h, ((0, 0), (0, d_pad - d)))
+    if o.mosaic:
+        logits, (lse, target, row_sum) = chunk_logits_and_stats(
+            h, labels, weight, bias32, vocab=vocab, config=o.config, interpret=o.interpret, softcap=o.softcap,
+            row_sum=bool(o.label_smoothing))
+    else:
+        logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
+        lse, target, row_sum = _chunk_stats(logits, labels, bias32, o)
+    loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
+    loss_sum = jnp.sum(jnp.where(scale != 0.0, loss * scale, 0.0))  # a NaN row's scale keeps it NaN
+    # Zero where the row does not count, even where its lse is not finite (the kernel then writes 0).
+    coefficients = tuple(None if x is None else jnp.where(scale != 0.0, x, 0.0) for x in grad_coefficients(
+        scale, None, lse, vocab, o.label_smoothing, o.lse_square_scale))
+    g = _chunk_grads(logits, labels, lse, coefficients, bias32, vocab, o)
+    d_h = jnp.dot(g, weight, preferred_element_type=dtype, precision=precision)[:, :d]
+    # In the weight's dtype: the product (float32 inside) is added to the running sum with one rounding.
+    product = lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype,
+                              precision=precision)
+    column_sums = None if bias32 is None else jnp.sum(g, axis=0, dtype=jnp.float32)
+    return loss_sum, d_h, product, column_sums
+
+
 def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``scale · Σ loss``; ``d_bias`` float32 (None without a bias).
 
@@ -289,7 +347,6 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     of ``hidden`` and scatters its ``d_hidden`` rows back; the ignored rows stay 0.
     """
     (n, d), vocab, dtype = hidden.shape, weight.shape[0], hidden.dtype
-    precision = matmul_precision(dtype)
     valid = labels != o.ignore_index
     # Upstream per row, folded into G before its rounding: scale, 0 (ignored), NaN (nan_rows).
     row_scale = jnp.where(nan_rows, jnp.nan, jnp.where(valid, _scale(valid, o.reduction), 0.0))
@@ -301,13 +358,7 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
     order = jnp.concatenate([order, jnp.full((rows + step,), n, jnp.int32)])
     kernel_labels = jnp.where(valid, labels, -1).astype(jnp.int32)  # a valid row always counts
     bias32 = None if bias is None else bias.astype(jnp.float32)
-    d_pad = d
-    if o.mosaic:  # padded to the Mosaic tiles (no copy where they divide): G is 0 in the padding
-        m = o.config.mosaic
-        v_pad, d_pad = geometry.round_up(vocab, m.block_v), geometry.round_up(d, m.block_k)
-        weight = jnp.pad(weight, ((0, v_pad - vocab), (0, d_pad - d))) if weight.shape != (v_pad, d_pad) else weight
-        if bias32 is not None and v_pad != vocab:
-            bias32 = jnp.pad(bias32, (0, v_pad - vocab))
+    weight, bias32 = _padded_parameters(weight, bias32, o)
 
     def chunk(start, size, state):
         """The ``size`` rows of ``order[start:]``: their loss added, their ``d_hidden`` rows scattered, their
@@ -317,29 +368,11 @@ def _with_gradients(hidden, weight, bias, labels, nan_rows, o: _Options):
         h = jnp.take(hidden, index, axis=0, mode="fill", fill_value=0)
         y = jnp.take(kernel_labels, index, mode="fill", fill_value=-1)
         s = jnp.take(row_scale, index, mode="fill", fill_value=0.0)
-        if d_pad != d:
-            h = jnp.pad(h, ((0, 0), (0, d_pad - d)))
-        if o.mosaic:
-            logits, (lse, target, row_sum) = chunk_logits_and_stats(
-                h, y, weight, bias32, vocab=vocab, config=o.config, interpret=o.interpret, softcap=o.softcap,
-                row_sum=bool(o.label_smoothing))
-        else:
-            logits = jnp.dot(h, weight.T, preferred_element_type=dtype, precision=precision)
-            lse, target, row_sum = _chunk_stats(logits, y, bias32, o)
-        loss = loss_terms(lse, target, row_sum, vocab, o.label_smoothing, o.lse_square_scale)
-        total = total + jnp.sum(jnp.where(s != 0.0, loss * s, 0.0))  # a NaN row's s keeps it NaN
-        # Zero where the row does not count, even where its lse is not finite (the kernel then writes 0).
-        coefficients = tuple(None if x is None else jnp.where(s != 0.0, x, 0.0) for x in grad_coefficients(
-            s, None, lse, vocab, o.label_smoothing, o.lse_square_scale))
-        g = _chunk_grads(logits, y, lse, coefficients, bias32, vocab, o)
-        d_h = jnp.dot(g, weight, preferred_element_type=dtype, precision=precision)
-        d_hidden = d_hidden.at[index].set(d_h[:, :d], mode="drop", unique_indices=True)
-        # Accumulated in the weight's dtype: the product (float32 inside) plus the running sum, one rounding.
-        product = lax.dot_general(g, h, (((0,), (0,)), ((), ())), preferred_element_type=weight.dtype,
-                                  precision=precision)
+        loss_sum, d_h, product, column_sums = chunk_gradients(h, y, s, weight, bias32, o, vocab=vocab)
+        total = total + loss_sum
+        d_hidden = d_hidden.at[index].set(d_h, mode="drop", unique_indices=True)
         d_weight = product if d_weight is None else d_weight + product
         if bias32 is not None:
-            column_sums = jnp.sum(g, axis=0, dtype=jnp.float32)
             d_bias = column_sums if d_bias is None else d_bias + column_sums
         return total, d_hidden, d_weight, d_bias
 
