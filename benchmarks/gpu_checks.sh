@@ -26,8 +26,11 @@
 #   compare   the headline rows of this tree and of the checkout at COMPARE_TREE, in the same run
 #             -> OUTDIR/compare.json and OUTDIR/compare.md
 #   tune      python -m benchmarks.tune_pallas --bwd, then python -m benchmarks.tune_mosaic
-#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas (SANITIZE_ONLY: its parts,
-#             default "exact options gif-kernels"; "gif" and "loop-repro" crash compute-sanitizer 2025.3.1)
+#   sanitize  compute-sanitizer memcheck over python -m benchmarks.sanitize_pallas, one process per case
+#             (SANITIZE_ONLY: its parts, default all; SANITIZE_MATCH: only the cases
+#             whose name contains it), a case the tool crashes on run
+#             again up to SANITIZE_ATTEMPTS (default 3) times -> OUTDIR/sanitize-cases.txt (compute-sanitizer
+#             2025.3.1 ends with a segmentation fault, intermittently, in some runs of a few seconds)
 #   profile   python -m benchmarks.profile_kernels: the kernels of one forward+backward of the rows in
 #             PROFILE_IMPLS (default: floor and our exact and mean rows), both workloads -> OUTDIR/profile.json
 #   parallel  the 2-GPU vocabulary-parallel parity and timing -> OUTDIR/vocab_parallel/
@@ -192,8 +195,22 @@ one_gpu() {
       step tune-pallas python -m benchmarks.tune_pallas --bwd
       step tune-mosaic python -m benchmarks.tune_mosaic --out "$out" ;;
     sanitize)
-      step sanitize compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-        python -m benchmarks.sanitize_pallas ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} ;;
+      # One process per case; a case whose run the tool ends with a segmentation fault (139) is run again, up
+      # to SANITIZE_ATTEMPTS times; a memory error makes the tool exit with 97.
+      local names=() i=0 k rc
+      mapfile -t names < <(python -m benchmarks.sanitize_pallas --list ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} \
+        ${SANITIZE_MATCH:+--match "$SANITIZE_MATCH"})
+      for name in "${names[@]}"; do
+        i=$(( i + 1 ))
+        for k in $(seq "${SANITIZE_ATTEMPTS:-3}"); do
+          step "sanitize-$i.$k" compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
+            --error-exitcode 97 python -m benchmarks.sanitize_pallas ${SANITIZE_ONLY:+--only $SANITIZE_ONLY} \
+            --match "$name"
+          rc=$?
+          echo "sanitize-$i.$k rc=$rc: $name" >> "$out/sanitize-cases.txt"
+          [ $rc -eq 139 ] || break
+        done
+      done ;;
     profile)
       step profile python -m benchmarks.profile_kernels --workloads gemma2-2b,llama3-8b --out "$out/profile.json" \
         --impls "${PROFILE_IMPLS:-floor,jax-pallas,jax-pallas-softcap,jax-pallas-mean}" ;;

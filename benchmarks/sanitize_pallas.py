@@ -1,7 +1,7 @@
 """One forward and backward of our Pallas kernels at a ragged shape, for compute-sanitizer.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck --target-processes all \\
-        python -m benchmarks.sanitize_pallas [--only exact options gif]
+        python -m benchmarks.sanitize_pallas [--only PART ...] [--match TEXT]
 
 Ragged everywhere: N not a multiple of the token block, V not a multiple of the vocabulary tile or
 of the backward chunk (so the last chunk overlaps the one before), D not a multiple of the D step.
@@ -14,11 +14,12 @@ one first), plain and with every option.
 
 Parts (``--only``): ``exact``, ``options``, ``gif`` as above; ``gif-kernels``: one chunk of the
 gradient-in-forward path (``chunk_gradients``: its kernels and products) outside its loop, with the XLA
-and with the Mosaic logits, plain and with every option; ``loop-repro``:
-no code of ours, one XLA (cuBLAS) product inside a ``fori_loop`` of traced length. compute-sanitizer
-2025.3.1 ends with a segmentation fault on ``loop-repro`` and on ``gif`` (which has such a loop),
-before reporting anything (``docs/robustness.md``); ``gif-kernels`` checks the kernels without it.
-The default is ``exact options gif-kernels``.
+and with the Mosaic logits, plain and with every option. The default is all four.
+``--list`` prints the chosen cases' names; ``--match TEXT`` runs only those whose name contains TEXT.
+
+compute-sanitizer 2025.3.1 ends with a segmentation fault and no report in many runs of a few seconds,
+on any case (``docs/robustness.md``), so one process per case, run again where the tool crashed, is
+what completes them all: ``bash benchmarks/gpu_checks.sh OUT sanitize`` does that.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-from jax import lax  # noqa: E402
 
 from benchmarks.common import IGNORE, make_inputs  # noqa: E402
 from jax_heads.pallas import (  # noqa: E402
@@ -66,21 +66,45 @@ def _report(what: str, *arrays) -> None:
     print(f"{what}: loss sum {float(arrays[0].sum()):.4f}, finite: {finite}", flush=True)
 
 
-PARTS = ("exact", "options", "gif-kernels", "gif", "loop-repro")
+PARTS = ("exact", "options", "gif-kernels", "gif")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS[:3]),
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                         help="the parts to run: the exact and filtered runs, every option on both kernel "
                              "pairs, the gradient-in-forward kernels on one chunk, the gradient-in-forward "
-                             "mean, the loop that the tool fails on (default: the first three)")
-    parts = set(parser.parse_args(argv).only)
+                             "mean (default: all)")
+    parser.add_argument("--match", default=None,
+                        help="of the chosen parts' cases, only those whose name contains this text "
+                             "(one case per process: the tool's intermittent crash then loses one case)")
+    parser.add_argument("--list", action="store_true", help="print the chosen cases' names and run nothing")
+    args = parser.parse_args(argv)
+    cases = [(name, run) for name, run in _cases(set(args.only))
+             if args.match is None or args.match in name]
+    if not cases:
+        parser.error(f"no case of the parts {args.only} matches {args.match!r}")
+    for name, run in cases:
+        if args.list:
+            print(name)
+        else:
+            _report(name, *run())
+
+
+def _cases(parts):
+    """``(name, thunk)`` of each case of ``parts``; a thunk returns the arrays :func:`_report` checks."""
     # Drawn on the CPU (no torch CUDA kernels under the sanitizer), handed to JAX as float32 arrays.
     inputs = make_inputs(N, D, V, dtype=torch.float32, device="cpu")
     h = jnp.asarray(inputs.hidden.numpy(), jnp.bfloat16)
     w = jnp.asarray(inputs.weight.numpy(), jnp.bfloat16)
     y = jnp.asarray(inputs.labels.numpy(), jnp.int32)
+    bias = jnp.asarray(torch.randn(V, generator=torch.Generator().manual_seed(1)).numpy())
+    upstream = jnp.ones((N,), jnp.float32)
+
+    def with_vjp(loss_fn, *primals):
+        loss, vjp = jax.vjp(loss_fn, *primals)
+        return (loss, *vjp(upstream))
+
     for kernel, bwd_kernel, eps, separate in RUNS if "exact" in parts else ():
         config = BlockSizes(forward_kernel=kernel, backward_kernel=bwd_kernel,
                             backward=_backward(256 if "mosaic" in (kernel, bwd_kernel) else 208))
@@ -88,32 +112,26 @@ def main(argv=None) -> None:
         def loss_fn(a, b, config=config, eps=eps, separate=separate):
             return pallas_loss(a, b, y, IGNORE, config=config, filter_eps=eps, filter_separate_targets=separate)
 
-        loss, vjp = jax.vjp(loss_fn, h, w)
-        _report(f"forward {kernel}, backward {bwd_kernel}, filter_eps={eps} separate_targets={separate}",
-                loss, *vjp(jnp.ones((N,), jnp.float32)))
-    bias = jnp.asarray(torch.randn(V, generator=torch.Generator().manual_seed(1)).numpy())
+        yield (f"forward {kernel}, backward {bwd_kernel}, filter_eps={eps} separate_targets={separate}",
+               lambda loss_fn=loss_fn: with_vjp(loss_fn, h, w))
     for kernel in ("triton", "mosaic") if "options" in parts else ():
         config = BlockSizes(forward_kernel=kernel, backward_kernel=kernel,
                             backward=_backward(256 if kernel == "mosaic" else 208))
-        loss, vjp = jax.vjp(lambda a, b, c, config=config: pallas_loss(a, b, y, IGNORE, bias=c, config=config,
-                                                                       **OPTIONS), h, w, bias)
-        _report(f"forward and backward {kernel}, every option", loss, *vjp(jnp.ones((N,), jnp.float32)))
+
+        def loss_fn(a, b, c, config=config):
+            return pallas_loss(a, b, y, IGNORE, bias=c, config=config, **OPTIONS)
+
+        yield f"forward and backward {kernel}, every option", lambda loss_fn=loss_fn: with_vjp(loss_fn, h, w, bias)
     gif = BlockSizes(gradient_in_forward=GradientInForwardConfig(logits_budget_bytes=128 * 5_120 * 2))
     gif_mosaic = BlockSizes(gradient_in_forward=dataclasses.replace(gif.gradient_in_forward, logits_kernel="mosaic"))
     for config, logits in ((gif, "XLA"), (gif_mosaic, "Mosaic")) if "gif-kernels" in parts else ():
         for options in ({}, {"bias": bias, **OPTIONS}):
-            _report(f"gradient-in-forward chunk, {logits} logits, options {sorted(options)}",
-                    *_gif_kernels(h, w, y, config, **options))
+            yield (f"gradient-in-forward chunk, {logits} logits, options {sorted(options)}",
+                   lambda config=config, options=options: _gif_kernels(h, w, y, config, **options))
     for options in ({}, {"bias": bias, **OPTIONS}) if "gif" in parts else ():
         run = jax.jit(lambda a, b, options=options: gradient_in_forward_grads(a, b, y, IGNORE, "mean", config=gif,
                                                                                **options))
-        _report(f"gradient in forward, mean, options {sorted(options)}", *run(h, w))
-    if "loop-repro" in parts:
-        a, b = jnp.ones((128, 256), jnp.bfloat16), jnp.ones((256, 512), jnp.bfloat16)
-        trips = jnp.int32(inputs.labels[0].item() % 3 + 1)  # a count the compiler cannot see
-        body = lambda i, c: c + jnp.dot(a, b, preferred_element_type=jnp.float32)  # noqa: E731
-        _report("a product in a loop of traced length",
-                jax.jit(lambda k: lax.fori_loop(0, k, body, jnp.zeros((128, 512))))(trips))
+        yield f"gradient in forward, mean, options {sorted(options)}", lambda run=run: run(h, w)
 
 
 def _gif_kernels(h, w, y, config, bias=None, softcap=None, label_smoothing=0.0, lse_square_scale=0.0,

@@ -450,3 +450,16 @@ def test_vocab_parallel_second_order_is_refused_clearly(gloo_world):
     with pytest.raises(RuntimeError, match=r"second-order.*vocabulary-parallel.*linear_cross_entropy with "
                                            r"impl='chunked' \(twice\) or impl='reference'"):
         torch.autograd.grad((g**2).sum(), h)
+
+
+def test_sanitize_script_lists_and_selects_its_cases(capsys):
+    """``benchmarks/sanitize_pallas.py --list``/``--match``: what ``gpu_checks.sh sanitize`` runs one per process."""
+    from benchmarks import sanitize_pallas
+
+    sanitize_pallas.main(["--list"])
+    names = capsys.readouterr().out.splitlines()
+    assert len(names) == len(set(names)) == 13, names
+    sanitize_pallas.main(["--list", "--only", "gif", "--match", "options []"])
+    assert capsys.readouterr().out.splitlines() == ["gradient in forward, mean, options []"]
+    with pytest.raises(SystemExit):
+        sanitize_pallas.main(["--list", "--only", "exact", "--match", "gradient in forward"])
