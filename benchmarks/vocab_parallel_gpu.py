@@ -57,9 +57,10 @@ from benchmarks.common import (  # noqa: E402
     torch_extra_memory_mb,
     write_json,
 )
+from heads_common.tolerances import PARITY_FLOAT32  # noqa: E402
 
 WORLD = 2
-PARITY_BOUND = 1e-5  # float32, relative in norm (PARITY_FLOAT32 of heads_common.tolerances)
+PARITY_BOUND = PARITY_FLOAT32  # float32, relative in norm
 OPTIONS = {"softcap": 30.0, "label_smoothing": 0.1, "lse_square_scale": 1e-4}  # with a bias: parity-options
 
 
