@@ -53,6 +53,8 @@ CHUNK_BYTES = {208: 1536 * (384 + 208) * 2, 256: 1536 * (384 + 256) * 2}
 
 def _backward(d_pad: int) -> BackwardConfig:
     return BackwardConfig(chunk_bytes=CHUNK_BYTES[d_pad], chunk_multiple=256)
+
+
 # (forward kernel, backward kernel, filter_eps, filter_separate_targets)
 RUNS = (("triton", "triton", None, True), ("triton", "triton", 2.0**-12, False), ("triton", "triton", 2.0**-12, True),
         ("triton", "mosaic", None, True), ("mosaic", "mosaic", None, True))
@@ -150,6 +152,7 @@ def _gif_kernels(h, w, y, config, bias=None, softcap=None, label_smoothing=0.0, 
         return gif_path.chunk_gradients(hc, labels, scale, weight, bias32, o, vocab=V)
 
     return jax.jit(run)(h[:rows], y[:rows])
+
 
 if __name__ == "__main__":
     main()
